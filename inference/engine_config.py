@@ -1,0 +1,66 @@
+"""Engine settings: a dataclass validated at construction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How the engine runs.
+
+    * ``device``: ``cpu`` or ``cuda[:N]``. ``dtype``: ``auto`` (fp32 on CPU, bf16 on CUDA),
+      ``float32``, ``float16`` or ``bfloat16``.
+    * Pool size: ``pool_bytes`` if given, else ``pool_fraction`` of the device memory that is free
+      after the weights are loaded (CUDA), or ``cpu_pool_bytes`` on CPU.
+    * ``page_tokens``: tokens per KV page (also the adapter page granularity, see docs/design.md).
+    * ``max_num_seqs`` / ``max_num_batched_tokens``: per-step batch limits.
+    * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
+    * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
+    * ``use_triton``: None picks Triton kernels on CUDA and torch reference ops on CPU.
+    """
+
+    device: str = "cpu"
+    dtype: str = "auto"
+    pool_bytes: int | None = None
+    pool_fraction: float = 0.85
+    cpu_pool_bytes: int = 1 << 30
+    page_tokens: int = 16
+    max_num_seqs: int = 128
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    max_waiting: int = 4096
+    use_triton: bool | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            problems.append(f"device must be 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            problems.append(f"dtype must be 'auto' or one of {sorted(_DTYPES)}, got {self.dtype!r}")
+        if self.pool_bytes is not None and self.pool_bytes < 1:
+            problems.append("pool_bytes must be positive")
+        if not 0.0 < self.pool_fraction < 1.0:
+            problems.append("pool_fraction must be in (0, 1)")
+        if self.page_tokens < 1 or self.page_tokens & (self.page_tokens - 1):
+            problems.append(f"page_tokens must be a power of two, got {self.page_tokens}")
+        if self.max_num_seqs < 1:
+            problems.append("max_num_seqs must be >= 1")
+        if self.max_num_batched_tokens < 1:
+            problems.append("max_num_batched_tokens must be >= 1")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            problems.append("max_model_len must be >= 2")
+        if self.max_waiting < 1:
+            problems.append("max_waiting must be >= 1")
+        if problems:
+            raise ValueError("invalid engine config: " + "; ".join(problems))
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        if self.dtype == "auto":
+            return torch.float32 if self.device == "cpu" else torch.bfloat16
+        return _DTYPES[self.dtype]

@@ -1,0 +1,179 @@
+"""The engine loop thread and the asyncio-friendly streaming interface around ``LLMEngine``.
+
+All engine state is touched by one thread. Other threads (and event loops) talk to it through a
+command queue: submit a validated request with a callback, or abort one. The loop survives any
+exception raised inside a step: the requests of that step are failed with the error and the loop
+goes on serving new ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from inference.engine import LLMEngine
+from inference.request import Request, RequestOutput
+
+log = logging.getLogger(__name__)
+
+OutputCallback = Callable[[RequestOutput], None]
+
+
+class QueueFullError(RuntimeError):
+    """The waiting queue is at ``max_waiting``; the caller should retry later (HTTP 429)."""
+
+
+@dataclass
+class _Submit:
+    request: Request
+    callback: OutputCallback
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+@dataclass
+class _Call:
+    fn: Callable[[LLMEngine], object]
+    done: threading.Event
+    result: list
+
+
+class EngineLoop:
+    """Runs ``engine.step()`` on a daemon thread whenever there is work."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._wakeup = threading.Event()
+        self._callbacks: dict[str, OutputCallback] = {}
+        self._stopped = threading.Event()
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="tailor-engine", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------ called from any thread
+    def submit(self, request: Request, callback: OutputCallback) -> None:
+        """Queue a validated request; ``callback`` runs on the engine thread for every output."""
+        if self._stopped.is_set():
+            raise RuntimeError("the engine loop is stopped")
+        with self._pending_lock:
+            if self._pending + self.engine.num_waiting >= self.engine.config.max_waiting:
+                raise QueueFullError(f"the waiting queue is full ({self.engine.config.max_waiting} requests)")
+            self._pending += 1
+        self._commands.put(_Submit(request, callback))
+        self._wakeup.set()
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request; its pages are freed before the next step runs."""
+        self._commands.put(_Abort(request_id))
+        self._wakeup.set()
+
+    def call(self, fn: Callable[[LLMEngine], object], timeout: float | None = None) -> object:
+        """Run ``fn(engine)`` on the engine thread between steps and return its result."""
+        done = threading.Event()
+        box: list = []
+        self._commands.put(_Call(fn, done, box))
+        self._wakeup.set()
+        if not done.wait(timeout):
+            raise TimeoutError("engine call timed out")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wakeup.set()
+        self._thread.join(timeout=10)
+
+    # ------------------------------------------------------------ asyncio streaming
+    async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as they are produced. Closing or cancelling the iterator
+        aborts the request, which frees its pages within one step."""
+        loop = asyncio.get_running_loop()
+        outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        finished = False
+        try:
+            while not finished:
+                out = await outputs.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    # ------------------------------------------------------------ the thread
+    def _drain_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, _Submit):
+                with self._pending_lock:
+                    self._pending -= 1
+                try:
+                    self.engine.add(command.request)
+                    self._callbacks[command.request.request_id] = command.callback
+                except Exception as exc:  # duplicate id: tell the submitter, keep going
+                    command.request.error = str(exc)
+                    self._deliver_error(command, str(exc))
+            elif isinstance(command, _Abort):
+                output = self.engine.abort(command.request_id)
+                if output is not None:
+                    self._emit(output)
+            elif isinstance(command, _Call):
+                try:
+                    command.result.append((True, command.fn(self.engine)))
+                except Exception as exc:
+                    command.result.append((False, exc))
+                command.done.set()
+
+    def _deliver_error(self, command: _Submit, message: str) -> None:
+        from inference.request import FinishReason
+
+        request = command.request
+        try:
+            command.callback(
+                RequestOutput(request.request_id, request.prompt_token_ids, "", [], "", [], True,
+                              FinishReason.ERROR, error=message, adapter_id=request.adapter_id)
+            )
+        except Exception:
+            log.exception("output callback failed")
+
+    def _emit(self, output: RequestOutput) -> None:
+        callback = self._callbacks.get(output.request_id)
+        if output.finished:
+            self._callbacks.pop(output.request_id, None)
+        if callback is None:
+            return
+        try:
+            callback(output)
+        except Exception:
+            log.exception("output callback for %s failed", output.request_id)
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._drain_commands()
+            if not self.engine.has_unfinished():
+                self._wakeup.wait(timeout=0.5)
+                self._wakeup.clear()
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug or a device error: fail the batch, keep serving
+                log.exception("engine step failed")
+                outputs = self.engine.fail_all(f"engine step failed: {exc}")
+            for output in outputs:
+                self._emit(output)
+        for output in self.engine.fail_all("the engine is shutting down"):
+            self._emit(output)

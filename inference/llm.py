@@ -1,0 +1,122 @@
+"""``LLM``: the public Python interface (offline generation, chat, streaming)."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from inference.bundled_model import BUNDLED_MODEL_NAME
+from inference.engine import LLMEngine
+from inference.engine_config import EngineConfig
+from inference.engine_loop import EngineLoop
+from inference.request import FinishReason, Request, RequestOutput
+from inference.sampling import SamplingParams
+
+Messages = list[dict[str, Any]]
+
+
+class GenerationError(RuntimeError):
+    """A request failed inside the engine (the engine itself keeps running)."""
+
+
+class LLM:
+    """A base model served by an engine loop thread.
+
+    >>> llm = LLM(model="smollm2-135m")
+    >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=8, temperature=0.0))[0].text
+    """
+
+    def __init__(self, model: str | Path = BUNDLED_MODEL_NAME, *, device: str = "cpu", dtype: str = "auto", **engine_options: Any):
+        self.engine = LLMEngine(model, EngineConfig(device=device, dtype=dtype, **engine_options))
+        self.tokenizer = self.engine.tokenizer
+        self._loop = EngineLoop(self.engine)
+
+    # ------------------------------------------------------------ synchronous
+    def generate(
+        self,
+        prompts: Sequence[str | list[int]] | str,
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs come back in prompt order.
+
+        All prompts are validated before any is scheduled: one bad prompt raises ValueError and
+        nothing runs.
+        """
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, self._params_list(params, len(prompts)))]
+        return self._run(requests)
+
+    def chat(
+        self,
+        conversations: Sequence[Messages],
+        params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Render each conversation with the model's chat template and generate the reply."""
+        token_ids = [self.tokenizer.apply_chat_template(list(c)) for c in conversations]
+        return self.generate(token_ids, params)
+
+    def _params_list(self, params, count: int) -> list[SamplingParams]:
+        if params is None:
+            return [SamplingParams()] * count
+        if isinstance(params, SamplingParams):
+            return [params] * count
+        params = list(params)
+        if len(params) != count:
+            raise ValueError(f"got {len(params)} sampling params for {count} prompts")
+        return params
+
+    def _run(self, requests: list[Request]) -> list[RequestOutput]:
+        done = threading.Event()
+        final: dict[str, RequestOutput] = {}
+        lock = threading.Lock()
+
+        def on_output(output: RequestOutput) -> None:
+            if output.finished:
+                with lock:
+                    final[output.request_id] = output
+                    if len(final) == len(requests):
+                        done.set()
+
+        if not requests:
+            return []
+        submitted = []
+        try:
+            for request in requests:
+                self._loop.submit(request, on_output)
+                submitted.append(request)
+            done.wait()
+        except BaseException:
+            for request in submitted:
+                self._loop.abort(request.request_id)
+            raise
+        outputs = [final[r.request_id] for r in requests]
+        errors = [o for o in outputs if o.finish_reason is FinishReason.ERROR]
+        if errors:
+            raise GenerationError("; ".join(f"{o.request_id}: {o.error}" for o in errors))
+        return outputs
+
+    # ------------------------------------------------------------ streaming
+    async def stream(
+        self, prompt: str | list[int], params: SamplingParams | None = None, *, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield outputs as tokens are produced; breaking out of the loop or cancelling the task
+        aborts the request."""
+        request = self.engine.make_request(prompt, params or SamplingParams(), request_id)
+        async for output in self._loop.stream(request):
+            yield output
+
+    def abort(self, request_id: str) -> None:
+        self._loop.abort(request_id)
+
+    def close(self) -> None:
+        """Stop the engine thread (in-flight requests finish with an error)."""
+        self._loop.stop()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

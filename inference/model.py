@@ -1,0 +1,166 @@
+"""A Llama-family decoder that reads and writes its KV cache through the unified page pool.
+
+The forward pass runs on a *flattened* batch: the new tokens of every scheduled sequence are
+concatenated (prefill chunks and single decode tokens alike), so one call serves a mixed batch.
+RMSNorm, RoPE (default, linear, llama3), grouped-query attention and SwiGLU follow the Hugging Face
+Llama implementation's arithmetic (norms and RoPE tables in fp32) so that greedy outputs match it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from inference.model_config import ModelConfig, RopeConfig
+from inference.page_pool import PagePool
+from kernels.paged_attention import paged_attention, write_kv
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class ForwardBatch:
+    """Device tensors describing one engine step.
+
+    N = new tokens in the step, B = sequences, S = rows whose logits are wanted.
+
+    * ``input_ids``: [N] int64 token ids; ``positions``: [N] int64 absolute positions.
+    * ``slot_mapping``: [N] int64 flat KV slot (``page_id * page_tokens + offset``) for each new token.
+    * ``page_table``: [B, max_pages] int32 KV page ids per sequence (padded with 0).
+    * ``seq_lens``: [B] int32 context length after this step; ``query_start_loc``: [B+1] int32.
+    * ``logits_indices``: [S] int64 rows of the flattened batch to project to logits.
+    * ``max_q_len``: host int, the longest new-token run of any sequence.
+    """
+
+    input_ids: torch.Tensor
+    positions: torch.Tensor
+    slot_mapping: torch.Tensor
+    page_table: torch.Tensor
+    seq_lens: torch.Tensor
+    query_start_loc: torch.Tensor
+    logits_indices: torch.Tensor
+    max_q_len: int
+
+
+class LoraApplier(Protocol):
+    """Adds adapter deltas to a projection's output in place (implemented by the adapter layer)."""
+
+    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """``out[t] += scale_t * (x[t] @ A_t.T) @ B_t.T`` for the rows that carry an adapter.
+
+        x: [N, in_features]; out: [N, out_features] (may be a column slice of a fused output).
+        """
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """Inverse frequencies [head_dim / 2] in fp32, after the configured scaling."""
+    inv_freq = 1.0 / (rope.theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        low_wavelen = rope.original_max_position_embeddings / rope.low_freq_factor
+        high_wavelen = rope.original_max_position_embeddings / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (rope.original_max_position_embeddings / wavelen - rope.low_freq_factor) / (
+            rope.high_freq_factor - rope.low_freq_factor
+        )
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        is_medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaModel:
+    """Weights plus the forward pass. Not an ``nn.Module``: inference only, no autograd."""
+
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.config = config
+        self.device = device
+        self.dtype = dtype
+        self.embed = weights["model.embed_tokens.weight"]
+        self.lm_head = self.embed if config.tie_word_embeddings else weights["lm_head.weight"]
+        self.final_norm = weights["model.norm.weight"]
+        self.layers: list[dict[str, torch.Tensor]] = []
+        for i in range(config.num_layers):
+            p = f"model.layers.{i}"
+            attn = [weights[f"{p}.self_attn.{m}.weight"] for m in ("q_proj", "k_proj", "v_proj")]
+            self.layers.append(
+                {
+                    "input_norm": weights[f"{p}.input_layernorm.weight"],
+                    "post_norm": weights[f"{p}.post_attention_layernorm.weight"],
+                    "qkv": torch.cat(attn, dim=0),
+                    "o": weights[f"{p}.self_attn.o_proj.weight"],
+                    "gate_up": torch.cat(
+                        [weights[f"{p}.mlp.gate_proj.weight"], weights[f"{p}.mlp.up_proj.weight"]], dim=0
+                    ),
+                    "down": weights[f"{p}.mlp.down_proj.weight"],
+                }
+            )
+        self.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
+        self.scale = config.head_dim**-0.5
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * x32.to(self.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [N, 1, head_dim] in the model dtype for absolute ``positions`` [N]."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
+
+    @torch.inference_mode()
+    def forward(self, batch: ForwardBatch, pool: PagePool, lora: LoraApplier | None = None) -> torch.Tensor:
+        """Run one step; write the new tokens' K/V into their pages; return fp32 logits [S, vocab]."""
+        cfg = self.config
+        n = batch.input_ids.shape[0]
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        inter = cfg.intermediate_size
+        hidden = F.embedding(batch.input_ids, self.embed)
+        cos, sin = self._rope(batch.positions)
+        for index, layer in enumerate(self.layers):
+            x = self._rms_norm(hidden, layer["input_norm"])
+            qkv = F.linear(x, layer["qkv"])
+            if lora is not None:
+                lora.apply(index, "q_proj", x, qkv[:, :q_size])
+                lora.apply(index, "k_proj", x, qkv[:, q_size : q_size + kv_size])
+                lora.apply(index, "v_proj", x, qkv[:, q_size + kv_size :])
+            q = qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim)
+            k = qkv[:, q_size : q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
+            v = qkv[:, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            kv_pages = pool.kv_layer(index)
+            write_kv(kv_pages, k, v, batch.slot_mapping)
+            attn = paged_attention(
+                q, kv_pages, batch.page_table, batch.seq_lens, batch.query_start_loc, self.scale,
+                max_q_len=batch.max_q_len,
+            ).reshape(n, q_size)
+            o = F.linear(attn, layer["o"])
+            if lora is not None:
+                lora.apply(index, "o_proj", attn, o)
+            hidden = hidden + o
+            x = self._rms_norm(hidden, layer["post_norm"])
+            gate_up = F.linear(x, layer["gate_up"])
+            if lora is not None:
+                lora.apply(index, "gate_proj", x, gate_up[:, :inter])
+                lora.apply(index, "up_proj", x, gate_up[:, inter:])
+            mlp_in = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+            down = F.linear(mlp_in, layer["down"])
+            if lora is not None:
+                lora.apply(index, "down_proj", mlp_in, down)
+            hidden = hidden + down
+        last = self._rms_norm(hidden[batch.logits_indices], self.final_norm)
+        return F.linear(last, self.lm_head).float()

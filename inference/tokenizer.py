@@ -1,0 +1,60 @@
+"""Tokenizer and chat template of a checkpoint directory (transformers' tokenizer only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoTokenizer
+
+
+class Tokenizer:
+    """Encodes prompts, renders chats, decodes outputs."""
+
+    def __init__(self, checkpoint_dir: Path):
+        try:
+            self._tok = AutoTokenizer.from_pretrained(str(checkpoint_dir))
+        except Exception as exc:
+            raise ValueError(f"cannot load the tokenizer of {checkpoint_dir}: {exc}") from exc
+        self.eos_token_id: int | None = self._tok.eos_token_id
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._tok)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=True))
+
+    def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's template plus the assistant prompt."""
+        if not self.has_chat_template:
+            raise ValueError("this model has no chat template")
+        problems = _message_problems(messages)
+        if problems:
+            raise ValueError("invalid chat messages: " + "; ".join(problems))
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def _message_problems(messages: Any) -> list[str]:
+    if not isinstance(messages, list) or not messages:
+        return ["a conversation must be a non-empty list of messages"]
+    problems = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            problems.append(f"message {i} must be a dict with 'role' and 'content'")
+            continue
+        if message.get("role") not in ("system", "user", "assistant"):
+            problems.append(f"message {i} role must be system, user or assistant, got {message.get('role')!r}")
+        if not isinstance(message.get("content"), str):
+            problems.append(f"message {i} content must be a string")
+    return problems

@@ -1,0 +1,666 @@
+"""Paged (varlen) attention over the unified KV page pool.
+
+One call serves prefill, chunked prefill and decode for a whole batch.
+
+Memory layout (fixed; the engine codes against it)
+--------------------------------------------------
+For one layer the KV cache is a tensor::
+
+    kv: [num_pages, 2, T, n_kv_heads, head_dim]     (contiguous)
+
+where ``T`` is the page size in tokens, ``kv[:, 0]`` holds keys and
+``kv[:, 1]`` values.  Sequence ``b`` owns the pages listed in
+``page_table[b, :]`` (int32; entries past the sequence's last used page are
+padding and may be any valid page id, e.g. 0).  The key of its token at
+absolute position ``p`` is ``kv[page_table[b, p // T], 0, p % T]``; a flat
+*slot* is ``page_id * T + p % T`` (see :func:`write_kv`).
+
+Batch description (varlen)
+--------------------------
+* ``q``: ``[num_tokens, n_heads, head_dim]``, the new query tokens of all
+  ``B`` sequences concatenated in sequence order.
+* ``query_start_loc``: ``[B + 1]`` int32, cumulative token offsets into ``q``;
+  sequence ``b`` owns ``q[query_start_loc[b]:query_start_loc[b + 1]]``
+  (``q_len_b`` tokens, possibly 0; decode is ``q_len_b == 1``).
+* ``seq_lens``: ``[B]`` int32, total context length in tokens of sequence
+  ``b`` *including* its new tokens, whose K/V must already be in the pages.
+  Local query ``j`` of sequence ``b`` sits at absolute position
+  ``seq_lens[b] - q_len_b + j`` and attends causally to keys ``0..position``.
+* Grouped-query attention: query head ``h`` reads kv head
+  ``h // (n_heads // n_kv_heads)``.
+
+Public API: :func:`paged_attention` (dispatcher), :func:`paged_attention_ref`
+(vectorised torch reference, the CPU path), :func:`paged_attention_triton`
+(one Triton kernel, the CUDA path; also runs under ``TRITON_INTERPRET=1`` on
+CPU tensors for tests) and :func:`write_kv`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import Tensor
+
+try:  # Triton is optional: the reference path must work without it.
+    import triton
+    import triton.language as tl
+
+    _HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _HAVE_TRITON = False
+
+__all__ = [
+    "paged_attention",
+    "paged_attention_ref",
+    "paged_attention_triton",
+    "write_kv",
+    "triton_available",
+]
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+# Upper bound, in fp32 elements, on the largest temporary the reference builds
+# per chunk (attention scores [C, n_heads, q, ctx] or gathered K/V
+# [C, ctx, n_kv_heads, head_dim]).  2**24 elements = 64 MiB.  Module-level so
+# tests can shrink it to exercise the chunking paths.
+_REF_CHUNK_ELEMS = 1 << 24
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+
+
+def _validate(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+) -> None:
+    """Cheap shape/dtype/device checks (no device synchronisation)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise ValueError(
+            "kv must be [num_pages, 2, page_tokens, n_kv_heads, head_dim], "
+            f"got shape {tuple(kv.shape)}"
+        )
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float32/float16/bfloat16, got {q.dtype}")
+    if kv.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"kv must be float32/float16/bfloat16, got {kv.dtype}")
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_kv_heads = kv.shape[3]
+    if kv.shape[4] != head_dim:
+        raise ValueError(f"head_dim mismatch: q has {head_dim}, kv has {kv.shape[4]}")
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(
+            f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})"
+        )
+    if page_table.dim() != 2:
+        raise ValueError(
+            f"page_table must be [B, max_pages], got shape {tuple(page_table.shape)}"
+        )
+    if seq_lens.dim() != 1:
+        raise ValueError(f"seq_lens must be [B], got shape {tuple(seq_lens.shape)}")
+    batch = seq_lens.shape[0]
+    if query_start_loc.dim() != 1 or query_start_loc.shape[0] != batch + 1:
+        raise ValueError(
+            f"query_start_loc must be [B + 1] = [{batch + 1}], got shape "
+            f"{tuple(query_start_loc.shape)}"
+        )
+    if page_table.shape[0] != batch:
+        raise ValueError(
+            f"page_table has {page_table.shape[0]} rows but seq_lens describes {batch} sequences"
+        )
+    for name, t in (
+        ("page_table", page_table),
+        ("seq_lens", seq_lens),
+        ("query_start_loc", query_start_loc),
+    ):
+        if t.dtype not in _INDEX_DTYPES:
+            raise ValueError(f"{name} must be int32 (or int64), got {t.dtype}")
+    for name, t in (
+        ("kv", kv),
+        ("page_table", page_table),
+        ("seq_lens", seq_lens),
+        ("query_start_loc", query_start_loc),
+    ):
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+
+
+# --------------------------------------------------------------------------
+# Torch reference (CPU path)
+# --------------------------------------------------------------------------
+
+
+def _plan_ref_chunks(
+    q_starts: list[int],
+    q_lens: list[int],
+    ctx_lens: list[int],
+    n_heads: int,
+    kv_row_elems: int,
+    budget: int,
+) -> list[list[tuple[int, int, int, int]]]:
+    """Split the batch into work items and group them into padded chunks.
+
+    A work item ``(b, tok_start, n_q, ctx)`` is a block of ``n_q`` consecutive
+    queries of sequence ``b`` starting at token ``tok_start`` of ``q`` whose
+    last query sits at absolute position ``ctx - 1``.  Splitting a long prefill
+    into row blocks this way is exact: a block needs only keys ``< ctx``.
+
+    Items are sorted by (n_q, ctx) descending and packed greedily so that each
+    chunk's padded temporaries stay under ``budget`` elements; this keeps a
+    mixed batch (one long prefill + many decodes) from padding every decode to
+    the prefill's length.
+    """
+    items: list[tuple[int, int, int, int]] = []
+    for b, (start, n_q, ctx) in enumerate(zip(q_starts, q_lens, ctx_lens)):
+        if n_q == 0:
+            continue
+        rows = max(1, budget // max(1, n_heads * ctx))
+        first_pos = ctx - n_q
+        for j0 in range(0, n_q, rows):
+            j1 = min(n_q, j0 + rows)
+            items.append((b, start + j0, j1 - j0, first_pos + j1))
+    items.sort(key=lambda it: (it[2], it[3]), reverse=True)
+
+    chunks: list[list[tuple[int, int, int, int]]] = []
+    cur: list[tuple[int, int, int, int]] = []
+    cur_q = cur_ctx = 0
+    for it in items:
+        new_q, new_ctx = max(cur_q, it[2]), max(cur_ctx, it[3])
+        n = len(cur) + 1
+        cost = n * new_ctx * max(n_heads * new_q, kv_row_elems)
+        if cur and cost > budget:
+            chunks.append(cur)
+            cur, new_q, new_ctx = [], it[2], it[3]
+        cur.append(it)
+        cur_q, cur_ctx = new_q, new_ctx
+    if cur:
+        chunks.append(cur)
+    return chunks
+
+
+def paged_attention_ref(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    *,
+    max_q_len: int | None = None,
+) -> Tensor:
+    """Torch reference of :func:`paged_attention` (the CPU path of the engine).
+
+    Vectorised over the batch: sequences are grouped into chunks; for each
+    chunk the pages are gathered into padded ``[C, ctx, n_kv_heads, head_dim]``
+    K/V tensors and attention is two batched matmuls with a boolean causal
+    mask, computed in float32 (inputs of any supported dtype are upcast).
+
+    Args:
+        q: ``[num_tokens, n_heads, head_dim]`` queries (fp32/fp16/bf16).
+        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` page pool of one layer.
+        page_table: ``[B, max_pages]`` int32 page ids per sequence.
+        seq_lens: ``[B]`` int32, context length in tokens incl. the new tokens.
+        query_start_loc: ``[B + 1]`` int32 cumulative query offsets into ``q``.
+        scale: softmax scale applied to ``q . k`` (typically ``head_dim**-0.5``).
+        max_q_len: unused (accepted for signature parity with the Triton path).
+
+    Returns:
+        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q`` not
+        covered by ``query_start_loc`` are zero.
+
+    Note:
+        Reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each
+        when they live on a GPU).
+    """
+    del max_q_len
+    _validate(q, kv, page_table, seq_lens, query_start_loc)
+    num_tokens, n_heads, head_dim = q.shape
+    page_tokens, n_kv_heads = kv.shape[2], kv.shape[3]
+    group = n_heads // n_kv_heads
+    dev = q.device
+
+    qsl = query_start_loc.tolist()
+    ctx_lens = seq_lens.tolist()
+    batch = len(ctx_lens)
+    q_lens = [qsl[b + 1] - qsl[b] for b in range(batch)]
+    if batch and (qsl[0] < 0 or qsl[-1] > num_tokens):
+        raise ValueError(
+            f"query_start_loc spans [{qsl[0]}, {qsl[-1]}) but q has {num_tokens} tokens"
+        )
+    for b in range(batch):
+        if q_lens[b] < 0:
+            raise ValueError(f"query_start_loc must be non-decreasing (sequence {b})")
+        if ctx_lens[b] < q_lens[b]:
+            raise ValueError(
+                f"seq_lens[{b}] = {ctx_lens[b]} is smaller than its query length {q_lens[b]}"
+            )
+    max_ctx_all = max(ctx_lens, default=0)
+    if -(-max_ctx_all // page_tokens) > page_table.shape[1]:
+        raise ValueError(
+            f"a context of {max_ctx_all} tokens needs {-(-max_ctx_all // page_tokens)} pages "
+            f"but page_table has only {page_table.shape[1]} columns"
+        )
+
+    out = torch.zeros_like(q)
+    if num_tokens == 0 or batch == 0:
+        return out
+
+    k_pool = kv[:, 0]  # [num_pages, T, n_kv, hd] (view)
+    v_pool = kv[:, 1]
+    chunks = _plan_ref_chunks(
+        qsl[:-1], q_lens, ctx_lens, n_heads, 2 * n_kv_heads * head_dim, _REF_CHUNK_ELEMS
+    )
+    for chunk in chunks:
+        n_chunk = len(chunk)
+        max_q = max(it[2] for it in chunk)
+        max_ctx = max(it[3] for it in chunk)
+        n_pages = -(-max_ctx // page_tokens)
+        meta = torch.tensor(chunk, dtype=torch.long).to(dev, non_blocking=True)
+        b_idx, tok0, n_q, ctx = meta.unbind(1)  # each [C]
+
+        # Gather this chunk's pages: [C, n_pages*T, n_kv, hd] -> [C, n_kv, ctx, hd].
+        pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
+        k = k_pool[pages].reshape(n_chunk, n_pages * page_tokens, n_kv_heads, head_dim)
+        v = v_pool[pages].reshape(n_chunk, n_pages * page_tokens, n_kv_heads, head_dim)
+        k = k[:, :max_ctx].to(torch.float32).transpose(1, 2)
+        v = v[:, :max_ctx].to(torch.float32)
+        kpos = torch.arange(max_ctx, device=dev)
+        # Slots past a sequence's context may hold garbage (even NaN/inf) and
+        # 0 * NaN = NaN in probs @ v, so zero them. Scores are masked below.
+        v = v + 0 * v.masked_fill((kpos[None, :] >= ctx[:, None])[:, :, None, None], 0.0)
+        v = v.transpose(1, 2)  # [C, n_kv, ctx, hd]
+
+        # Gather queries: [C, max_q, H, hd] -> [C, n_kv, group*max_q, hd].
+        qj = torch.arange(max_q, device=dev)
+        q_valid = qj[None, :] < n_q[:, None]  # [C, max_q]
+        tok = torch.where(q_valid, tok0[:, None] + qj[None, :], 0)
+        qc = q[tok].to(torch.float32)
+        qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        qc = qc.reshape(n_chunk, n_kv_heads, group * max_q, head_dim)
+
+        scores = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
+        # Query j of an item sits at position ctx - n_q + j. Padded rows
+        # (j >= n_q) get positions >= ctx, so no row is fully masked.
+        qpos = (ctx - n_q)[:, None] + qj[None, :]  # [C, max_q]
+        blocked = kpos[None, None, :] > qpos[:, :, None]  # [C, max_q, ctx]
+        scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(
+            blocked[:, None, None], float("-inf")
+        )
+        probs = torch.softmax(scores, dim=-1)
+        o = torch.matmul(probs, v)  # [C, n_kv, group*max_q, hd]
+        o = o.view(n_chunk, n_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+        o = o.reshape(n_chunk, max_q, n_heads, head_dim)
+        out[tok[q_valid]] = o[q_valid].to(q.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------
+# Triton kernel (CUDA path)
+# --------------------------------------------------------------------------
+
+if _HAVE_TRITON:
+
+    @triton.jit
+    def _paged_attention_kernel(
+        q_ptr,
+        kv_ptr,
+        out_ptr,
+        page_table_ptr,
+        seq_lens_ptr,
+        query_start_loc_ptr,
+        qk_scale_log2,  # softmax scale * log2(e)
+        stride_q_tok,
+        stride_q_head,
+        stride_o_tok,
+        stride_o_head,
+        stride_kv_page,
+        stride_kv_kind,  # K -> V offset
+        stride_kv_tok,
+        stride_kv_head,
+        stride_pt_seq,
+        HEAD_DIM: tl.constexpr,
+        PAGE_TOKENS: tl.constexpr,
+        GROUP: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        DOT_IEEE: tl.constexpr,
+    ):
+        """One program = one sequence x one kv head x BLOCK_M (query, group head) rows.
+
+        Row r of the block is local query ``r // GROUP`` with query head
+        ``kv_head * GROUP + r % GROUP``, so a decode step streams each K/V
+        page once per kv head for the whole GQA group.  Keys are visited
+        BLOCK_N tokens at a time (>= one page) with an online softmax in fp32.
+        """
+        seq = tl.program_id(0)
+        kv_head = tl.program_id(1)
+        m_block = tl.program_id(2)
+
+        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int64)
+        q_len = (tl.load(query_start_loc_ptr + seq + 1) - q_start).to(tl.int32)
+        seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+        first_pos = seq_len - q_len  # absolute position of local query 0
+
+        rows = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q_local = rows // GROUP
+        head = kv_head * GROUP + rows % GROUP
+        row_valid = q_local < q_len
+        q_pos = first_pos + q_local
+
+        offs_d = tl.arange(0, BLOCK_D)
+        d_valid = offs_d < HEAD_DIM
+        q_ptrs = (
+            q_ptr
+            + (q_start + q_local.to(tl.int64))[:, None] * stride_q_tok
+            + head[:, None] * stride_q_head
+            + offs_d[None, :]
+        )
+        q = tl.load(q_ptrs, mask=row_valid[:, None] & d_valid[None, :], other=0.0)
+        q = q.to(tl.float32)
+
+        # Keys needed by this block: positions < kv_end (causal limit of its
+        # last valid row); 0 when the block holds no valid row.
+        n_rows = q_len * GROUP
+        last_row = tl.minimum((m_block + 1) * BLOCK_M, n_rows) - 1
+        kv_end = tl.where(m_block * BLOCK_M < n_rows, first_pos + last_row // GROUP + 1, 0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        offs_n = tl.arange(0, BLOCK_N)
+        pt_row = page_table_ptr + seq.to(tl.int64) * stride_pt_seq
+        for start in range(0, kv_end, BLOCK_N):
+            k_pos = start + offs_n
+            k_valid = k_pos < kv_end
+            page = tl.load(pt_row + k_pos // PAGE_TOKENS, mask=k_valid, other=0).to(tl.int64)
+            slot = (
+                page * stride_kv_page
+                + (k_pos % PAGE_TOKENS).to(tl.int64) * stride_kv_tok
+                + kv_head * stride_kv_head
+            )
+            kv_mask = k_valid[:, None] & d_valid[None, :]
+            k_ptrs = kv_ptr + slot[:, None] + offs_d[None, :]
+            k = tl.load(k_ptrs, mask=kv_mask, other=0.0).to(tl.float32)  # [BLOCK_N, BLOCK_D]
+            v = tl.load(k_ptrs + stride_kv_kind, mask=kv_mask, other=0.0).to(tl.float32)
+
+            if DOT_IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee")
+            else:
+                s = tl.dot(q, tl.trans(k))
+            s = s * qk_scale_log2
+            allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :] & row_valid[:, None]
+            s = tl.where(allowed, s, float("-inf"))
+
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DOT_IEEE:
+                pv = tl.dot(p, v, input_precision="ieee")
+            else:
+                pv = tl.dot(p, v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptrs = (
+            out_ptr
+            + (q_start + q_local.to(tl.int64))[:, None] * stride_o_tok
+            + head[:, None] * stride_o_head
+            + offs_d[None, :]
+        )
+        tl.store(
+            o_ptrs,
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_valid[:, None] & d_valid[None, :],
+        )
+
+
+def _interpret_mode() -> bool:
+    """True when TRITON_INTERPRET is set (Triton then runs on CPU tensors)."""
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
+
+
+def _triton_imported_interpreted() -> bool:
+    """True when triton.language was imported in interpreter mode.
+
+    Triton decides interpreter vs. compiler per @jit function at decoration
+    time, including its own library helpers (tl.zeros, tl.max, ...), so
+    TRITON_INTERPRET=1 only works if it was set before triton's first import.
+    """
+    return _HAVE_TRITON and type(tl.zeros).__name__ == "InterpretedFunction"
+
+
+def triton_available() -> bool:
+    """True when the ``triton`` package can be imported."""
+    return _HAVE_TRITON
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def paged_attention_triton(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    *,
+    max_q_len: int | None = None,
+) -> Tensor:
+    """Triton implementation of :func:`paged_attention` (one kernel launch).
+
+    Grid ``(B, n_kv_heads, cdiv(max_q_len * group, BLOCK_M))``; the M axis
+    enumerates (query, head within the GQA group) pairs.  Each program walks
+    the sequence's keys up to the causal limit of its last query, BLOCK_N
+    tokens at a time (BLOCK_N = max(16, T) rounded to a power of two, i.e. one
+    page for T >= 16), with an fp32 online softmax.  Inputs are upcast to
+    fp32 in-kernel; fp32 inputs use IEEE fp32 dots, half inputs use the
+    backend's default (TF32 on NVIDIA, which is exact for fp16/bf16 operands).
+
+    Args: as :func:`paged_attention`; ``max_q_len`` (tokens) is the largest
+        ``q_len_b`` in the batch. Pass it from the scheduler to avoid a device
+        sync; if ``None`` it is computed from ``query_start_loc``.
+
+    Returns:
+        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q``
+        not covered by ``query_start_loc`` are left uninitialised.
+
+    Requirements: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``),
+    ``q`` and ``kv`` with unit stride on ``head_dim``; arguments are not range
+    checked (use the reference for validation-heavy debugging).
+    """
+    if not _HAVE_TRITON:
+        raise RuntimeError("paged_attention_triton requires the 'triton' package")
+    _validate(q, kv, page_table, seq_lens, query_start_loc)
+    if not q.is_cuda:
+        if not _interpret_mode():
+            raise ValueError(
+                "paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+            )
+        if not _triton_imported_interpreted():
+            raise RuntimeError(
+                "TRITON_INTERPRET=1 is set but triton was first imported without it; "
+                "set the variable before anything imports triton"
+            )
+    num_tokens, n_heads, head_dim = q.shape
+    page_tokens, n_kv_heads = kv.shape[2], kv.shape[3]
+    group = n_heads // n_kv_heads
+    batch = seq_lens.shape[0]
+
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if kv.stride(-1) != 1:
+        raise ValueError("kv must have unit stride on head_dim (expected a contiguous pool)")
+    if page_table.stride(-1) != 1:
+        page_table = page_table.contiguous()
+
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if num_tokens == 0 or batch == 0:
+        return out
+    if max_q_len is None:
+        max_q_len = int((query_start_loc[1:] - query_start_loc[:-1]).max().item())
+    if max_q_len <= 0:
+        return out
+
+    rows = max_q_len * group
+    block_m = min(64, max(16, _next_pow2(rows)))
+    block_n = max(16, _next_pow2(page_tokens))
+    block_d = max(16, _next_pow2(head_dim))
+    grid = (batch, n_kv_heads, triton.cdiv(rows, block_m))
+    _paged_attention_kernel[grid](
+        q,
+        kv,
+        out,
+        page_table,
+        seq_lens,
+        query_start_loc,
+        float(scale) * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        kv.stride(0),
+        kv.stride(1),
+        kv.stride(2),
+        kv.stride(3),
+        page_table.stride(0),
+        HEAD_DIM=head_dim,
+        PAGE_TOKENS=page_tokens,
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_IEEE=(q.dtype == torch.float32 and kv.dtype == torch.float32),
+        num_warps=4,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------
+# Dispatcher and KV writes
+# --------------------------------------------------------------------------
+
+
+def paged_attention(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    *,
+    use_triton: bool | None = None,
+    max_q_len: int | None = None,
+) -> Tensor:
+    """Causal varlen attention of new query tokens over paged K/V.
+
+    Serves prefill, chunked prefill and decode in one call.  Local query ``j``
+    of sequence ``b`` (``q_len_b = query_start_loc[b+1] - query_start_loc[b]``)
+    sits at absolute position ``seq_lens[b] - q_len_b + j`` and attends to the
+    keys at positions ``0..that position`` inclusive, read through
+    ``page_table[b]``.  Output row = ``softmax(scale * q . k) @ v`` accumulated
+    in fp32.
+
+    Args:
+        q: ``[num_tokens, n_heads, head_dim]`` queries of all sequences,
+            concatenated in sequence order (fp32/fp16/bf16).
+        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` page pool of this layer
+            (``kv[:, 0]`` K, ``kv[:, 1]`` V); the new tokens' K/V must already
+            be written (see :func:`write_kv`).
+        page_table: ``[B, max_pages]`` int32 page ids; padding entries must be
+            valid page ids (e.g. 0).
+        seq_lens: ``[B]`` int32 context lengths in tokens, incl. new tokens.
+        query_start_loc: ``[B + 1]`` int32 cumulative query offsets into ``q``.
+        scale: softmax scale (typically ``head_dim ** -0.5``).
+        use_triton: ``None`` picks Triton for CUDA tensors and the torch
+            reference otherwise; ``True`` forces Triton (CUDA tensors, or CPU
+            tensors with ``TRITON_INTERPRET=1``); ``False`` forces the reference.
+        max_q_len: optional host-side ``max_b q_len_b`` (avoids a sync).
+
+    Returns:
+        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.
+    """
+    if use_triton is None:
+        use_triton = q.is_cuda and _HAVE_TRITON
+    if use_triton:
+        if not _HAVE_TRITON:
+            raise RuntimeError("use_triton=True but the 'triton' package is not installed")
+        if not q.is_cuda and not _interpret_mode():
+            raise ValueError(
+                "use_triton=True needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+            )
+        return paged_attention_triton(
+            q, kv, page_table, seq_lens, query_start_loc, scale, max_q_len=max_q_len
+        )
+    return paged_attention_ref(q, kv, page_table, seq_lens, query_start_loc, scale)
+
+
+def write_kv(kv: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
+    """Store new keys/values into the page pool in place.
+
+    Token ``i`` goes to flat slot ``s = slot_mapping[i] = page_id * T + offset``:
+    ``kv[s // T, 0, s % T] = k[i]`` and ``kv[s // T, 1, s % T] = v[i]``.
+
+    Args:
+        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` contiguous pool (updated).
+        k: ``[num_tokens, n_kv_heads, head_dim]`` new keys (cast to ``kv.dtype``).
+        v: ``[num_tokens, n_kv_heads, head_dim]`` new values (cast to ``kv.dtype``).
+        slot_mapping: ``[num_tokens]`` int64 (or int32) flat slots; must be in
+            ``[0, num_pages * T)`` and distinct (duplicates: unspecified winner).
+
+    Works on any device with plain torch index ops (one ``index_copy_``).
+    """
+    if kv.dim() != 5 or kv.shape[1] != 2:
+        raise ValueError(
+            "kv must be [num_pages, 2, page_tokens, n_kv_heads, head_dim], "
+            f"got shape {tuple(kv.shape)}"
+        )
+    if not kv.is_contiguous():
+        raise ValueError("kv must be contiguous")
+    num_pages, _, page_tokens, n_kv_heads, head_dim = kv.shape
+    if slot_mapping.dim() != 1:
+        raise ValueError(
+            f"slot_mapping must be [num_tokens], got shape {tuple(slot_mapping.shape)}"
+        )
+    if slot_mapping.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"slot_mapping must be int64 (or int32), got {slot_mapping.dtype}")
+    expected = (slot_mapping.shape[0], n_kv_heads, head_dim)
+    for name, t in (("k", k), ("v", v)):
+        if tuple(t.shape) != expected:
+            raise ValueError(
+                f"{name} must be [num_tokens, n_kv_heads, head_dim] = {expected}, "
+                f"got {tuple(t.shape)}"
+            )
+        if t.device != kv.device:
+            raise ValueError(f"{name} is on {t.device} but kv is on {kv.device}")
+    if slot_mapping.device != kv.device:
+        raise ValueError(f"slot_mapping is on {slot_mapping.device} but kv is on {kv.device}")
+    if slot_mapping.numel() == 0:
+        return
+    slots = slot_mapping.long()
+    # Flat row index over [num_pages, 2, T]: page * 2T + kind * T + offset.
+    k_rows = (slots // page_tokens) * (2 * page_tokens) + slots % page_tokens
+    flat = kv.view(num_pages * 2 * page_tokens, n_kv_heads, head_dim)
+    flat.index_copy_(
+        0,
+        torch.cat([k_rows, k_rows + page_tokens]),
+        torch.cat([k.to(kv.dtype), v.to(kv.dtype)]),
+    )
