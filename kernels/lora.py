@@ -31,9 +31,10 @@ A slot whose adapter lacks the module has ``ranks[s] == 0`` and is a no-op
 
 ``lora_shrink`` / ``lora_expand`` dispatch to Triton for CUDA tensors and to the
 torch reference ops (``lora_shrink_ref`` / ``lora_expand_ref``) otherwise.
-Triton on CPU tensors is possible with ``TRITON_INTERPRET=1`` (tests).  Kernels
-are jitted lazily on first use, so the interpreter setting in force at call
-time is honoured no matter when this module was imported.
+Triton on CPU tensors is possible with ``TRITON_INTERPRET=1`` (tests).  The
+kernels avoid triton's @jit library helpers and are jitted lazily per
+interpreter mode, so the variable only has to be set when a kernel runs (it
+may be set after triton was imported).
 """
 
 from __future__ import annotations
@@ -303,7 +304,23 @@ def _check_expand_shapes(op: str, out, y):
 
 # --------------------------------------------------------------------------- #
 # Triton kernels (plain functions, jitted lazily by _jit)
+#
+# Triton decides interpreter vs. compiler for every @jit function when it is
+# decorated, including its own library helpers (tl.zeros, tl.sum, ...), which
+# are decorated when triton is first imported.  To keep TRITON_INTERPRET=1
+# usable no matter when triton was imported, the kernels below use only
+# builtins (tl.full instead of tl.zeros, tl.reduce with triton's own add
+# combiner instead of tl.sum -- the interpreter maps that combiner to np.sum)
+# and are themselves jitted on first use, per interpreter mode.
 # --------------------------------------------------------------------------- #
+if _HAVE_TRITON:
+    _sum_combine = getattr(getattr(tl, "standard", None), "_sum_combine", None)
+    if _sum_combine is None:  # pragma: no cover - other triton versions
+
+        @triton.jit
+        def _sum_combine(a, b):
+            return a + b
+
 def _shrink_decode_kernel(
     x_ptr, y_ptr, pool_ptr, pages_ptr, off_ptr, ranks_ptr, slot_ptr,
     IN, max_rank,
@@ -327,7 +344,7 @@ def _shrink_decode_kernel(
     offs_r = r0 + tl.arange(0, BLOCK_R)
     mask_r = offs_r < r
     row_base = base + offs_r.to(tl.int64) * IN  # virtual offset of A[j, 0]
-    acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.full([BLOCK_R], 0.0, tl.float32)
     for k0 in range(0, IN, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < IN
@@ -337,7 +354,7 @@ def _shrink_decode_kernel(
         pg = tl.load(page_row + (e // PAGE) * stride_pages_p, mask=m, other=0).to(tl.int64)
         a = tl.load(pool_ptr + pg * stride_pool_p + (e % PAGE) * stride_pool_e,
                     mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(a * xv[None, :], axis=1)
+        acc += tl.reduce(a * xv[None, :], 1, _sum_combine)
     tl.store(y_ptr + t.to(tl.int64) * stride_ym + offs_r * stride_yr, acc, mask=mask_r)
 
 
@@ -374,7 +391,7 @@ def _shrink_prefill_kernel(
     mask_r = offs_r < r
     x_rows = x_ptr + offs_m.to(tl.int64) * stride_xm
     col_base = base + offs_r.to(tl.int64) * IN  # virtual offset of A[j, 0]
-    acc = tl.zeros([BLOCK_M, BLOCK_R], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_R], 0.0, tl.float32)
     for k0 in range(0, IN, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < IN
@@ -418,7 +435,7 @@ def _expand_decode_kernel(
     y_row = y_ptr + t.to(tl.int64) * stride_ym
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_N], 0.0, tl.float32)
     for j0 in range(0, r, BLOCK_R):
         offs_r = j0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r
@@ -428,7 +445,7 @@ def _expand_decode_kernel(
         pg = tl.load(page_row + (e // PAGE) * stride_pages_p, mask=m, other=0).to(tl.int64)
         b = tl.load(pool_ptr + pg * stride_pool_p + (e % PAGE) * stride_pool_e,
                     mask=m, other=0.0).to(tl.float32)
-        acc += tl.sum(yv[:, None] * b, axis=0)
+        acc += tl.reduce(yv[:, None] * b, 0, _sum_combine)
     o_ptrs = out_ptr + t.to(tl.int64) * stride_om + offs_n * stride_on
     o = tl.load(o_ptrs, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(o_ptrs, (o + scale * acc).to(out_ptr.dtype.element_ty), mask=mask_n)
@@ -466,7 +483,7 @@ def _expand_prefill_kernel(
     offs_n = nt * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < OUT
     y_rows = y_ptr + offs_m.to(tl.int64) * stride_ym
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0.0, tl.float32)
     for j0 in range(0, r, BLOCK_R):
         offs_r = j0 + tl.arange(0, BLOCK_R)
         mask_r = offs_r < r
@@ -523,8 +540,8 @@ def _resolve_use_triton(op: str, use_triton, x: Tensor) -> bool:
     if not _HAVE_TRITON:
         raise ValueError(f"{op}: use_triton=True but triton cannot be imported")
     if not x.is_cuda and not _interpret():
-        raise ValueError(f"{op}: use_triton=True on {x.device} tensors requires TRITON_INTERPRET=1 "
-                         f"(or use CUDA tensors)")
+        raise ValueError(f"{op}: use_triton=True on {x.device} tensors requires "
+                         f"TRITON_INTERPRET=1 (or use CUDA tensors)")
     return True
 
 
@@ -581,6 +598,9 @@ def lora_shrink(x: Tensor, pool_layer: Tensor, adapter_pages: Tensor, a_offset: 
     Returns:
         ``y``: ``[T, max_rank]`` fp32, ``y[i, r_s:] = 0`` and rows without an
         adapter (or with rank 0) are all zero.
+
+    The Triton path checks shapes / dtypes / devices only (no device sync on
+    the decode path); slot ids, ranks, offsets and page ids are trusted.
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError("lora_shrink: x must be a 2-D tensor [T, in_features]")
@@ -640,7 +660,10 @@ def lora_expand(out: Tensor, y: Tensor, pool_layer: Tensor, adapter_pages: Tenso
         b_offset: ``[S]`` int64 virtual offset of this module's ``Bt [r, out_features]``.
         scaling: ``[S]`` float32 LoRA scaling (alpha / r) per slot.
 
-    The sum is accumulated in fp32 and rounded once to ``out.dtype``.
+    The sum is accumulated in fp32 and rounded once to ``out.dtype``.  Rows
+    must belong to at most one segment (segments must not overlap).  The
+    Triton path checks shapes / dtypes / devices only: slot ids, ranks, offsets
+    and page ids are trusted (the reference ops check them).
     """
     T, OUT, R = _check_expand_shapes("lora_expand", out, y)
     if not _resolve_use_triton("lora_expand", use_triton, out):

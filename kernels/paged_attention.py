@@ -70,6 +70,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # [C, ctx, n_kv_heads, head_dim]).  2**24 elements = 64 MiB.  Module-level so
 # tests can shrink it to exercise the chunking paths.
 _REF_CHUNK_ELEMS = 1 << 24
+# Padded (query x key) pairs a chunk may waste beyond 2x its real work before
+# a new chunk is started (small chunks are not worth the per-chunk overhead).
+_REF_PAD_SLACK = 1 << 14
 
 
 # --------------------------------------------------------------------------
@@ -157,10 +160,10 @@ def _plan_ref_chunks(
     last query sits at absolute position ``ctx - 1``.  Splitting a long prefill
     into row blocks this way is exact: a block needs only keys ``< ctx``.
 
-    Items are sorted by (n_q, ctx) descending and packed greedily so that each
-    chunk's padded temporaries stay under ``budget`` elements; this keeps a
-    mixed batch (one long prefill + many decodes) from padding every decode to
-    the prefill's length.
+    Items are sorted by (n_q, ctx) descending and packed greedily.  A chunk is
+    closed when its padded temporaries would exceed ``budget`` elements, or
+    when padding would more than double its work (so one long prefill does
+    not pad dozens of decodes to its length).
     """
     items: list[tuple[int, int, int, int]] = []
     for b, (start, n_q, ctx) in enumerate(zip(q_starts, q_lens, ctx_lens)):
@@ -175,16 +178,18 @@ def _plan_ref_chunks(
 
     chunks: list[list[tuple[int, int, int, int]]] = []
     cur: list[tuple[int, int, int, int]] = []
-    cur_q = cur_ctx = 0
+    cur_q = cur_ctx = cur_work = 0
     for it in items:
         new_q, new_ctx = max(cur_q, it[2]), max(cur_ctx, it[3])
         n = len(cur) + 1
-        cost = n * new_ctx * max(n_heads * new_q, kv_row_elems)
-        if cur and cost > budget:
+        work = cur_work + it[2] * it[3]  # un-padded (query x key) pairs
+        padded = n * new_q * new_ctx
+        memory = n * new_ctx * max(n_heads * new_q, kv_row_elems)
+        if cur and (memory > budget or padded > 2 * work + _REF_PAD_SLACK):
             chunks.append(cur)
-            cur, new_q, new_ctx = [], it[2], it[3]
+            cur, new_q, new_ctx, work = [], it[2], it[3], it[2] * it[3]
         cur.append(it)
-        cur_q, cur_ctx = new_q, new_ctx
+        cur_q, cur_ctx, cur_work = new_q, new_ctx, work
     if cur:
         chunks.append(cur)
     return chunks
@@ -257,8 +262,11 @@ def paged_attention_ref(
     if num_tokens == 0 or batch == 0:
         return out
 
-    k_pool = kv[:, 0]  # [num_pages, T, n_kv, hd] (view)
-    v_pool = kv[:, 1]
+    # Contiguous pool: gather K/V rows of head_dim elements from a flat
+    # [num_pages * 2 * T * n_kv, hd] view with one index_select each.
+    # Otherwise (e.g. a per-layer view of a bigger pool) use strided indexing.
+    flat_kv = kv.view(-1, head_dim) if kv.is_contiguous() else None
+    kv_heads = torch.arange(n_kv_heads, device=dev)
     chunks = _plan_ref_chunks(
         qsl[:-1], q_lens, ctx_lens, n_heads, 2 * n_kv_heads * head_dim, _REF_CHUNK_ELEMS
     )
@@ -270,17 +278,29 @@ def paged_attention_ref(
         meta = torch.tensor(chunk, dtype=torch.long).to(dev, non_blocking=True)
         b_idx, tok0, n_q, ctx = meta.unbind(1)  # each [C]
 
-        # Gather this chunk's pages: [C, n_pages*T, n_kv, hd] -> [C, n_kv, ctx, hd].
-        pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
-        k = k_pool[pages].reshape(n_chunk, n_pages * page_tokens, n_kv_heads, head_dim)
-        v = v_pool[pages].reshape(n_chunk, n_pages * page_tokens, n_kv_heads, head_dim)
-        k = k[:, :max_ctx].to(torch.float32).transpose(1, 2)
-        v = v[:, :max_ctx].to(torch.float32)
+        # Gather K/V of this chunk as [C, n_kv, max_ctx, hd]. Key slots past a
+        # sequence's context read its position 0 instead: pool slots past the
+        # context may hold garbage (NaN/inf) and 0 * NaN = NaN in probs @ v,
+        # while position 0 is always written (ctx >= 1) and gets probability 0.
         kpos = torch.arange(max_ctx, device=dev)
-        # Slots past a sequence's context may hold garbage (even NaN/inf) and
-        # 0 * NaN = NaN in probs @ v, so zero them. Scores are masked below.
-        v = v + 0 * v.masked_fill((kpos[None, :] >= ctx[:, None])[:, :, None, None], 0.0)
-        v = v.transpose(1, 2)  # [C, n_kv, ctx, hd]
+        pos = torch.where(kpos[None, :] < ctx[:, None], kpos[None, :], 0)  # [C, max_ctx]
+        pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
+        page = pages.gather(1, pos // page_tokens)  # [C, max_ctx]
+        offset = pos % page_tokens
+        if flat_kv is not None:
+            # row of (page, kind, t, h) in the flat view; V rows are T*n_kv further.
+            k_rows = (page * (2 * page_tokens) + offset) * n_kv_heads
+            k_rows = (k_rows[:, None, :] + kv_heads[None, :, None]).reshape(-1)
+            k = flat_kv.index_select(0, k_rows)
+            v = flat_kv.index_select(0, k_rows + page_tokens * n_kv_heads)
+            k = k.view(n_chunk, n_kv_heads, max_ctx, head_dim)
+            v = v.view(n_chunk, n_kv_heads, max_ctx, head_dim)
+        else:
+            page_i, off_i, head_i = page[:, None, :], offset[:, None, :], kv_heads[None, :, None]
+            k = kv[page_i, 0, off_i, head_i]
+            v = kv[page_i, 1, off_i, head_i]
+        k = k.to(torch.float32)
+        v = v.to(torch.float32)
 
         # Gather queries: [C, max_q, H, hd] -> [C, n_kv, group*max_q, hd].
         qj = torch.arange(max_q, device=dev)
@@ -310,9 +330,18 @@ def paged_attention_ref(
 # Triton kernel (CUDA path)
 # --------------------------------------------------------------------------
 
+# Triton decides interpreter vs. compiler for every @jit function when it is
+# decorated, including its own library helpers (tl.zeros, tl.max, tl.sum, ...)
+# which are decorated when triton is first imported.  To keep
+# TRITON_INTERPRET=1 usable no matter when triton was imported (e.g. by
+# transformers before a test module sets the variable), the kernel uses only
+# builtins -- tl.full instead of tl.zeros, tl.reduce with triton's own max/sum
+# combiners instead of tl.max/tl.sum (the interpreter maps those combiners to
+# numpy) -- and is itself jitted on first use, per interpreter mode.
 if _HAVE_TRITON:
+    _max_combine = tl.standard._elementwise_max
+    _sum_combine = tl.standard._sum_combine
 
-    @triton.jit
     def _paged_attention_kernel(
         q_ptr,
         kv_ptr,
@@ -378,8 +407,8 @@ if _HAVE_TRITON:
         kv_end = tl.where(m_block * BLOCK_M < n_rows, first_pos + last_row // GROUP + 1, 0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+        acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
         offs_n = tl.arange(0, BLOCK_N)
         pt_row = page_table_ptr + seq.to(tl.int64) * stride_pt_seq
@@ -405,11 +434,11 @@ if _HAVE_TRITON:
             allowed = (k_pos[None, :] <= q_pos[:, None]) & k_valid[None, :] & row_valid[:, None]
             s = tl.where(allowed, s, float("-inf"))
 
-            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_new = tl.maximum(m_i, tl.reduce(s, 1, _max_combine))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # fully masked rows
             alpha = tl.exp2(m_i - m_safe)
             p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
+            l_i = l_i * alpha + tl.reduce(p, 1, _sum_combine)
             if DOT_IEEE:
                 pv = tl.dot(p, v, input_precision="ieee")
             else:
@@ -436,14 +465,17 @@ def _interpret_mode() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
 
 
-def _triton_imported_interpreted() -> bool:
-    """True when triton.language was imported in interpreter mode.
+_JIT_CACHE: dict[bool, Any] = {}
 
-    Triton decides interpreter vs. compiler per @jit function at decoration
-    time, including its own library helpers (tl.zeros, tl.max, ...), so
-    TRITON_INTERPRET=1 only works if it was set before triton's first import.
-    """
-    return _HAVE_TRITON and type(tl.zeros).__name__ == "InterpretedFunction"
+
+def _jit_kernel() -> Any:
+    """``triton.jit(_paged_attention_kernel)``, cached per interpreter mode."""
+    mode = _interpret_mode()
+    kernel = _JIT_CACHE.get(mode)
+    if kernel is None:
+        kernel = triton.jit(_paged_attention_kernel)
+        _JIT_CACHE[mode] = kernel
+    return kernel
 
 
 def triton_available() -> bool:
@@ -495,11 +527,6 @@ def paged_attention_triton(
             raise ValueError(
                 "paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
             )
-        if not _triton_imported_interpreted():
-            raise RuntimeError(
-                "TRITON_INTERPRET=1 is set but triton was first imported without it; "
-                "set the variable before anything imports triton"
-            )
     num_tokens, n_heads, head_dim = q.shape
     page_tokens, n_kv_heads = kv.shape[2], kv.shape[3]
     group = n_heads // n_kv_heads
@@ -525,7 +552,7 @@ def paged_attention_triton(
     block_n = max(16, _next_pow2(page_tokens))
     block_d = max(16, _next_pow2(head_dim))
     grid = (batch, n_kv_heads, triton.cdiv(rows, block_m))
-    _paged_attention_kernel[grid](
+    _jit_kernel()[grid](
         q,
         kv,
         out,

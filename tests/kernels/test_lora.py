@@ -3,18 +3,26 @@
 Both the torch reference ops and the Triton kernels are compared against an
 independent float64 computation built from dense per-adapter A / B matrices.
 The Triton kernels run on CUDA when available, otherwise on CPU tensors under
-the Triton interpreter (TRITON_INTERPRET=1, set per test via monkeypatch; the
-kernel module jits its kernels lazily per interpreter mode, so the variable
-only has to be set when a kernel runs).  Shapes are tiny: the interpreter is slow.
+the Triton interpreter (TRITON_INTERPRET=1: set below before triton's first
+import when this module gets there first, and per test via monkeypatch; the
+LoRA kernels are jitted lazily per interpreter mode and use no triton @jit
+library helpers, so they also work when triton was imported earlier without
+the variable).  Shapes are tiny: the interpreter is slow.
 """
 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from dataclasses import dataclass
 
 import pytest
 import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA and "triton" not in sys.modules:  # before the first import of triton
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import kernels.lora as lora
 from kernels.lora import (
@@ -26,22 +34,20 @@ from kernels.lora import (
     scatter_virtual,
 )
 
-HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
-TRITON_SKIP_REASON = "triton is not importable; Triton LoRA kernels untested"
+needs_triton = pytest.mark.skipif(not lora._HAVE_TRITON,
+                                  reason="triton is not importable; Triton LoRA kernels untested")
 
 
-@pytest.fixture
-def interpret(monkeypatch):
-    """Run Triton kernels under the interpreter when there is no GPU."""
+@pytest.fixture(autouse=True)
+def _interpret_without_gpu(monkeypatch):
+    """Without a GPU the Triton kernels run on CPU tensors under the interpreter."""
     if not HAS_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-
 IMPLS = [
     pytest.param("ref", id="ref"),
-    pytest.param("triton", id="triton",
-                 marks=pytest.mark.skipif(not lora._HAVE_TRITON, reason=TRITON_SKIP_REASON)),
+    pytest.param("triton", id="triton", marks=needs_triton),
 ]
 DTYPES = [pytest.param(torch.float32, id="fp32"), pytest.param(torch.float16, id="fp16")]
 VARIANTS = ["decode", "prefill"]
@@ -195,7 +201,7 @@ def _tol(dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_shrink(impl, dtype, variant, interpret):
+def test_shrink(impl, dtype, variant):
     w = make_world(IN_F, OUT_F, RANKS, dtype, seed=1)
     T, rows, kw = routing(variant)
     x = torch.randn(T, IN_F, generator=torch.Generator().manual_seed(2)).to(dtype)
@@ -212,7 +218,7 @@ def test_shrink(impl, dtype, variant, interpret):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_expand(impl, dtype, variant, interpret):
+def test_expand(impl, dtype, variant):
     w = make_world(IN_F, OUT_F, RANKS, dtype, seed=3)
     T, rows, kw = routing(variant)
     g = torch.Generator().manual_seed(4)
@@ -232,7 +238,7 @@ def test_expand(impl, dtype, variant, interpret):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_shrink_expand_matches_dense_lora(impl, variant, interpret):
+def test_shrink_expand_matches_dense_lora(impl, variant):
     """out += scale * (x @ A.T) @ B.T end to end, fp16 activations / weights."""
     dtype = torch.float16
     w = make_world(IN_F, OUT_F, RANKS, dtype, seed=5)
@@ -249,7 +255,7 @@ def test_shrink_expand_matches_dense_lora(impl, variant, interpret):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("impl", IMPLS)
-def test_rank_128(impl, variant, interpret):
+def test_rank_128(impl, variant):
     ranks = [128, 3, 0, 64]
     in_f, out_f, max_rank = 24, 40, 128
     w = make_world(in_f, out_f, ranks, torch.float32, seed=7, page=97)
@@ -267,9 +273,9 @@ def test_rank_128(impl, variant, interpret):
     torch.testing.assert_close(out.cpu().double(), exp, atol=5e-4, rtol=5e-4)
 
 
-@pytest.mark.skipif(not lora._HAVE_TRITON, reason=TRITON_SKIP_REASON)
+@needs_triton
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_triton_matches_ref_with_partial_segments(variant, interpret):
+def test_triton_matches_ref_with_partial_segments(variant):
     """Rows outside every segment are untouched; empty batch is fine."""
     w = make_world(IN_F, OUT_F, RANKS, torch.float32, seed=9)
     g = torch.Generator().manual_seed(10)

@@ -1,0 +1,339 @@
+"""Throughput of Tailor's engine against Hugging Face ``generate`` with static batches.
+
+Run: ``python -m benchmarks.engine_vs_hf`` (or ``make bench``).
+
+Both systems serve the *same* requests (:mod:`benchmarks.workload`: prompts of random ordinary
+token ids, input lengths uniform in [--min-input, --max-input], output lengths uniform in
+[--min-output, --max-output]) with greedy decoding, in one process, one after the other:
+
+* **engine**: every request is submitted at once to ``LLM.generate`` with
+  ``SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)``: continuous batching
+  (``--engine-max-num-seqs`` sequences per step) generates exactly ``output_len`` tokens each.
+* **hf**: ``AutoModelForCausalLM.from_pretrained(checkpoint, dtype=<engine dtype>)``; requests are
+  cut into static batches of ``--batch-size`` in arrival order, each left-padded (attention mask,
+  position ids from the mask) and run with ``generate(do_sample=False)`` with EOS stopping turned
+  off. ``generate`` takes one ``max_new_tokens`` per batch (``min_new_tokens`` cannot be set per
+  row either), so each batch runs until its *longest* request's ``output_len``: that is what static
+  batching costs. Only each request's requested tokens count as useful output, so both systems are
+  credited with the same number of output tokens; HF's extra tokens are reported as
+  ``computed_tokens`` (batch rows x steps).
+
+Throughput = useful output tokens / wall seconds (time.perf_counter around the generation calls
+only; model loading and a small warm-up run of each system are excluded). The ratio is
+engine tokens/s over HF tokens/s (equal to the requests/s ratio, since both finish the same
+requests).
+
+Correctness is checked cheaply in the same run: greedy tokens of the engine and of HF are compared
+over each request's requested length. Left padding and different kernels can legitimately flip a
+near-tie argmax, after which the continuations diverge, so mismatches are reported, never fatal.
+
+Results go to stdout (a table) and to ``benchmarks/results/engine_vs_hf-<device>.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.workload import BenchRequest, make_requests, summarize
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name or HF checkpoint directory")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32, help="HF static batch size")
+    p.add_argument("--min-output", type=int, default=8)
+    p.add_argument("--max-output", type=int, default=128)
+    p.add_argument("--min-input", type=int, default=8)
+    p.add_argument("--max-input", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", help="engine dtype (auto: fp32 on CPU, bf16 on CUDA); HF uses the same")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--engine-max-num-seqs", type=int, default=128)
+    p.add_argument("--engine-max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--warmup-requests", type=int, default=4, help="requests in each system's warm-up run")
+    p.add_argument("--skip-hf", action="store_true", help="time the engine only (e.g. for profiling)")
+    p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/engine_vs_hf-<device>.json)")
+    args = p.parse_args(argv)
+    problems = []
+    if args.num_requests < 1:
+        problems.append("--num-requests must be >= 1")
+    if args.batch_size < 1:
+        problems.append("--batch-size must be >= 1")
+    if not 1 <= args.min_output <= args.max_output:
+        problems.append("need 1 <= --min-output <= --max-output")
+    if not 1 <= args.min_input <= args.max_input:
+        problems.append("need 1 <= --min-input <= --max-input")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------- engine
+def run_engine(llm: Any, requests: list[BenchRequest]) -> tuple[list[list[int]], float, dict[str, int]]:
+    """Generate every request through the engine; return token ids, wall seconds, stats delta."""
+    from inference import SamplingParams
+
+    prompts = [r.prompt_token_ids for r in requests]
+    params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+    stats = llm.engine.stats
+    before = {k: getattr(stats, k) for k in ("steps", "prompt_tokens", "generation_tokens", "preemptions", "batch_size_sum")}
+    _sync(llm.engine.device)
+    start = time.perf_counter()
+    outputs = llm.generate(prompts, params)
+    _sync(llm.engine.device)
+    wall = time.perf_counter() - start
+    delta = {k: getattr(stats, k) - v for k, v in before.items()}
+    tokens = [list(o.token_ids) for o in outputs]
+    for r, t in zip(requests, tokens):
+        if len(t) != r.output_len:
+            raise RuntimeError(f"engine request {r.index}: {len(t)} tokens, asked for {r.output_len}")
+    return tokens, wall, delta
+
+
+# ---------------------------------------------------------------------------- HF
+def load_hf(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype).to(device)
+    model.eval()
+    return model
+
+
+def _hf_generation_config(model: Any, max_new_tokens: int, pad_id: int) -> Any:
+    """Greedy, exactly ``max_new_tokens`` steps: EOS stopping off (the logits are untouched,
+    unlike ``min_new_tokens``, which would forbid EOS and change greedy tokens)."""
+    import copy
+
+    config = copy.deepcopy(model.generation_config)
+    config.do_sample = False
+    config.num_beams = 1
+    config.temperature = None
+    config.top_p = None
+    config.top_k = None
+    config.max_new_tokens = max_new_tokens
+    config.min_new_tokens = None
+    config.max_length = None
+    config.eos_token_id = None
+    config.pad_token_id = pad_id
+    return config
+
+
+def run_hf(
+    model: Any, requests: list[BenchRequest], batch_size: int, pad_id: int, device: torch.device
+) -> tuple[list[list[int]], float, dict[str, int]]:
+    """Static batches of ``batch_size`` in arrival order, each run to its longest request."""
+    tokens: list[list[int]] = []
+    computed = 0
+    steps = 0
+    wall = 0.0
+    for first in range(0, len(requests), batch_size):
+        batch = requests[first : first + batch_size]
+        width = max(r.input_len for r in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, r in enumerate(batch):
+            ids[row, width - r.input_len :] = torch.tensor(r.prompt_token_ids)
+            mask[row, width - r.input_len :] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        new_tokens = max(r.output_len for r in batch)
+        config = _hf_generation_config(model, new_tokens, pad_id)
+        _sync(device)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, generation_config=config)
+        _sync(device)
+        wall += time.perf_counter() - start
+        generated = out[:, width:].cpu()
+        if generated.shape[1] != new_tokens:
+            raise RuntimeError(f"HF generated {generated.shape[1]} tokens, asked for {new_tokens}")
+        tokens.extend(generated[row, : r.output_len].tolist() for row, r in enumerate(batch))
+        computed += len(batch) * new_tokens
+        steps += new_tokens
+    return tokens, wall, {"batches": -(-len(requests) // batch_size), "steps": steps, "computed_tokens": computed}
+
+
+# ---------------------------------------------------------------------------- report
+def compare(engine_tokens: list[list[int]], hf_tokens: list[list[int]]) -> dict[str, Any]:
+    exact = 0
+    prefix_fraction = 0.0
+    first_divergence: list[int] = []
+    for e, h in zip(engine_tokens, hf_tokens):
+        common = next((i for i, (a, b) in enumerate(zip(e, h)) if a != b), len(e))
+        if common == len(e) == len(h):
+            exact += 1
+        else:
+            first_divergence.append(common)
+        prefix_fraction += common / max(1, len(e))
+    n = len(engine_tokens)
+    return {
+        "requests": n,
+        "exact_match": exact,
+        "mean_common_prefix_fraction": prefix_fraction / max(1, n),
+        "first_divergence_positions": first_divergence,
+    }
+
+
+def _row(name: str, requests: int, tokens: int, wall: float) -> dict[str, Any]:
+    return {
+        "system": name,
+        "requests": requests,
+        "output_tokens": tokens,
+        "wall_s": wall,
+        "tokens_per_s": tokens / wall if wall > 0 else float("nan"),
+        "requests_per_s": requests / wall if wall > 0 else float("nan"),
+    }
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    header = f"{'system':<8} {'requests':>8} {'output tokens':>13} {'wall s':>9} {'tokens/s':>10} {'requests/s':>10}"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['system']:<8} {r['requests']:>8d} {r['output_tokens']:>13d} {r['wall_s']:>9.2f} "
+            f"{r['tokens_per_s']:>10.1f} {r['requests_per_s']:>10.3f}"
+        )
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({os.cpu_count()} logical CPUs)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from inference import LLM
+
+    torch.manual_seed(args.seed)
+    print(f"loading engine ({args.model}, device={args.device}, dtype={args.dtype}) ...", flush=True)
+    llm = LLM(
+        args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_num_seqs=args.engine_max_num_seqs,
+        max_num_batched_tokens=args.engine_max_num_batched_tokens,
+    )
+    device = llm.engine.device
+    dtype = llm.engine.dtype
+    checkpoint_dir = llm.engine.checkpoint_dir
+    requests = make_requests(
+        args.num_requests,
+        seed=args.seed,
+        input_len_range=(args.min_input, args.max_input),
+        output_len_range=(args.min_output, args.max_output),
+        tokenizer=llm.tokenizer,
+    )
+    workload = summarize(requests)
+    useful = workload["output_tokens"]
+    print(
+        f"workload: {workload['requests']} requests, {workload['input_tokens']} prompt tokens, "
+        f"{useful} output tokens (input {args.min_input}-{args.max_input}, output {args.min_output}-{args.max_output})",
+        flush=True,
+    )
+    warmup = make_requests(
+        max(1, args.warmup_requests), seed=args.seed + 1, input_len_range=(8, 16), output_len_range=(4, 8),
+        tokenizer=llm.tokenizer,
+    )
+
+    try:
+        run_engine(llm, warmup)
+        print("engine: running ...", flush=True)
+        engine_tokens, engine_wall, engine_stats = run_engine(llm, requests)
+    finally:
+        llm.close()  # stop the engine thread so it cannot compete with HF for the CPU
+    engine_row = _row("engine", len(requests), useful, engine_wall)
+    steps = max(1, engine_stats["steps"])
+    engine_row["stats"] = dict(engine_stats, mean_batch_size=engine_stats["batch_size_sum"] / steps)
+    rows = [engine_row]
+    print(f"engine: {engine_wall:.2f} s, {engine_stats['steps']} steps, mean batch {engine_row['stats']['mean_batch_size']:.1f}", flush=True)
+
+    correctness = None
+    if not args.skip_hf:
+        print(f"loading HF model ({checkpoint_dir}, {dtype}) ...", flush=True)
+        model = load_hf(checkpoint_dir, device, dtype)
+        pad_id = model.generation_config.pad_token_id
+        if pad_id is None:
+            pad_id = llm.tokenizer.eos_token_id or 0
+        run_hf(model, warmup, min(args.batch_size, len(warmup)), pad_id, device)
+        print("hf: running ...", flush=True)
+        hf_tokens, hf_wall, hf_stats = run_hf(model, requests, args.batch_size, pad_id, device)
+        hf_row = _row("hf", len(requests), useful, hf_wall)
+        hf_row["stats"] = dict(hf_stats, wasted_tokens=hf_stats["computed_tokens"] - useful)
+        rows.append(hf_row)
+        correctness = compare(engine_tokens, hf_tokens)
+        del model
+
+    print()
+    print_table(rows)
+    ratio = None
+    if len(rows) == 2:
+        ratio = rows[0]["tokens_per_s"] / rows[1]["tokens_per_s"]
+        hf_stats = rows[1]["stats"]
+        print(f"\nengine / hf throughput: {ratio:.2f}x (goal >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
+        print(
+            f"hf static batches of {args.batch_size}: computed {hf_stats['computed_tokens']} tokens for {useful} useful "
+            f"({hf_stats['wasted_tokens']} past a request's length)"
+        )
+        print(
+            f"greedy agreement: {correctness['exact_match']}/{correctness['requests']} requests identical over their "
+            f"requested length (mean common prefix {100 * correctness['mean_common_prefix_fraction']:.1f}%)"
+        )
+
+    import transformers
+
+    out_path = args.out or RESULTS_DIR / f"engine_vs_hf-{str(device).replace(':', '-')}.json"
+    report = {
+        "benchmark": "engine_vs_hf",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": str(device),
+        "device_name": device_name(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+        "python_version": platform.python_version(),
+        "torch_num_threads": torch.get_num_threads(),
+        "checkpoint_dir": str(checkpoint_dir),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "workload": workload,
+        "results": rows,
+        "ratio_engine_over_hf": ratio,
+        "correctness": correctness,
+    }
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

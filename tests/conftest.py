@@ -1,0 +1,79 @@
+"""Shared fixtures: the bundled model, tiny random Llama checkpoints, engines built on them."""
+
+from __future__ import annotations
+
+import os
+
+# Triton reads TRITON_INTERPRET when it is first imported (the engine imports it); without a GPU
+# every Triton kernel test runs under the interpreter, so set it before anything imports triton.
+if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from inference.bundled_model import prepare_bundled_model
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
+
+
+@pytest.fixture(scope="session")
+def bundled_checkpoint() -> Path:
+    """The prepared SmolLM2-135M-Instruct checkpoint directory (converted once, then cached)."""
+    return prepare_bundled_model().path
+
+
+def write_tiny_llama(
+    out_dir: Path,
+    tokenizer_from: Path,
+    *,
+    seed: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 96,
+    tie: bool = True,
+    rope_scaling: dict | None = None,
+    max_shard_size: str | None = None,
+) -> Path:
+    """Save a random-weight HF Llama checkpoint that shares the bundled tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+    if rope_scaling:
+        rope_parameters = {"rope_theta": 500000.0, **rope_scaling}
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=tie,
+        rope_parameters=rope_parameters,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # larger-than-init weights so that random models have peaked, non-tied logits
+        for param in model.parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.08)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    for name in TOKENIZER_FILES:
+        if (tokenizer_from / name).exists():
+            shutil.copy(tokenizer_from / name, out_dir / name)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, bundled_checkpoint) -> Path:
+    """A 2-layer GQA Llama with random weights (fast engine tests)."""
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny"), bundled_checkpoint, seed=1234)
