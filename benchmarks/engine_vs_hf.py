@@ -19,7 +19,9 @@ token ids, input lengths uniform in [--min-input, --max-input], output lengths u
   ``computed_tokens`` (batch rows x steps).
 
 Throughput = useful output tokens / wall seconds (time.perf_counter around the generation calls
-only; model loading and a small warm-up run of each system are excluded). The ratio is
+only; model loading and a small warm-up run of each system are excluded). The 1/5/15-minute load
+averages before and after each timed run go into the JSON: on a shared machine a busy neighbour
+can slow either side (with as many intra-op threads as cores, badly; see ``--threads``). The ratio is
 engine tokens/s over HF tokens/s (equal to the requests/s ratio, since both finish the same
 requests).
 
@@ -64,6 +66,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--engine-max-num-seqs", type=int, default=128)
     p.add_argument("--engine-max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--warmup-requests", type=int, default=4, help="requests in each system's warm-up run")
+    p.add_argument(
+        "--threads", type=int, default=None,
+        help="torch.set_num_threads for both systems (default: leave torch's default). On a small shared "
+        "CPU, fewer intra-op threads than cores can be much faster when other processes compete.",
+    )
     p.add_argument("--skip-hf", action="store_true", help="time the engine only (e.g. for profiling)")
     p.add_argument("--out", type=Path, default=None, help="JSON path (default benchmarks/results/engine_vs_hf-<device>.json)")
     args = p.parse_args(argv)
@@ -76,6 +83,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("need 1 <= --min-output <= --max-output")
     if not 1 <= args.min_input <= args.max_input:
         problems.append("need 1 <= --min-input <= --max-input")
+    if args.threads is not None and args.threads < 1:
+        problems.append("--threads must be >= 1")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -215,6 +224,13 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         )
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -235,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     from inference import LLM
 
     torch.manual_seed(args.seed)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     print(f"loading engine ({args.model}, device={args.device}, dtype={args.dtype}) ...", flush=True)
     llm = LLM(
         args.model,
@@ -268,12 +286,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run_engine(llm, warmup)
         print("engine: running ...", flush=True)
+        load_before = _loadavg()
         engine_tokens, engine_wall, engine_stats = run_engine(llm, requests)
+        engine_load = {"before": load_before, "after": _loadavg()}
     finally:
         llm.close()  # stop the engine thread so it cannot compete with HF for the CPU
     engine_row = _row("engine", len(requests), useful, engine_wall)
     steps = max(1, engine_stats["steps"])
     engine_row["stats"] = dict(engine_stats, mean_batch_size=engine_stats["batch_size_sum"] / steps)
+    engine_row["loadavg"] = engine_load
     rows = [engine_row]
     print(f"engine: {engine_wall:.2f} s, {engine_stats['steps']} steps, mean batch {engine_row['stats']['mean_batch_size']:.1f}", flush=True)
 
@@ -286,9 +307,11 @@ def main(argv: list[str] | None = None) -> int:
             pad_id = llm.tokenizer.eos_token_id or 0
         run_hf(model, warmup, min(args.batch_size, len(warmup)), pad_id, device)
         print("hf: running ...", flush=True)
+        load_before = _loadavg()
         hf_tokens, hf_wall, hf_stats = run_hf(model, requests, args.batch_size, pad_id, device)
         hf_row = _row("hf", len(requests), useful, hf_wall)
         hf_row["stats"] = dict(hf_stats, wasted_tokens=hf_stats["computed_tokens"] - useful)
+        hf_row["loadavg"] = {"before": load_before, "after": _loadavg()}
         rows.append(hf_row)
         correctness = compare(engine_tokens, hf_tokens)
         del model

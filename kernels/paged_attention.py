@@ -70,9 +70,9 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # [C, ctx, n_kv_heads, head_dim]).  2**24 elements = 64 MiB.  Module-level so
 # tests can shrink it to exercise the chunking paths.
 _REF_CHUNK_ELEMS = 1 << 24
-# Padded (query x key) pairs a chunk may waste beyond 2x its real work before
-# a new chunk is started (small chunks are not worth the per-chunk overhead).
-_REF_PAD_SLACK = 1 << 14
+# Padded (query, key) pairs an item may add to a chunk beyond twice its own
+# work before it starts a new chunk (tiny chunks cost more in per-op overhead).
+_REF_PAD_SLACK = 1024
 
 
 # --------------------------------------------------------------------------
@@ -160,10 +160,11 @@ def _plan_ref_chunks(
     last query sits at absolute position ``ctx - 1``.  Splitting a long prefill
     into row blocks this way is exact: a block needs only keys ``< ctx``.
 
-    Items are sorted by (n_q, ctx) descending and packed greedily.  A chunk is
-    closed when its padded temporaries would exceed ``budget`` elements, or
-    when padding would more than double its work (so one long prefill does
-    not pad dozens of decodes to its length).
+    Items are sorted by (n_q, ctx) descending and packed greedily.  An item
+    starts a new chunk when adding it would push the chunk's padded
+    temporaries over ``budget`` elements, or when the padded work it adds
+    exceeds twice its own work (plus a small slack), so that one long prefill
+    does not pad many decodes to its length.
     """
     items: list[tuple[int, int, int, int]] = []
     for b, (start, n_q, ctx) in enumerate(zip(q_starts, q_lens, ctx_lens)):
@@ -178,18 +179,17 @@ def _plan_ref_chunks(
 
     chunks: list[list[tuple[int, int, int, int]]] = []
     cur: list[tuple[int, int, int, int]] = []
-    cur_q = cur_ctx = cur_work = 0
+    cur_q = cur_ctx = 0
     for it in items:
         new_q, new_ctx = max(cur_q, it[2]), max(cur_ctx, it[3])
         n = len(cur) + 1
-        work = cur_work + it[2] * it[3]  # un-padded (query x key) pairs
-        padded = n * new_q * new_ctx
+        added = n * new_q * new_ctx - len(cur) * cur_q * cur_ctx  # padded (query, key) pairs
         memory = n * new_ctx * max(n_heads * new_q, kv_row_elems)
-        if cur and (memory > budget or padded > 2 * work + _REF_PAD_SLACK):
+        if cur and (memory > budget or added > 2 * it[2] * it[3] + _REF_PAD_SLACK):
             chunks.append(cur)
-            cur, new_q, new_ctx, work = [], it[2], it[3], it[2] * it[3]
+            cur, new_q, new_ctx = [], it[2], it[3]
         cur.append(it)
-        cur_q, cur_ctx, cur_work = new_q, new_ctx, work
+        cur_q, cur_ctx = new_q, new_ctx
     if cur:
         chunks.append(cur)
     return chunks

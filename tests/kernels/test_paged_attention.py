@@ -227,8 +227,9 @@ def test_matches_float64_reference(
     check(run_impl(impl, batch), batch, f"{impl}/{case}/{heads} seed={seed}")
 
 
+@pytest.mark.parametrize("run", range(3))
 @pytest.mark.parametrize("impl", IMPLS)
-def test_random_batch(impl: str) -> None:
+def test_random_batch(impl: str, run: int) -> None:
     """Fuzz: a fresh random batch each run; the seed is in the failure message."""
     seed = random.SystemRandom().randrange(2**31)
     rng = random.Random(seed)
@@ -269,6 +270,21 @@ def test_strided_q(impl: str) -> None:
     check(run_impl(impl, batch), batch, f"{impl}/strided-q")
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_layer_view_of_multi_layer_pool(impl: str) -> None:
+    """kv as a non-contiguous per-layer view of a [pages, layers, 2, T, H_kv, D] pool."""
+    q_lens, ctx_lens, page_tokens = CASES["mixed"]
+    batch = make_batch(
+        13, q_lens, ctx_lens, n_heads=6, n_kv_heads=2, head_dim=24,
+        page_tokens=page_tokens, dtype=torch.float16,
+    )
+    pool = torch.full((batch.kv.shape[0], 3, *batch.kv.shape[1:]), float("nan"), dtype=torch.float16)
+    pool[:, 1] = batch.kv
+    batch.kv = pool[:, 1]
+    assert not batch.kv.is_contiguous()
+    check(run_impl(impl, batch), batch, f"{impl}/layer-view")
+
+
 def test_ref_chunking_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     """A tiny chunk budget forces row-splitting of prefills and many chunks."""
     q_lens, ctx_lens, page_tokens = CASES["mixed"]
@@ -279,6 +295,18 @@ def test_ref_chunking_paths(monkeypatch: pytest.MonkeyPatch) -> None:
     for budget in (1, 300, 5000):
         monkeypatch.setattr(pa, "_REF_CHUNK_ELEMS", budget)
         check(paged_attention_ref(*batch.args()), batch, f"ref budget={budget}")
+
+
+def test_ref_planner_does_not_pad_decodes_to_prefill_length() -> None:
+    """One long prefill plus many decodes: decodes go to their own chunk(s)."""
+    q_lens = [512] + [1] * 63
+    ctx_lens = [512] + [300 + i for i in range(63)]
+    starts = list(itertools.accumulate([0, *q_lens[:-1]]))
+    chunks = pa._plan_ref_chunks(starts, q_lens, ctx_lens, 9, 2 * 3 * 64, 1 << 24)
+    covered = sorted((tok, n) for chunk in chunks for (_, tok, n, _) in chunk)
+    assert sum(n for _, n in covered) == sum(q_lens)  # every query exactly once
+    for chunk in chunks:
+        assert len({n_q for (_, _, n_q, _) in chunk}) == 1, chunk
 
 
 @pytest.mark.parametrize("impl", IMPLS)
