@@ -125,12 +125,19 @@ def load_hf(checkpoint_dir: Path, device: torch.device, dtype: torch.dtype) -> A
     hf_logging.set_verbosity_error()
     model = AutoModelForCausalLM.from_pretrained(str(checkpoint_dir), dtype=dtype).to(device)
     model.eval()
+    # generate() fills every generation-config field left at None from model.generation_config, so
+    # EOS stopping is only off if it is off there too. With it on, a row that emits EOS is padded
+    # from then on (and a batch of one stops early), so HF would not compute what the engine does.
+    model.generation_config.eos_token_id = None
     return model
 
 
 def _hf_generation_config(model: Any, max_new_tokens: int, pad_id: int) -> Any:
     """Greedy, exactly ``max_new_tokens`` steps: EOS stopping off (the logits are untouched,
-    unlike ``min_new_tokens``, which would forbid EOS and change greedy tokens)."""
+    unlike ``min_new_tokens``, which would forbid EOS and change greedy tokens). Needs
+    :func:`load_hf`, which also clears ``eos_token_id`` in the model's own generation config."""
+    if model.generation_config.eos_token_id is not None:
+        raise RuntimeError("load the HF model with load_hf(): its generation config must not stop at EOS")
     import copy
 
     config = copy.deepcopy(model.generation_config)
@@ -222,6 +229,24 @@ def print_table(rows: list[dict[str, Any]]) -> None:
             f"{r['system']:<8} {r['requests']:>8d} {r['output_tokens']:>13d} {r['wall_s']:>9.2f} "
             f"{r['tokens_per_s']:>10.1f} {r['requests_per_s']:>10.3f}"
         )
+
+
+def _git_state() -> dict[str, Any] | None:
+    """Commit and dirtiness of the checkout the benchmark runs from (None outside git)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
+            check=True, timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": commit, "dirty": bool(status.strip())}
 
 
 def _loadavg() -> list[float] | None:
@@ -345,6 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
         "torch_num_threads": torch.get_num_threads(),
+        "git": _git_state(),
         "checkpoint_dir": str(checkpoint_dir),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "workload": workload,

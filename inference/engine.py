@@ -13,8 +13,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import tempfile
+
 import torch
 
+from inference.adapters.lora_batch import LoraBatch
+from inference.adapters.manager import AdapterManager
+from inference.adapters.object_store import LocalFolderStore, ObjectStore
+from inference.adapters.registry import UnknownAdapterError
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.engine_config import EngineConfig
 from inference.model import ForwardBatch, LlamaModel
@@ -61,7 +67,12 @@ class EngineStats:
 class LLMEngine:
     """Loads a model, owns the page pool and the scheduler, and advances requests step by step."""
 
-    def __init__(self, model: str | Path = BUNDLED_MODEL_NAME, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model: str | Path = BUNDLED_MODEL_NAME,
+        config: EngineConfig | None = None,
+        adapter_store: ObjectStore | None = None,
+    ):
         self.config = config or EngineConfig()
         self.checkpoint_dir = resolve_model(model)
         self.model_config = ModelConfig.from_checkpoint(self.checkpoint_dir)
@@ -76,14 +87,26 @@ class LLMEngine:
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
         self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
+        if adapter_store is None:
+            store_dir = self.config.adapter_store_dir or tempfile.mkdtemp(prefix="tailor-adapters-")
+            adapter_store = LocalFolderStore(store_dir)
+        self.adapters = AdapterManager(
+            self.model_config,
+            self.pool,
+            adapter_store,
+            host_budget_bytes=self.config.host_adapter_bytes,
+            max_rank=self.config.max_lora_rank,
+            fetch_threads=self.config.adapter_fetch_threads,
+        )
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters
         )
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
+        self.last_step_ran = False
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
@@ -133,9 +156,15 @@ class LLMEngine:
                 f"beyond the context window of {self.max_model_len} tokens"
             )
         pages = self.pool.geometry.pages_for_tokens(total)
+        if adapter_id is not None:
+            try:
+                ref = self.adapters.registry.current(adapter_id)
+                pages += self.pool.geometry.pages_for_elems(ref.layer_elems)
+            except UnknownAdapterError as exc:
+                problems.append(str(exc))
         if pages > self.pool.num_pages:
             problems.append(
-                f"the request needs up to {pages} KV pages but the pool holds {self.pool.num_pages}"
+                f"the request needs up to {pages} pages (KV and adapter) but the pool holds {self.pool.num_pages}"
             )
         if problems:
             raise ValueError("; ".join(problems))
@@ -156,11 +185,15 @@ class LLMEngine:
         """Queue a validated request (engine thread only)."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
+        if request.adapter_id is not None:
+            request.adapter = self.adapters.registry.acquire(request.adapter_id)
         self._requests[request.request_id] = request
         self.scheduler.add(request)
 
-    def add_request(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None) -> Request:
-        request = self.make_request(prompt, params, request_id)
+    def add_request(
+        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None, adapter_id: str | None = None
+    ) -> Request:
+        request = self.make_request(prompt, params, request_id, adapter_id)
         self.add(request)
         return request
 
@@ -198,10 +231,18 @@ class LLMEngine:
         that produced tokens or finished in this step."""
         plan = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
+        self.last_step_ran = bool(plan.chunks)
+        outputs: list[RequestOutput] = []
+        for request in plan.failed:
+            request.error = self.adapters.failure(request.adapter) or "adapter could not be loaded"
+            self._finish(request, FinishReason.ERROR)
+            outputs.append(self._output(request, [], []))
         if not plan.chunks:
-            return []
+            self._prefetch()
+            return outputs
         batch, sampling_chunks = self._build_batch(plan)
-        logits = self.model.forward(batch, self.pool)
+        lora = self._lora_batch(plan)
+        logits = self.model.forward(batch, self.pool, lora)
         for chunk in plan.chunks:
             chunk.request.num_computed_tokens += chunk.num_tokens
         prompt_tokens = sum(
@@ -212,7 +253,6 @@ class LLMEngine:
         self.stats.last_batch_size = len(plan.chunks)
         self.stats.last_step_tokens = plan.num_tokens
         self.stats.batch_size_sum += len(plan.chunks)
-        outputs: list[RequestOutput] = []
         if sampling_chunks:
             requests = [c.request for c in sampling_chunks]
             result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
@@ -221,7 +261,40 @@ class LLMEngine:
                 top = result.top_logprobs[i] if result.top_logprobs else None
                 outputs.append(self._append_token(request, result.token_ids[i], result.logprobs[i], top, now))
             self.stats.generation_tokens += len(requests)
+        self._prefetch()
         return outputs
+
+    def _lora_batch(self, plan: SchedulerOutput) -> LoraBatch | None:
+        """Slots for the distinct adapters of this step, or None when no row has an adapter."""
+        slot_of: dict[str, int] = {}
+        slots = []
+        chunk_slots = []
+        for chunk in plan.chunks:
+            ref = chunk.request.adapter
+            if ref is None:
+                chunk_slots.append(-1)
+                continue
+            if ref.uid not in slot_of:
+                resident = self.adapters.resident(ref.uid)
+                if resident.ready_event is not None:  # paged in on the side stream
+                    torch.cuda.current_stream(self.device).wait_event(resident.ready_event)
+                    resident.ready_event = None
+                slot_of[ref.uid] = len(slots)
+                slots.append(resident)
+            chunk_slots.append(slot_of[ref.uid])
+        if not slots:
+            return None
+        return LoraBatch(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks], self.config.use_triton)
+
+    def _prefetch(self) -> None:
+        """Start fetches and page-ins for the adapters of the requests next in line."""
+        refs = []
+        for request in itertools.islice(self.scheduler.waiting, self.config.max_num_seqs):
+            if request.adapter is not None:
+                refs.append(request.adapter)
+        if refs:
+            reserve = int(self.pool.num_pages * self.config.prefetch_reserve_fraction) + len(self.scheduler.running)
+            self.adapters.prefetch(refs, reserve)
 
     def _build_batch(self, plan: SchedulerOutput) -> tuple[ForwardBatch, list]:
         page_tokens = self.pool.geometry.page_tokens
@@ -302,6 +375,8 @@ class LLMEngine:
         request.finish_time = time.monotonic()
         self.scheduler.remove(request)
         self._requests.pop(request.request_id, None)
+        if request.adapter is not None:
+            self.adapters.registry.release(request.adapter)
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_ids: list[int], new_logprobs: list) -> RequestOutput:

@@ -22,6 +22,10 @@ class EngineConfig:
     * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
     * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
     * ``use_triton``: None picks Triton kernels on CUDA and torch reference ops on CPU.
+    * Adapters: ``max_lora_rank`` (ranks 1..max accepted), ``host_adapter_bytes`` (host-RAM
+      cache budget), ``adapter_store_dir`` (local object-store folder; None = a temporary one),
+      ``prefetch_reserve_fraction`` (pool share kept free when paging in queued requests'
+      adapters ahead of their turn), ``adapter_fetch_threads``.
     """
 
     device: str = "cpu"
@@ -35,6 +39,11 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 4096
     use_triton: bool | None = None
+    max_lora_rank: int = 128
+    host_adapter_bytes: int = 4 << 30
+    adapter_store_dir: str | None = None
+    prefetch_reserve_fraction: float = 0.1
+    adapter_fetch_threads: int = 2
 
     def __post_init__(self) -> None:
         problems = []
@@ -56,6 +65,14 @@ class EngineConfig:
             problems.append("max_model_len must be >= 2")
         if self.max_waiting < 1:
             problems.append("max_waiting must be >= 1")
+        if self.max_lora_rank < 1:
+            problems.append("max_lora_rank must be >= 1")
+        if self.host_adapter_bytes < 1:
+            problems.append("host_adapter_bytes must be positive")
+        if not 0.0 <= self.prefetch_reserve_fraction < 1.0:
+            problems.append("prefetch_reserve_fraction must be in [0, 1)")
+        if self.adapter_fetch_threads < 1:
+            problems.append("adapter_fetch_threads must be >= 1")
         if problems:
             raise ValueError("invalid engine config: " + "; ".join(problems))
 

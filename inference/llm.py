@@ -7,10 +7,11 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from inference.adapters.registry import AdapterRef
 from inference.bundled_model import BUNDLED_MODEL_NAME
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
-from inference.engine_loop import EngineLoop
+from inference.engine_loop import EngineLoop, unregister_adapter
 from inference.request import FinishReason, Request, RequestOutput
 from inference.sampling import SamplingParams
 
@@ -38,25 +39,46 @@ class LLM:
         self,
         prompts: Sequence[str | list[int]] | str,
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs come back in prompt order.
 
-        All prompts are validated before any is scheduled: one bad prompt raises ValueError and
+        ``adapters[i]`` names the registered adapter for prompt i (None: the base model). All
+        prompts are validated before any is scheduled: one bad prompt raises ValueError and
         nothing runs.
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        requests = [self.engine.make_request(p, sp) for p, sp in zip(prompts, self._params_list(params, len(prompts)))]
+        adapter_list = list(adapters) if adapters is not None else [None] * len(prompts)
+        if len(adapter_list) != len(prompts):
+            raise ValueError(f"got {len(adapter_list)} adapters for {len(prompts)} prompts")
+        params_list = self._params_list(params, len(prompts))
+        requests = [
+            self.engine.make_request(p, sp, adapter_id=a) for p, sp, a in zip(prompts, params_list, adapter_list)
+        ]
         return self._run(requests)
 
     def chat(
         self,
         conversations: Sequence[Messages],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> list[RequestOutput]:
         """Render each conversation with the model's chat template and generate the reply."""
         token_ids = [self.tokenizer.apply_chat_template(list(c)) for c in conversations]
-        return self.generate(token_ids, params)
+        return self.generate(token_ids, params, adapters)
+
+    # ------------------------------------------------------------ adapters
+    def register_adapter(self, adapter_id: str, path: str | Path, *, new_version: bool = False) -> AdapterRef:
+        """Validate a PEFT adapter directory and register it (idempotent for identical weights;
+        different weights under the same id need ``new_version=True``). Raises
+        AdapterValidationError listing every problem."""
+        return self.engine.adapters.register_dir(adapter_id, path, new_version=new_version)
+
+    def unregister_adapter(self, adapter_id: str, timeout: float | None = None) -> None:
+        """Refuse new requests for ``adapter_id`` at once, wait until in-flight ones finish, then
+        drop it from every tier. Raises TimeoutError (and keeps it registered) on timeout."""
+        unregister_adapter(self.engine, self._loop, adapter_id, timeout)
 
     def _params_list(self, params, count: int) -> list[SamplingParams]:
         if params is None:
@@ -100,11 +122,16 @@ class LLM:
 
     # ------------------------------------------------------------ streaming
     async def stream(
-        self, prompt: str | list[int], params: SamplingParams | None = None, *, request_id: str | None = None
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        *,
+        request_id: str | None = None,
+        adapter: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Yield outputs as tokens are produced; breaking out of the loop or cancelling the task
         aborts the request."""
-        request = self.engine.make_request(prompt, params or SamplingParams(), request_id)
+        request = self.engine.make_request(prompt, params or SamplingParams(), request_id, adapter)
         async for output in self._loop.stream(request):
             yield output
 
@@ -114,6 +141,7 @@ class LLM:
     def close(self) -> None:
         """Stop the engine thread (in-flight requests finish with an error)."""
         self._loop.stop()
+        self.engine.adapters.close()
 
     def __enter__(self) -> "LLM":
         return self

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -36,6 +37,7 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
+    adapter: Any = None  # the AdapterRef held while the request is live (set by the engine)
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)

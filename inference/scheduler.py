@@ -9,6 +9,12 @@ Every step the scheduler decides which requests run and how many new tokens each
    plus what it generated); if it is itself the newest, it yields.
 2. If nobody was preempted, waiting requests are admitted in arrival order while the budget,
    ``max_num_seqs`` and free pages allow. A long prompt is split into chunks (chunked prefill).
+   A request whose adapter is still being fetched into host RAM is passed over (it costs its own
+   time, not the batch's) and admitted in its arrival order once the adapter is there; a request
+   whose adapter is warm but finds no pages blocks those behind it, so it is never starved.
+
+Under page pressure idle adapters are evicted first (``AdapterGate.make_room``); only then are
+running requests preempted.
 
 The scheduler only moves page ids; it does no I/O and never touches tensors.
 """
@@ -16,11 +22,23 @@ The scheduler only moves page ids; it does no I/O and never touches tensors.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from inference.page_pool import PageKind, PagePool
 from inference.request import Request, RequestState
+
+
+class AdapterGate(Protocol):
+    """What the scheduler needs from the adapter manager (see inference.adapters.manager)."""
+
+    def admit(self, ref) -> "object": ...  # an Admission: READY, COLD, NO_ROOM or FAILED
+
+    def make_room(self, num_pages: int, protect: str | None = None) -> None: ...
+
+    def on_run(self, ref) -> None: ...
+
+    def on_stop_running(self, ref) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -55,6 +73,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
+    failed: list[Request] = field(default_factory=list)  # adapter could not be loaded
 
     @property
     def num_tokens(self) -> int:
@@ -64,14 +83,14 @@ class SchedulerOutput:
 class Scheduler:
     """Owns the waiting queue, the running list and every request's KV pages.
 
-    ``make_room(num_pages)`` is an optional hook the adapter manager provides: it frees idle
+    ``adapters`` (optional) makes requests' adapters resident before they run and frees idle
     adapter pages before any request is preempted.
     """
 
-    def __init__(self, config: SchedulerConfig, pool: PagePool, make_room: Callable[[int], None] | None = None):
+    def __init__(self, config: SchedulerConfig, pool: PagePool, adapters: AdapterGate | None = None):
         self.config = config
         self.pool = pool
-        self.make_room = make_room
+        self.adapters = adapters
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -87,6 +106,7 @@ class Scheduler:
         """Drop a request (finished or aborted) and free its pages; idempotent."""
         if request in self.running:
             self.running.remove(request)
+            self._stopped_running(request)
         elif request in self.waiting:
             self.waiting.remove(request)
         self._release(request)
@@ -101,11 +121,16 @@ class Scheduler:
         total = self.pool.geometry.pages_for_tokens(request.num_computed_tokens + num_new)
         return max(0, total - len(request.kv_pages))
 
+    def _stopped_running(self, request: Request) -> None:
+        if self.adapters is not None and request.adapter is not None:
+            self.adapters.on_stop_running(request.adapter)
+
     def _try_allocate(self, request: Request, num_pages: int) -> bool:
         if num_pages == 0:
             return True
-        if not self.pool.can_allocate(num_pages) and self.make_room is not None:
-            self.make_room(num_pages)
+        if not self.pool.can_allocate(num_pages) and self.adapters is not None:
+            protect = request.adapter.uid if request.adapter is not None else None
+            self.adapters.make_room(num_pages, protect=protect)
         if not self.pool.can_allocate(num_pages):
             return False
         request.kv_pages.extend(self.pool.allocate(num_pages, PageKind.KV))
@@ -113,6 +138,7 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
+        self._stopped_running(request)
         self._release(request)
         request.state = RequestState.WAITING
         request.num_preemptions += 1
@@ -144,15 +170,30 @@ class Scheduler:
                 index += 1
                 continue
             # `request` itself was preempted; the list shifted, do not advance index
+        failed: list[Request] = []
         if not preempted:
-            while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self.waiting[0]
+            position = 0
+            while position < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
+                request = self.waiting[position]
+                if request.adapter is not None and self.adapters is not None:
+                    admission = self.adapters.admit(request.adapter).value
+                    if admission == "cold":
+                        position += 1  # its adapter is on the way; let the requests behind it run
+                        continue
+                    if admission == "failed":
+                        del self.waiting[position]
+                        failed.append(request)
+                        continue
+                    if admission == "no_room":
+                        break
                 num_new = min(request.num_tokens - request.num_computed_tokens, budget)
                 if not self._try_allocate(request, self._pages_needed(request, num_new)):
                     break
-                self.waiting.popleft()
+                del self.waiting[position]
                 request.state = RequestState.RUNNING
                 self.running.append(request)
+                if request.adapter is not None and self.adapters is not None:
+                    self.adapters.on_run(request.adapter)
                 chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
                 budget -= num_new
-        return SchedulerOutput(chunks, preempted)
+        return SchedulerOutput(chunks, preempted, failed)

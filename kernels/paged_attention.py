@@ -8,6 +8,9 @@ For one layer the KV cache is a tensor::
 
     kv: [num_pages, 2, T, n_kv_heads, head_dim]     (contiguous)
 
+(A non-contiguous per-layer view of a bigger pool also works as long as
+``head_dim`` has unit stride; the contiguous case is the fast one on CPU.)
+
 where ``T`` is the page size in tokens, ``kv[:, 0]`` holds keys and
 ``kv[:, 1]`` values.  Sequence ``b`` owns the pages listed in
 ``page_table[b, :]`` (int32; entries past the sequence's last used page are
@@ -504,8 +507,10 @@ def paged_attention_triton(
     the sequence's keys up to the causal limit of its last query, BLOCK_N
     tokens at a time (BLOCK_N = max(16, T) rounded to a power of two, i.e. one
     page for T >= 16), with an fp32 online softmax.  Inputs are upcast to
-    fp32 in-kernel; fp32 inputs use IEEE fp32 dots, half inputs use the
-    backend's default (TF32 on NVIDIA, which is exact for fp16/bf16 operands).
+    fp32 in-kernel.  If q or kv is fp32 the dots use IEEE fp32 (exact but
+    without tensor cores); if both are fp16/bf16 they use the backend default
+    (TF32 on NVIDIA: exact products of fp16/bf16 operands, the probabilities
+    in P @ V rounded to 10 mantissa bits, as in other flash kernels).
 
     Args: as :func:`paged_attention`; ``max_q_len`` (tokens) is the largest
         ``q_len_b`` in the batch. Pass it from the scheduler to avoid a device
@@ -513,7 +518,7 @@ def paged_attention_triton(
 
     Returns:
         ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q``
-        not covered by ``query_start_loc`` are left uninitialised.
+        not covered by ``query_start_loc`` are zero.
 
     Requirements: CUDA tensors (or CPU tensors with ``TRITON_INTERPRET=1``),
     ``q`` and ``kv`` with unit stride on ``head_dim``; arguments are not range
@@ -522,11 +527,10 @@ def paged_attention_triton(
     if not _HAVE_TRITON:
         raise RuntimeError("paged_attention_triton requires the 'triton' package")
     _validate(q, kv, page_table, seq_lens, query_start_loc)
-    if not q.is_cuda:
-        if not _interpret_mode():
-            raise ValueError(
-                "paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
-            )
+    if not q.is_cuda and not _interpret_mode():
+        raise ValueError(
+            "paged_attention_triton needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+        )
     num_tokens, n_heads, head_dim = q.shape
     page_tokens, n_kv_heads = kv.shape[2], kv.shape[3]
     group = n_heads // n_kv_heads
@@ -539,7 +543,9 @@ def paged_attention_triton(
     if page_table.stride(-1) != 1:
         page_table = page_table.contiguous()
 
-    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # zeros: rows not covered by query_start_loc (e.g. CUDA-graph padding)
+    # come back as 0, as in the reference.
+    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     if num_tokens == 0 or batch == 0:
         return out
     if max_q_len is None:
@@ -575,7 +581,7 @@ def paged_attention_triton(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_D=block_d,
-        DOT_IEEE=(q.dtype == torch.float32 and kv.dtype == torch.float32),
+        DOT_IEEE=(q.dtype == torch.float32 or kv.dtype == torch.float32),
         num_warps=4,
     )
     return out
@@ -647,21 +653,21 @@ def write_kv(kv: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     ``kv[s // T, 0, s % T] = k[i]`` and ``kv[s // T, 1, s % T] = v[i]``.
 
     Args:
-        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` contiguous pool (updated).
+        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` pool (updated); contiguous
+            is the fast path, a strided per-layer view also works.
         k: ``[num_tokens, n_kv_heads, head_dim]`` new keys (cast to ``kv.dtype``).
         v: ``[num_tokens, n_kv_heads, head_dim]`` new values (cast to ``kv.dtype``).
         slot_mapping: ``[num_tokens]`` int64 (or int32) flat slots; must be in
             ``[0, num_pages * T)`` and distinct (duplicates: unspecified winner).
 
-    Works on any device with plain torch index ops (one ``index_copy_``).
+    Works on any device with plain torch index ops (one ``index_copy_`` for a
+    contiguous pool).
     """
     if kv.dim() != 5 or kv.shape[1] != 2:
         raise ValueError(
             "kv must be [num_pages, 2, page_tokens, n_kv_heads, head_dim], "
             f"got shape {tuple(kv.shape)}"
         )
-    if not kv.is_contiguous():
-        raise ValueError("kv must be contiguous")
     num_pages, _, page_tokens, n_kv_heads, head_dim = kv.shape
     if slot_mapping.dim() != 1:
         raise ValueError(
@@ -683,8 +689,13 @@ def write_kv(kv: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:
     if slot_mapping.numel() == 0:
         return
     slots = slot_mapping.long()
+    page, offset = slots // page_tokens, slots % page_tokens
+    if not kv.is_contiguous():
+        kv[page, 0, offset] = k.to(kv.dtype)
+        kv[page, 1, offset] = v.to(kv.dtype)
+        return
     # Flat row index over [num_pages, 2, T]: page * 2T + kind * T + offset.
-    k_rows = (slots // page_tokens) * (2 * page_tokens) + slots % page_tokens
+    k_rows = page * (2 * page_tokens) + offset
     flat = kv.view(num_pages * 2 * page_tokens, n_kv_heads, head_dim)
     flat.index_copy_(
         0,
