@@ -48,11 +48,11 @@ class HostAdapterCache:
         return sum(m.a.numel() * m.a.element_size() + m.b_t.numel() * m.b_t.element_size() for m in weights.modules.values())
 
     def get(self, uid: str) -> LoraAdapterWeights | None:
-        """The weights if cached (marks them recently used); counts a hit or a miss."""
+        """The weights if cached (marks them recently used and counts a hit). Misses are counted
+        by the caller that starts the fetch, once per fetch."""
         with self._lock:
             entry = self._entries.get(uid)
             if entry is None:
-                self.stats.misses += 1
                 return None
             self._entries.move_to_end(uid)
             self.stats.hits += 1

@@ -190,6 +190,7 @@ class AdapterManager:
             return True
         with self._fetch_lock:
             if ref.uid not in self._fetches and ref.uid not in self._failed:
+                self.host.stats.misses += 1  # one miss per fetch started
                 self._fetches[ref.uid] = self._executor.submit(self._fetch, ref)
         return False
 
