@@ -241,8 +241,8 @@ def _git_state() -> dict[str, Any] | None:
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True, timeout=10
         ).stdout.strip()
         status = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True, text=True,
-            check=True, timeout=10,
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results"],
+            cwd=root, capture_output=True, text=True, check=True, timeout=10,
         ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
