@@ -61,6 +61,7 @@ class DeviceAdapter:
     pages: list[int]
     pages_tensor: torch.Tensor
     offsets: dict[str, tuple[int, int, int]]
+    shapes: dict[str, tuple[int, int]]
     running: int = 0
     last_used: float = field(default_factory=time.monotonic)
     ready_event: object | None = None
@@ -259,7 +260,9 @@ class AdapterManager:
         pages = self.pool.allocate(num_pages, PageKind.ADAPTER)
         pages_tensor = torch.tensor(pages, dtype=torch.int32, device=self.device)
         event = self._copy_into_pages(weights, pages)
-        self._resident[ref.uid] = DeviceAdapter(ref, pages, pages_tensor, module_layout(ref, self.shapes), ready_event=event)
+        layout = module_layout(ref, self.shapes)
+        shapes = {name: self.shapes[name] for name in layout}
+        self._resident[ref.uid] = DeviceAdapter(ref, pages, pages_tensor, layout, shapes, ready_event=event)
         seconds = time.monotonic() - started
         self.stats.device.loads += 1
         self.stats.device.load_seconds_sum += seconds

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+from benchmarks.synthetic_adapters import synthetic_adapter  # noqa: F401  (re-exported for tests)
 
 
 def peft_adapter(base_model, out_dir: Path, *, r: int, targets, alpha: float | None = None,
@@ -29,26 +27,3 @@ def peft_adapter(base_model, out_dir: Path, *, r: int, targets, alpha: float | N
     model.eval()
     model.save_pretrained(str(out_dir))
     return model
-
-
-def synthetic_adapter(out_dir: Path, model_config, *, r: int, targets, alpha: float, seed: int,
-                      std: float = 0.05) -> Path:
-    """Write adapter_config.json + adapter_model.safetensors exactly as PEFT lays them out."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = model_config.linear_shapes()
-    tensors = {}
-    for layer in range(model_config.num_layers):
-        for name in targets:
-            group = "self_attn" if name in ATTN else "mlp"
-            in_f, out_f = shapes[name]
-            prefix = f"base_model.model.model.layers.{layer}.{group}.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = torch.randn(r, in_f, generator=gen) * std
-            tensors[f"{prefix}.lora_B.weight"] = torch.randn(out_f, r, generator=gen) * std
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out_dir / "adapter_model.safetensors"))
-    (out_dir / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": list(targets), "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "fan_in_fan_out": False,
-    }))
-    return out_dir

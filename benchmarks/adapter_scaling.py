@@ -1,0 +1,148 @@
+"""Throughput with no adapter and with 1, 10, 100, 1000 adapters, in one run, one table.
+
+S-LoRA's throughput experiment (paper Table 3) on Tailor's engine: the same requests every time,
+all submitted at once; each request carries an adapter drawn with S-LoRA's power-law rule
+(``numpy power(alpha)``, alpha 1 by default) from N registered rank-r adapters on q, k, v, o.
+Adapters are registered (validated and written to the local object store) before timing; the
+host-RAM budget (``--host-mib``) is smaller than 1000 adapters, so the large settings also exercise
+fetching from the store and paging into the pool during the run.
+
+    python -m benchmarks.adapter_scaling                      # CPU defaults
+    python -m benchmarks.adapter_scaling --device cuda --num-requests 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.synthetic_adapters import synthetic_adapter
+from benchmarks.workload import make_requests, sample_adapters, summarize
+from inference import LLM, SamplingParams
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--num-requests", type=int, default=96)
+    p.add_argument("--adapters", default="0,1,10,100,1000", help="comma-separated counts; 0 = no adapter")
+    p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law exponent (S-LoRA's rule)")
+    p.add_argument("--min-input", type=int, default=8)
+    p.add_argument("--max-input", type=int, default=64)
+    p.add_argument("--min-output", type=int, default=8)
+    p.add_argument("--max-output", type=int, default=64)
+    p.add_argument("--host-mib", type=int, default=1024, help="host-RAM adapter cache budget")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    counts = [int(c) for c in args.adapters.split(",")]
+    store = Path(tempfile.mkdtemp(prefix="tailor-bench-store-"))
+    llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
+              host_adapter_bytes=args.host_mib << 20, adapter_store_dir=str(store))
+    engine = llm.engine
+    requests = make_requests(args.num_requests, seed=args.seed, input_len_range=(args.min_input, args.max_input),
+                             output_len_range=(args.min_output, args.max_output), tokenizer=engine.tokenizer._tok)
+    files = Path(tempfile.mkdtemp(prefix="tailor-bench-adapters-"))
+    registered = 0
+    started = time.perf_counter()
+    for i in range(max(counts)):
+        path = synthetic_adapter(files / f"a{i}", engine.model_config, r=args.rank,
+                                 targets=("q_proj", "k_proj", "v_proj", "o_proj"), alpha=2.0 * args.rank,
+                                 seed=args.seed * 100_003 + i, std=0.02)
+        llm.register_adapter(f"adapter-{i}", path)
+        registered += 1
+    register_s = time.perf_counter() - started
+    print(f"registered {registered} rank-{args.rank} adapters in {register_s:.1f} s")
+
+    # warm-up: a few requests through base and adapter paths
+    llm.generate([r.prompt_token_ids for r in requests[:4]], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True),
+                 adapters=[None, "adapter-0", None, "adapter-0"] if max(counts) else None)
+
+    rows = []
+    for count in counts:
+        names = [None] * len(requests)
+        if count:
+            picks = sample_adapters(len(requests), count, args.alpha, seed=args.seed)
+            names = [f"adapter-{int(i)}" for i in picks]
+        params = [SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True) for r in requests]
+        before = _snapshot(engine)
+        t0 = time.perf_counter()
+        outs = llm.generate([r.prompt_token_ids for r in requests], params, adapters=names)
+        wall = time.perf_counter() - t0
+        after = _snapshot(engine)
+        tokens = sum(len(o.token_ids) for o in outs)
+        steps = after["steps"] - before["steps"]
+        rows.append({
+            "adapters": count,
+            "distinct_used": len({n for n in names if n}),
+            "requests": len(requests),
+            "output_tokens": tokens,
+            "wall_s": wall,
+            "requests_per_s": len(requests) / wall,
+            "tokens_per_s": tokens / wall,
+            "steps": steps,
+            "mean_batch": (after["batch_sum"] - before["batch_sum"]) / max(1, steps),
+            "host_misses": after["host_misses"] - before["host_misses"],
+            "device_loads": after["device_loads"] - before["device_loads"],
+            "device_evictions": after["device_evictions"] - before["device_evictions"],
+        })
+    llm.close()
+
+    one = next((r for r in rows if r["adapters"] == 1), None)
+    print(f"\n{'adapters':>8} {'used':>5} {'req/s':>8} {'tok/s':>8} {'wall s':>8} {'steps':>6} {'batch':>6} "
+          f"{'host miss':>9} {'dev load':>8} {'dev evict':>9} {'vs 1':>6}")
+    for r in rows:
+        ratio = r["requests_per_s"] / one["requests_per_s"] if one else float("nan")
+        r["ratio_vs_one_adapter"] = ratio
+        print(f"{r['adapters']:>8} {r['distinct_used']:>5} {r['requests_per_s']:>8.3f} {r['tokens_per_s']:>8.1f} "
+              f"{r['wall_s']:>8.1f} {r['steps']:>6} {r['mean_batch']:>6.1f} {r['host_misses']:>9} "
+              f"{r['device_loads']:>8} {r['device_evictions']:>9} {ratio:>6.2f}")
+    report = {
+        "benchmark": "adapter_scaling",
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "device": args.device,
+        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+        "torch_version": torch.__version__,
+        "torch_num_threads": torch.get_num_threads(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "workload": summarize(requests),
+        "register_seconds": register_s,
+        "results": rows,
+    }
+    out = args.out or RESULTS / f"adapter_scaling-{args.device.split(':')[0]}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+    return 0
+
+
+def _snapshot(engine) -> dict[str, int]:
+    stats = engine.adapters.stats
+    return {
+        "steps": engine.stats.steps,
+        "batch_sum": engine.stats.batch_size_sum,
+        "host_misses": stats.host.misses,
+        "device_loads": stats.device.loads,
+        "device_evictions": stats.device.evictions,
+    }
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
