@@ -4,7 +4,8 @@ Run: ``python -m benchmarks.engine_vs_hf`` (or ``make bench``).
 
 Both systems serve the *same* requests (:mod:`benchmarks.workload`: prompts of random ordinary
 token ids, input lengths uniform in [--min-input, --max-input], output lengths uniform in
-[--min-output, --max-output]) with greedy decoding, in one process, one after the other:
+[--min-output, --max-output]) with greedy decoding, in one process, one after the other
+(``--repeats N`` interleaves N timed runs of each and reports the median):
 
 * **engine**: every request is submitted at once to ``LLM.generate`` with
   ``SamplingParams(max_tokens=output_len, temperature=0, ignore_eos=True)``: continuous batching
@@ -19,11 +20,14 @@ token ids, input lengths uniform in [--min-input, --max-input], output lengths u
   ``computed_tokens`` (batch rows x steps).
 
 Throughput = useful output tokens / wall seconds (time.perf_counter around the generation calls
-only; model loading and a small warm-up run of each system are excluded). The 1/5/15-minute load
-averages before and after each timed run go into the JSON: on a shared machine a busy neighbour
-can slow either side (with as many intra-op threads as cores, badly; see ``--threads``). The ratio is
-engine tokens/s over HF tokens/s (equal to the requests/s ratio, since both finish the same
-requests).
+only; model loading and a small warm-up run of each system are excluded). The ratio is engine
+tokens/s over HF tokens/s (equal to the requests/s ratio, since both finish the same requests).
+
+For each timed run the JSON records ``other_cpus``: the average number of CPUs that *other*
+processes kept busy (from /proc/stat minus this process's CPU time); a warning is printed when it
+shows competition. On a small shared machine a busy neighbour slows both systems, HF's
+``generate`` far more than the engine when torch runs as many intra-op threads as there are cores,
+so the ratio then means little (see ``--threads``, ``--repeats``).
 
 Correctness is checked cheaply in the same run: greedy tokens of the engine and of HF are compared
 over each request's requested length. Left padding and different kernels can legitimately flip a
@@ -39,6 +43,7 @@ import datetime as dt
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -65,6 +70,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--engine-max-num-seqs", type=int, default=128)
     p.add_argument("--engine-max-num-batched-tokens", type=int, default=2048)
+    p.add_argument(
+        "--repeats", type=int, default=1,
+        help="timed runs of each system, interleaved engine/hf; wall time is the median",
+    )
     p.add_argument("--warmup-requests", type=int, default=4, help="requests in each system's warm-up run")
     p.add_argument(
         "--threads", type=int, default=None,
@@ -83,6 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("need 1 <= --min-output <= --max-output")
     if not 1 <= args.min_input <= args.max_input:
         problems.append("need 1 <= --min-input <= --max-input")
+    if args.repeats < 1:
+        problems.append("--repeats must be >= 1")
     if args.threads is not None and args.threads < 1:
         problems.append("--threads must be >= 1")
     if problems:
@@ -249,11 +260,30 @@ def _git_state() -> dict[str, Any] | None:
     return {"commit": commit, "dirty": bool(status.strip())}
 
 
-def _loadavg() -> list[float] | None:
+def _cpu_snapshot() -> tuple[float, float] | None:
+    """(CPU seconds all processes have been busy, incl. steal; CPU seconds of this process)."""
     try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
+        with open("/proc/stat") as f:
+            values = [int(v) for v in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+        hz = os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError):
         return None
+    busy = sum(values) - values[3] - values[4]
+    own = os.times()
+    return busy / hz, own.user + own.system
+
+
+def _contention(before: tuple[float, float] | None, wall: float) -> dict[str, Any]:
+    """How many CPUs, on average over ``wall`` seconds, other processes kept busy (None off Linux)."""
+    after = _cpu_snapshot()
+    others = None
+    if before is not None and after is not None and wall > 0:
+        others = max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
+    try:
+        load = [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        load = None
+    return {"other_cpus": None if others is None else round(others, 3), "loadavg_after": load}
 
 
 def device_name(device: torch.device) -> str:
@@ -271,6 +301,13 @@ def device_name(device: torch.device) -> str:
     return f"{name} ({os.cpu_count()} logical CPUs)"
 
 
+def _timed_row(name: str, requests: int, useful: int, walls: list[float], loads: list[dict]) -> dict[str, Any]:
+    row = _row(name, requests, useful, statistics.median(walls))
+    row["wall_s_all"] = walls
+    row["contention"] = loads
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from inference import LLM
@@ -286,62 +323,90 @@ def main(argv: list[str] | None = None) -> int:
         max_num_seqs=args.engine_max_num_seqs,
         max_num_batched_tokens=args.engine_max_num_batched_tokens,
     )
-    device = llm.engine.device
-    dtype = llm.engine.dtype
-    checkpoint_dir = llm.engine.checkpoint_dir
-    requests = make_requests(
-        args.num_requests,
-        seed=args.seed,
-        input_len_range=(args.min_input, args.max_input),
-        output_len_range=(args.min_output, args.max_output),
-        tokenizer=llm.tokenizer,
-    )
-    workload = summarize(requests)
-    useful = workload["output_tokens"]
-    print(
-        f"workload: {workload['requests']} requests, {workload['input_tokens']} prompt tokens, "
-        f"{useful} output tokens (input {args.min_input}-{args.max_input}, output {args.min_output}-{args.max_output})",
-        flush=True,
-    )
-    warmup = make_requests(
-        max(1, args.warmup_requests), seed=args.seed + 1, input_len_range=(8, 16), output_len_range=(4, 8),
-        tokenizer=llm.tokenizer,
-    )
-
     try:
-        run_engine(llm, warmup)
-        print("engine: running ...", flush=True)
-        load_before = _loadavg()
-        engine_tokens, engine_wall, engine_stats = run_engine(llm, requests)
-        engine_load = {"before": load_before, "after": _loadavg()}
-    finally:
-        llm.close()  # stop the engine thread so it cannot compete with HF for the CPU
-    engine_row = _row("engine", len(requests), useful, engine_wall)
-    steps = max(1, engine_stats["steps"])
-    engine_row["stats"] = dict(engine_stats, mean_batch_size=engine_stats["batch_size_sum"] / steps)
-    engine_row["loadavg"] = engine_load
-    rows = [engine_row]
-    print(f"engine: {engine_wall:.2f} s, {engine_stats['steps']} steps, mean batch {engine_row['stats']['mean_batch_size']:.1f}", flush=True)
+        device = llm.engine.device
+        dtype = llm.engine.dtype
+        checkpoint_dir = llm.engine.checkpoint_dir
+        requests = make_requests(
+            args.num_requests,
+            seed=args.seed,
+            input_len_range=(args.min_input, args.max_input),
+            output_len_range=(args.min_output, args.max_output),
+            tokenizer=llm.tokenizer,
+        )
+        workload = summarize(requests)
+        useful = workload["output_tokens"]
+        print(
+            f"workload: {workload['requests']} requests, {workload['input_tokens']} prompt tokens, {useful} output "
+            f"tokens (input {args.min_input}-{args.max_input}, output {args.min_output}-{args.max_output})",
+            flush=True,
+        )
+        warmup = make_requests(
+            max(1, args.warmup_requests), seed=args.seed + 1, input_len_range=(8, 16), output_len_range=(4, 8),
+            tokenizer=llm.tokenizer,
+        )
+        model = None
+        pad_id = 0
+        if not args.skip_hf:
+            print(f"loading HF model ({checkpoint_dir}, {dtype}) ...", flush=True)
+            model = load_hf(checkpoint_dir, device, dtype)
+            pad_id = model.generation_config.pad_token_id
+            if pad_id is None:
+                pad_id = llm.tokenizer.eos_token_id or 0
 
+        run_engine(llm, warmup)
+        if model is not None:
+            run_hf(model, warmup, min(args.batch_size, len(warmup)), pad_id, device)
+
+        # Interleaved repeats (engine, hf, engine, hf, ...) so that a change in background load
+        # affects both systems alike; the engine thread idles (blocked on an event) during HF runs.
+        engine_walls: list[float] = []
+        engine_loads: list[dict] = []
+        hf_walls: list[float] = []
+        hf_loads: list[dict] = []
+        engine_tokens = hf_tokens = None
+        engine_deterministic = True
+        for repeat in range(args.repeats):
+            tag = f" (repeat {repeat + 1}/{args.repeats})" if args.repeats > 1 else ""
+            print(f"engine: running{tag} ...", flush=True)
+            before = _cpu_snapshot()
+            tokens, wall, engine_stats = run_engine(llm, requests)
+            engine_walls.append(wall)
+            engine_loads.append(_contention(before, wall))
+            print(f"engine: {wall:.2f} s, {engine_stats['steps']} steps", flush=True)
+            if engine_tokens is None:
+                engine_tokens = tokens
+            elif tokens != engine_tokens:
+                engine_deterministic = False
+            if model is not None:
+                print(f"hf: running{tag} ...", flush=True)
+                before = _cpu_snapshot()
+                tokens, wall, hf_stats = run_hf(model, requests, args.batch_size, pad_id, device)
+                hf_walls.append(wall)
+                hf_loads.append(_contention(before, wall))
+                print(f"hf: {wall:.2f} s, {hf_stats['steps']} steps", flush=True)
+                if hf_tokens is None:
+                    hf_tokens = tokens
+    finally:
+        llm.close()
+
+    engine_row = _timed_row("engine", len(requests), useful, engine_walls, engine_loads)
+    steps = max(1, engine_stats["steps"])
+    engine_row["stats"] = dict(
+        engine_stats, mean_batch_size=engine_stats["batch_size_sum"] / steps, deterministic=engine_deterministic
+    )
+    rows = [engine_row]
     correctness = None
-    if not args.skip_hf:
-        print(f"loading HF model ({checkpoint_dir}, {dtype}) ...", flush=True)
-        model = load_hf(checkpoint_dir, device, dtype)
-        pad_id = model.generation_config.pad_token_id
-        if pad_id is None:
-            pad_id = llm.tokenizer.eos_token_id or 0
-        run_hf(model, warmup, min(args.batch_size, len(warmup)), pad_id, device)
-        print("hf: running ...", flush=True)
-        load_before = _loadavg()
-        hf_tokens, hf_wall, hf_stats = run_hf(model, requests, args.batch_size, pad_id, device)
-        hf_row = _row("hf", len(requests), useful, hf_wall)
+    if model is not None:
+        hf_row = _timed_row("hf", len(requests), useful, hf_walls, hf_loads)
         hf_row["stats"] = dict(hf_stats, wasted_tokens=hf_stats["computed_tokens"] - useful)
-        hf_row["loadavg"] = {"before": load_before, "after": _loadavg()}
         rows.append(hf_row)
         correctness = compare(engine_tokens, hf_tokens)
         del model
 
     print()
+    if args.repeats > 1:
+        print(f"(median of {args.repeats} interleaved runs)")
     print_table(rows)
     ratio = None
     if len(rows) == 2:
@@ -349,12 +414,20 @@ def main(argv: list[str] | None = None) -> int:
         hf_stats = rows[1]["stats"]
         print(f"\nengine / hf throughput: {ratio:.2f}x (goal >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
         print(
-            f"hf static batches of {args.batch_size}: computed {hf_stats['computed_tokens']} tokens for {useful} useful "
+            f"engine: {engine_stats['steps']} steps, mean batch {engine_row['stats']['mean_batch_size']:.1f}, "
+            f"{engine_stats['preemptions']} preemptions; hf static batches of {args.batch_size}: {hf_stats['steps']} "
+            f"steps, computed {hf_stats['computed_tokens']} tokens for {useful} useful "
             f"({hf_stats['wasted_tokens']} past a request's length)"
         )
         print(
             f"greedy agreement: {correctness['exact_match']}/{correctness['requests']} requests identical over their "
             f"requested length (mean common prefix {100 * correctness['mean_common_prefix_fraction']:.1f}%)"
+        )
+    others = [x["other_cpus"] for x in engine_loads + hf_loads if x["other_cpus"] is not None]
+    if device.type == "cpu" and others and max(others) > 0.25:
+        print(
+            f"warning: other processes kept up to {max(others):.2f} of {os.cpu_count()} CPUs busy during a timed run; "
+            "these timings (HF's especially) are unreliable"
         )
 
     import transformers

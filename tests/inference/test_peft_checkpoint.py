@@ -29,8 +29,8 @@ from inference.adapters.peft_checkpoint import (
 )
 from inference.model_config import ModelConfig
 
-peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+import peft  # noqa: E402
+import transformers  # noqa: E402
 
 HIDDEN, LAYERS, HEADS, KV_HEADS, INTERMEDIATE = 64, 2, 4, 2, 96
 
