@@ -64,15 +64,9 @@ def test_two_thousand_adapters_few_resident(tmp_path, tiny_checkpoint, tiny_conf
         request = engine.request_from_ids(prompt, _greedy(), None, f"user-{index}")
         engine.add(request)
         requests.append((request, prompt, f"user-{index}"))
-    peak_device = 0
-    final = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        peak_device = max(peak_device, engine.adapters.resident_counts()[1])
-        if not engine.last_step_ran:
-            time.sleep(0.002)
+    peaks = [0]
+    final = run_to_completion(engine, on_step=lambda e: peaks.append(e.adapters.resident_counts()[1]))
+    peak_device = max(peaks)
     assert all(final[r.request_id].finish_reason.value == "length" for r, _, _ in requests), f"seed {seed}"
     assert peak_device < 100, "only a few adapters should be resident on the device at once"
     stats = engine.adapters.stats
@@ -209,14 +203,8 @@ def test_cold_adapter_costs_its_request_not_the_batch(tmp_path, tiny_checkpoint,
     base = engine.request_from_ids([8, 9], _greedy(3), None, None)
     engine.add(cold)
     engine.add(base)
-    finished_order = []
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finished_order.append(out.request_id)
-        if not engine.last_step_ran:
-            time.sleep(0.002)
-    assert finished_order == [base.request_id, cold.request_id]
+    final = run_to_completion(engine)
+    assert list(final) == [base.request_id, cold.request_id]  # finish order
     assert engine.adapters.stats.host.misses >= 1
 
 
@@ -231,13 +219,7 @@ def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_c
     good = engine.request_from_ids([7, 8], _greedy(), None, None)
     engine.add(bad)
     engine.add(good)
-    final = {}
-    deadline = time.monotonic() + 30
-    while engine.has_unfinished() and time.monotonic() < deadline:
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        time.sleep(0.001)
+    final = run_to_completion(engine, timeout_s=30)
     assert final[bad.request_id].finish_reason.value == "error"
     assert "object store unreachable" in final[bad.request_id].error
     assert final[good.request_id].finish_reason.value == "length"
@@ -246,12 +228,7 @@ def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_c
     engine.adapters.clear_failure(ref)
     retry = engine.request_from_ids([5, 6], _greedy(), None, "flaky")
     engine.add(retry)
-    deadline = time.monotonic() + 30
-    while engine.has_unfinished() and time.monotonic() < deadline:
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        time.sleep(0.001)
+    final = run_to_completion(engine, timeout_s=30)
     assert final[retry.request_id].finish_reason.value == "length"
 
 
@@ -265,13 +242,12 @@ def test_running_adapters_are_never_evicted_under_pressure(tmp_path, tiny_checkp
     requests = [engine.request_from_ids([10 + i] * 6, _greedy(12), None, names[i % 6]) for i in range(12)]
     for r in requests:
         engine.add(r)
-    while engine.has_unfinished():
-        engine.step()
-        for request in engine.scheduler.running:
-            assert engine.adapters.resident(request.adapter.uid) is not None
-        occ = engine.pool.occupancy()
-        resident_pages = sum(len(engine.adapters.resident(uid).pages) for uid in list(engine.adapters._resident))
-        assert occ.adapter == resident_pages
-        if not engine.last_step_ran:
-            time.sleep(0.002)
+
+    def check(e):
+        for request in e.scheduler.running:
+            assert e.adapters.resident(request.adapter.uid) is not None
+        resident_pages = sum(len(e.adapters.resident(uid).pages) for uid in list(e.adapters._resident))
+        assert e.pool.occupancy().adapter == resident_pages
+
+    run_to_completion(engine, on_step=check)
     assert engine.adapters.stats.device.evictions > 0

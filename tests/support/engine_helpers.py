@@ -2,22 +2,33 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from inference.engine import LLMEngine
 from inference.request import RequestOutput
 
 
-def run_to_completion(engine: LLMEngine, max_steps: int = 100_000) -> dict[str, RequestOutput]:
-    """Step until idle; return the final output of every request that finished."""
+def run_to_completion(engine: LLMEngine, timeout_s: float = 600.0, on_step=None) -> dict[str, RequestOutput]:
+    """Step until idle; return the final output of every request that finished.
+
+    When a step schedules nothing (only requests whose adapters are still being fetched), wait a
+    moment instead of spinning. ``on_step(engine)`` runs after every step (for invariant checks).
+    """
     final: dict[str, RequestOutput] = {}
-    for _ in range(max_steps):
-        if not engine.has_unfinished():
-            return final
+    deadline = time.monotonic() + timeout_s
+    while engine.has_unfinished():
+        if time.monotonic() > deadline:
+            raise AssertionError("engine did not finish in time")
         for out in engine.step():
             if out.finished:
                 final[out.request_id] = out
-    raise AssertionError("engine did not finish")
+        if on_step is not None:
+            on_step(engine)
+        if not engine.last_step_ran:
+            time.sleep(0.002)
+    return final
 
 
 def prompt_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
