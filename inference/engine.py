@@ -351,21 +351,32 @@ class LLMEngine:
             request.first_token_time = now
         finish: FinishReason | None = None
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
-        text_ids = request.output_token_ids[:-1] if is_stop_token else request.output_token_ids
-        request.text = self.tokenizer.decode(text_ids, skip_special_tokens=params.skip_special_tokens)
         if is_stop_token:
             finish = FinishReason.STOP
+        elif len(request.output_token_ids) >= params.max_tokens:
+            finish = FinishReason.LENGTH
+        self._detokenize(request, upto=len(request.output_token_ids) - (1 if is_stop_token else 0), final=finish is not None)
         if params.stop:
             search_from = max(0, request.emitted_text_len - max(len(s) for s in params.stop))
             hits = [i for s in params.stop if (i := request.text.find(s, search_from)) >= 0]
             if hits:
                 request.text = request.text[: min(hits)]
                 finish = FinishReason.STOP
-        if finish is None and len(request.output_token_ids) >= params.max_tokens:
-            finish = FinishReason.LENGTH
         if finish is not None:
             self._finish(request, finish)
         return self._output(request, [token_id], [logprob])
+
+    def _detokenize(self, request: Request, upto: int, final: bool) -> None:
+        """Append the text of ``output_token_ids[read_offset:upto]`` to ``request.text``."""
+        ids = request.output_token_ids
+        window = ids[request.prefix_offset : upto]
+        read = request.read_offset - request.prefix_offset
+        if len(window) <= read:
+            return
+        delta = self.tokenizer.decode_window(window, read, request.params.skip_special_tokens, final)
+        if delta:
+            request.text += delta
+            request.prefix_offset, request.read_offset = request.read_offset, upto
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.finished:
@@ -376,7 +387,12 @@ class LLMEngine:
         self.scheduler.remove(request)
         self._requests.pop(request.request_id, None)
         if request.adapter is not None:
-            self.adapters.registry.release(request.adapter)
+            ref = request.adapter
+            registry = self.adapters.registry
+            registry.release(ref)
+            if registry.get(ref.adapter_id) is not ref and registry.users(ref.uid) == 0:
+                self.adapters.drop([ref])  # a superseded version's last request: free its pages now
+                self.adapters.forget_version(ref)
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_ids: list[int], new_logprobs: list) -> RequestOutput:

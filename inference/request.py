@@ -50,6 +50,8 @@ class Request:
     generator: torch.Generator | None = None
     text: str = ""
     emitted_text_len: int = 0
+    prefix_offset: int = 0  # detokenization window: output_token_ids[prefix_offset:] is re-decoded
+    read_offset: int = 0  # tokens before this are already in ``text``
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None

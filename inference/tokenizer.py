@@ -28,6 +28,19 @@ class Tokenizer:
     def decode(self, token_ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(token_ids, skip_special_tokens=skip_special_tokens)
 
+    def decode_window(self, window: list[int], read: int, skip_special_tokens: bool = True, final: bool = False) -> str:
+        """Text that ``window[read:]`` adds after ``window[:read]`` (incremental detokenization).
+
+        Decoding a short window instead of the whole output keeps each step O(window). Returns ""
+        while the new tokens end inside a multi-byte character (unless ``final``), so callers keep
+        the window and retry with the next token.
+        """
+        prefix = self._tok.decode(window[:read], skip_special_tokens=skip_special_tokens)
+        full = self._tok.decode(window, skip_special_tokens=skip_special_tokens)
+        if len(full) > len(prefix) and (final or not full.endswith("\ufffd")):
+            return full[len(prefix):]
+        return ""
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))

@@ -140,8 +140,20 @@ class AdapterManager:
         self.store.put(weights_key, weights_bytes)
         ref = self._make_ref(adapter_id, version, weights, config_key, weights_key)
         self.host.put(ref.uid, self._host_copy(weights))
-        self.registry.publish(ref)
+        self._publish(ref)
         return ref
+
+    def _publish(self, ref: AdapterRef) -> None:
+        """Make ``ref`` current; superseded versions that no request uses leave the registry and
+        host RAM now (their device pages are idle, so eviction takes them first)."""
+        self.registry.publish(ref)
+        for stale in self.registry.stale_versions(ref.adapter_id):
+            self.forget_version(stale)
+
+    def forget_version(self, ref: AdapterRef) -> None:
+        """Drop a superseded, unused version from the registry and host RAM (any thread)."""
+        self.registry.drop_version(ref)
+        self.host.discard(ref.uid)
 
     def register_stored(self, adapter_id: str, config_key: str, weights_key: str, sha256: str | None = None, new_version: bool = False) -> AdapterRef:
         """Register adapter files that already sit in the object store (the platform uploads them)."""
@@ -155,7 +167,7 @@ class AdapterManager:
             return existing
         ref = self._make_ref(adapter_id, version, weights, config_key, weights_key)
         self.host.put(ref.uid, self._host_copy(weights))
-        self.registry.publish(ref)
+        self._publish(ref)
         return ref
 
     def _make_ref(self, adapter_id: str, version: int, weights: LoraAdapterWeights, config_key: str, weights_key: str) -> AdapterRef:

@@ -251,3 +251,21 @@ def test_running_adapters_are_never_evicted_under_pressure(tmp_path, tiny_checkp
 
     run_to_completion(engine, on_step=check)
     assert engine.adapters.stats.device.evictions > 0
+
+
+def test_superseded_versions_are_freed_after_their_last_request(tmp_path, tiny_checkpoint, tiny_config):
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20))
+    engine.adapters.register_dir("carol", _make(tmp_path, tiny_config, "c1", 60))
+    old = engine.adapters.registry.current("carol")
+    in_flight = engine.request_from_ids([5, 6, 7], _greedy(20), None, "carol")
+    engine.add(in_flight)
+    engine.step()  # v1 is now resident and used by a running request
+    new = engine.adapters.register_dir("carol", _make(tmp_path, tiny_config, "c2", 61), new_version=True)
+    assert engine.adapters.resident(old.uid) is not None and engine.adapters.host.contains(old.uid)
+    run_to_completion(engine)
+    assert engine.adapters.resident(old.uid) is None and not engine.adapters.host.contains(old.uid)
+    assert engine.adapters.registry.users(old.uid) == 0 and engine.adapters.registry.current("carol") is new
+    assert engine.pool.occupancy().adapter == 0
+    # a version nobody uses is dropped from host RAM at once when superseded
+    third = engine.adapters.register_dir("carol", _make(tmp_path, tiny_config, "c3", 62), new_version=True)
+    assert not engine.adapters.host.contains(new.uid) and engine.adapters.host.contains(third.uid)

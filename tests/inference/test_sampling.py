@@ -157,3 +157,15 @@ def test_logprobs_match_log_softmax_of_the_logits(engine):
     top_ids = [t for t, _ in first.top]
     assert top_ids == ref.topk(5).indices.tolist()
     assert len(out.logprobs) == 3
+
+
+def test_incremental_text_equals_a_full_decode(engine):
+    # the random tiny model emits arbitrary byte-level tokens, including partial UTF-8 sequences
+    for seed in range(3):
+        out = _generate(engine, [40, 41, 42], SamplingParams(max_tokens=150, temperature=1.0, seed=seed, ignore_eos=True))
+        assert out.text == engine.tokenizer.decode(out.token_ids)
+    free = _generate(engine, [40, 41, 42], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+    stop_id = free.token_ids[25]
+    out = _generate(engine, [40, 41, 42], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id]))
+    assert out.token_ids[-1] == stop_id
+    assert out.text == engine.tokenizer.decode(out.token_ids[:-1])
