@@ -3,6 +3,7 @@
     tailor models prepare                 convert the bundled GGUF into a checkpoint directory (once)
     tailor generate --prompt TEXT         one-shot generation on the bundled model (or --model DIR)
     tailor chat                           an interactive chat on the terminal
+    tailor db upgrade|downgrade           apply or revert the platform's schema migrations
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     chat = sub.add_parser("chat", help="interactive chat on the terminal")
     _add_engine_args(chat)
+
+    db = sub.add_parser("db", help="the platform's database schema (Alembic migrations)")
+    db.add_argument("action", choices=["upgrade", "downgrade"])
+    db.add_argument("--revision", default=None, help="target revision (default: head / base)")
+    db.add_argument("--database-url", default=None,
+                    help="SQLAlchemy URL (default: $TAILOR_DATABASE_URL or sqlite:///var/tailor.db)")
     return parser
 
 
@@ -94,9 +101,27 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_db(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from tenants import migrate
+
+    url = args.database_url or os.environ.get("TAILOR_DATABASE_URL")
+    if url is None:
+        Path("var").mkdir(exist_ok=True)
+        url = "sqlite:///var/tailor.db"
+    if args.action == "upgrade":
+        migrate.upgrade(url, args.revision or "head")
+    else:
+        migrate.downgrade(url, args.revision or "base")
+    print(f"{args.action}d {url.split('@')[-1]} to {migrate.current(url) or 'base'}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": _cmd_generate, "chat": _cmd_chat}
+    handlers = {"generate": _cmd_generate, "chat": _cmd_chat, "db": _cmd_db}
     try:
         if args.command == "models":
             return _cmd_models_prepare(args)

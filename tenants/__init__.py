@@ -1,5 +1,8 @@
-"""The tenant domain: models, repositories, services, object storage and background tasks.
+"""The tenant domain: the platform's metadata layer. The engine in ``inference/`` does not depend on it.
 
-Empty until the platform work lands (REST API, PostgreSQL metadata, S3 storage, Celery
-validation); the engine in ``inference/`` does not depend on it.
+Built so far: ``tenants.models`` (SQLAlchemy 2 models: tenants, API keys, users, adapters,
+conversations, messages), ``tenants.db`` (engines, sessions), ``tenants.migrate`` (Alembic
+upgrade/downgrade; scripts in ``migrations/``) and ``tenants.repositories`` (tenant-scoped
+queries, API keys stored as prefix + HMAC). The REST API, S3 storage and Celery tasks that use
+them are not built yet.
 """

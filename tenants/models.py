@@ -1,0 +1,203 @@
+"""SQLAlchemy 2 models of the tenant platform's metadata (tenants, API keys, users, adapters, chats).
+
+Every id is made by the server (``new_id``: a uuid4 hex string). Every tenant-owned table carries
+``tenant_id`` (indexed, ``ON DELETE CASCADE`` from ``tenants``), and the repositories always filter
+on it. Enumerations are plain strings guarded by CHECK constraints, so that the schema is the same
+on SQLite and PostgreSQL and adding a value is a one-constraint migration.
+
+The schema itself is created only by the Alembic migrations in ``migrations/``; these models are
+the migrations' ``target_metadata`` and a test checks that the two agree.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+# Deterministic constraint names: Alembic needs them to drop/alter constraints (SQLite batch mode
+# included), and they keep the migration and the models comparable.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+API_KEY_SCOPES = ("admin", "chat")
+ADAPTER_STATUSES = ("pending", "ready", "failed", "deleted")
+MESSAGE_ROLES = ("user", "assistant", "system")
+
+ID_LENGTH = 32
+
+
+def new_id() -> str:
+    """A fresh server-made id (uuid4 as 32 hex characters)."""
+    return uuid.uuid4().hex
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def _in(column: str, values: tuple[str, ...]) -> str:
+    return f"{column} IN ({', '.join(repr(v) for v in values)})"
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+def _id_column() -> Mapped[str]:
+    return mapped_column(String(ID_LENGTH), primary_key=True, default=new_id)
+
+
+def _created_at() -> Mapped[datetime]:
+    return mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+
+
+def _tenant_fk() -> Mapped[str]:
+    return mapped_column(String(ID_LENGTH), ForeignKey("tenants.id", ondelete="CASCADE"), nullable=False, index=True)
+
+
+class Tenant(Base):
+    __tablename__ = "tenants"
+
+    id: Mapped[str] = _id_column()
+    name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
+    system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+    def __repr__(self) -> str:
+        return f"Tenant(id={self.id!r}, name={self.name!r})"
+
+
+class ApiKey(Base):
+    """An API key. Only ``prefix`` (to look the key up) and ``key_hash`` are stored, never the secret."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (CheckConstraint(_in("scope", API_KEY_SCOPES), name="scope"),)
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    prefix: Mapped[str] = mapped_column(String(32), nullable=False, unique=True)
+    key_hash: Mapped[str] = mapped_column(String(64), nullable=False)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+    tenant: Mapped[Tenant] = relationship()
+
+    def __repr__(self) -> str:
+        return f"ApiKey(id={self.id!r}, tenant_id={self.tenant_id!r}, prefix={self.prefix!r}, scope={self.scope!r})"
+
+
+class User(Base):
+    """An end user of a tenant, known by the tenant's own ``external_id``."""
+
+    __tablename__ = "users"
+    __table_args__ = (UniqueConstraint("tenant_id", "external_id"),)
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    external_id: Mapped[str] = mapped_column(String(255), nullable=False)
+    # users <-> adapters is a cycle (adapters.owner_user_id): use_alter makes the FK a separate
+    # ALTER step, and the migration adds it after both tables exist.
+    current_adapter_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH),
+        ForeignKey("adapters.id", ondelete="SET NULL", use_alter=True),
+        nullable=True,
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+    current_adapter: Mapped[Adapter | None] = relationship(foreign_keys=[current_adapter_id], post_update=True)
+
+    def __repr__(self) -> str:
+        return f"User(id={self.id!r}, tenant_id={self.tenant_id!r}, external_id={self.external_id!r})"
+
+
+class Adapter(Base):
+    """A LoRA adapter: tenant-wide (no owner) or a user's personal one."""
+
+    __tablename__ = "adapters"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", "version"),
+        CheckConstraint(_in("status", ADAPTER_STATUSES), name="status"),
+        CheckConstraint("version >= 1", name="version_positive"),
+        CheckConstraint("rank IS NULL OR rank > 0", name="rank_positive"),
+        CheckConstraint("size_bytes IS NULL OR size_bytes >= 0", name="size_nonnegative"),
+    )
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    # Deleting a user deletes their personal adapters' rows (object storage is cleaned separately).
+    owner_user_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("users.id", ondelete="CASCADE"), nullable=True, index=True
+    )
+    name: Mapped[str] = mapped_column(String(200), nullable=False)
+    version: Mapped[int] = mapped_column(Integer, nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    target_modules: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    storage_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+    owner: Mapped[User | None] = relationship(foreign_keys=[owner_user_id])
+
+    def __repr__(self) -> str:
+        return f"Adapter(id={self.id!r}, tenant_id={self.tenant_id!r}, name={self.name!r}, v{self.version}, {self.status})"
+
+
+class Conversation(Base):
+    __tablename__ = "conversations"
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    user_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    title: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class Message(Base):
+    """One chat message. ``user_id`` is denormalised from the conversation to page a user's history."""
+
+    __tablename__ = "messages"
+    __table_args__ = (
+        CheckConstraint(_in("role", MESSAGE_ROLES), name="role"),
+        CheckConstraint("token_count IS NULL OR token_count >= 0", name="token_count_nonnegative"),
+        Index("ix_messages_tenant_user_created", "tenant_id", "user_id", "created_at"),
+        Index("ix_messages_conversation_created", "conversation_id", "created_at"),
+    )
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    conversation_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("conversations.id", ondelete="CASCADE"), nullable=False
+    )
+    user_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True
+    )
+    role: Mapped[str] = mapped_column(String(16), nullable=False)
+    content: Mapped[str] = mapped_column(Text, nullable=False)
+    token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = _created_at()
