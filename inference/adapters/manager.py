@@ -44,6 +44,10 @@ from inference.page_pool import PageKind, PagePool
 
 log = logging.getLogger(__name__)
 
+# A failed fetch fails the requests waiting for it; requests arriving after this many seconds try
+# the object store again (a store outage is usually transient).
+FETCH_RETRY_SECONDS = 10.0
+
 
 class Admission(enum.Enum):
     READY = "ready"  # resident on the device
@@ -114,7 +118,7 @@ class AdapterManager:
         self.stats = AdapterStats(host=self.host.stats)
         self._resident: dict[str, DeviceAdapter] = {}
         self._fetches: dict[str, Future] = {}
-        self._failed: dict[str, str] = {}
+        self._failed: dict[str, tuple[str, float]] = {}  # uid -> (message, monotonic time)
         self._fetch_lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=fetch_threads, thread_name_prefix="tailor-fetch")
         self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
@@ -221,7 +225,7 @@ class AdapterManager:
         except Exception as exc:  # store outage, corruption: fail the requests, keep serving
             log.warning("fetching adapter %s failed: %s", ref.uid, exc)
             with self._fetch_lock:
-                self._failed[ref.uid] = f"loading adapter {ref.adapter_id!r} failed: {exc}"
+                self._failed[ref.uid] = (f"loading adapter {ref.adapter_id!r} failed: {exc}", time.monotonic())
             self.stats.fetch_failures += 1
         finally:
             with self._fetch_lock:
@@ -235,13 +239,16 @@ class AdapterManager:
                 log.exception("adapter latency observer failed")
 
     def failure(self, ref: AdapterRef) -> str | None:
+        """Why the last fetch of ``ref`` failed, for ``FETCH_RETRY_SECONDS`` after it failed."""
         with self._fetch_lock:
-            return self._failed.get(ref.uid)
-
-    def clear_failure(self, ref: AdapterRef) -> None:
-        """Let a later request try the fetch again."""
-        with self._fetch_lock:
-            self._failed.pop(ref.uid, None)
+            entry = self._failed.get(ref.uid)
+            if entry is None:
+                return None
+            message, failed_at = entry
+            if time.monotonic() - failed_at > FETCH_RETRY_SECONDS:
+                del self._failed[ref.uid]
+                return None
+            return message
 
     # ------------------------------------------------------------------ device tier (engine thread)
     def admit(self, ref: AdapterRef) -> Admission:

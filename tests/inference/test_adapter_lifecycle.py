@@ -208,7 +208,7 @@ def test_cold_adapter_costs_its_request_not_the_batch(tmp_path, tiny_checkpoint,
     assert engine.adapters.stats.host.misses >= 1
 
 
-def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_config):
+def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_config, monkeypatch):
     store = SlowStore(tmp_path / "store")
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20), adapter_store=store)
     engine.adapters.register_dir("flaky", _make(tmp_path, tiny_config, "flaky", 40))
@@ -225,7 +225,13 @@ def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_c
     assert final[good.request_id].finish_reason.value == "length"
     assert engine.adapters.registry.users(ref.uid) == 0
     store.fail = False
-    engine.adapters.clear_failure(ref)
+    follow_up = engine.request_from_ids([5, 6], _greedy(), None, "flaky")
+    engine.add(follow_up)
+    final = run_to_completion(engine, timeout_s=30)
+    assert final[follow_up.request_id].finish_reason.value == "error"  # within the retry delay: fails fast
+    import inference.adapters.manager as manager_module
+
+    monkeypatch.setattr(manager_module, "FETCH_RETRY_SECONDS", 0.0)  # the delay has passed: fetch again
     retry = engine.request_from_ids([5, 6], _greedy(), None, "flaky")
     engine.add(retry)
     final = run_to_completion(engine, timeout_s=30)
