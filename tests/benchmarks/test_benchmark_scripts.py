@@ -1,0 +1,27 @@
+"""The benchmark scripts run end to end on tiny settings and write well-formed reports."""
+
+import json
+
+from benchmarks import adapter_scaling, decode_step
+
+
+def test_decode_step_smoke(tmp_path):
+    out = tmp_path / "decode.json"
+    assert decode_step.main(["--preset", "tiny", "--batches", "1,3", "--iters", "1", "--context", "40",
+                             "--page-tokens", "8", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["batch"] for r in report["results"]] == [1, 3]
+    assert all(r["step_ms"] > 0 and 0 < r["floor_ms"] for r in report["results"])
+    assert report["bandwidth_bytes_per_s"] > 0 and report["weight_bytes"] > 0
+
+
+def test_adapter_scaling_smoke(tmp_path):
+    out = tmp_path / "scaling.json"
+    assert adapter_scaling.main(["--num-requests", "4", "--adapters", "0,1,3", "--max-output", "3",
+                                 "--min-output", "2", "--max-input", "10", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["adapters"]: r for r in report["results"]}
+    assert set(rows) == {0, 1, 3}
+    # the same 4 requests in every row, each generating exactly its 2..3 requested tokens
+    assert len({r["output_tokens"] for r in rows.values()}) == 1 and 8 <= rows[0]["output_tokens"] <= 12
+    assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
