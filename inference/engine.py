@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import tempfile
 
 import torch
 

@@ -21,6 +21,7 @@ The scheduler only moves page ids; it does no I/O and never touches tensors.
 
 from __future__ import annotations
 
+import enum
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -29,10 +30,19 @@ from inference.page_pool import PageKind, PagePool
 from inference.request import Request, RequestState
 
 
+class Admission(enum.Enum):
+    """Whether a waiting request's adapter lets it run now."""
+
+    READY = "ready"  # resident on the device
+    COLD = "cold"  # not in host RAM yet; a fetch is under way
+    NO_ROOM = "no_room"  # in host RAM but no pages free even after evicting idle adapters
+    FAILED = "failed"  # the fetch failed; the request must be failed
+
+
 class AdapterGate(Protocol):
     """What the scheduler needs from the adapter manager (see inference.adapters.manager)."""
 
-    def admit(self, ref) -> "object": ...  # an Admission: READY, COLD, NO_ROOM or FAILED
+    def admit(self, ref) -> Admission: ...
 
     def make_room(self, num_pages: int, protect: str | None = None) -> None: ...
 
@@ -176,15 +186,15 @@ class Scheduler:
             while position < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
                 request = self.waiting[position]
                 if request.adapter is not None and self.adapters is not None:
-                    admission = self.adapters.admit(request.adapter).value
-                    if admission == "cold":
+                    admission = self.adapters.admit(request.adapter)
+                    if admission is Admission.COLD:
                         position += 1  # its adapter is on the way; let the requests behind it run
                         continue
-                    if admission == "failed":
+                    if admission is Admission.FAILED:
                         del self.waiting[position]
                         failed.append(request)
                         continue
-                    if admission == "no_room":
+                    if admission is Admission.NO_ROOM:
                         break
                 num_new = min(request.num_tokens - request.num_computed_tokens, budget)
                 if not self._try_allocate(request, self._pages_needed(request, num_new)):

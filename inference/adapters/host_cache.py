@@ -10,8 +10,6 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import torch
-
 from inference.adapters.peft_checkpoint import LoraAdapterWeights
 
 
@@ -99,7 +97,3 @@ def _pinned(weights: LoraAdapterWeights) -> LoraAdapterWeights:
         name: replace(m, a=m.a.pin_memory(), b_t=m.b_t.pin_memory()) for name, m in weights.modules.items()
     }
     return replace(weights, modules=modules)
-
-
-def is_pinnable() -> bool:
-    return torch.cuda.is_available()

@@ -55,9 +55,10 @@ def _dense_index(pages: list[list[int]], offsets: list[int], ranks: list[int], m
     for i, p in enumerate(pages):
         table[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
     rows = torch.arange(max_rank)[:, None] * width + torch.arange(width)[None, :]
-    virtual = torch.tensor(offsets, dtype=torch.int64)[:, None, None] + rows[None]  # [S, R, W]
-    limit = torch.tensor([r * width for r in ranks], dtype=torch.int64)[:, None, None] + torch.tensor(offsets)[:, None, None]
-    virtual = torch.where(virtual < limit, virtual, torch.tensor(offsets)[:, None, None])  # rows past rank: harmless
+    start = torch.tensor(offsets, dtype=torch.int64)[:, None, None]
+    virtual = start + rows[None]  # [S, R, W]
+    limit = start + torch.tensor([r * width for r in ranks], dtype=torch.int64)[:, None, None]
+    virtual = torch.where(virtual < limit, virtual, start)  # rows past the rank read a harmless element
     page_slot = virtual // page_elems
     return table.gather(1, page_slot.view(len(pages), -1)).view_as(virtual) * page_elems + virtual % page_elems
 

@@ -19,7 +19,6 @@ Everything that mutates device residency runs on the engine thread.
 
 from __future__ import annotations
 
-import enum
 import hashlib
 import logging
 import threading
@@ -41,19 +40,13 @@ from inference.adapters.peft_checkpoint import (
 from inference.adapters.registry import AdapterRef, AdapterRegistry
 from inference.model_config import ModelConfig
 from inference.page_pool import PageKind, PagePool
+from inference.scheduler import Admission
 
 log = logging.getLogger(__name__)
 
 # A failed fetch fails the requests waiting for it; requests arriving after this many seconds try
 # the object store again (a store outage is usually transient).
 FETCH_RETRY_SECONDS = 10.0
-
-
-class Admission(enum.Enum):
-    READY = "ready"  # resident on the device
-    COLD = "cold"  # not in host RAM yet; a fetch is under way
-    NO_ROOM = "no_room"  # in host RAM but no pages free even after evicting idle adapters
-    FAILED = "failed"  # the fetch failed; the request must be failed
 
 
 @dataclass
@@ -63,7 +56,6 @@ class DeviceAdapter:
 
     ref: AdapterRef
     pages: list[int]
-    pages_tensor: torch.Tensor
     offsets: dict[str, tuple[int, int, int]]
     shapes: dict[str, tuple[int, int]]
     running: int = 0
@@ -277,11 +269,10 @@ class AdapterManager:
             return False
         started = time.monotonic()
         pages = self.pool.allocate(num_pages, PageKind.ADAPTER)
-        pages_tensor = torch.tensor(pages, dtype=torch.int32, device=self.device)
         event = self._copy_into_pages(weights, pages)
         layout = module_layout(ref, self.shapes)
         shapes = {name: self.shapes[name] for name in layout}
-        self._resident[ref.uid] = DeviceAdapter(ref, pages, pages_tensor, layout, shapes, ready_event=event)
+        self._resident[ref.uid] = DeviceAdapter(ref, pages, layout, shapes, ready_event=event)
         seconds = time.monotonic() - started
         self.stats.device.loads += 1
         self.stats.device.load_seconds_sum += seconds
