@@ -98,9 +98,19 @@ class EngineLoop:
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced. Closing or cancelling the iterator
         aborts the request, which frees its pages within one step."""
+        async for output in self.open_stream(request):
+            yield output
+
+    def open_stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+        """Submit ``request`` now (raising ``QueueFullError`` at once when the queue is full) and
+        return the iterator of its outputs; closing the iterator early aborts the request.
+        Call from a running event loop."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
+        return self._outputs(request.request_id, outputs)
+
+    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
@@ -109,7 +119,12 @@ class EngineLoop:
                 yield out
         finally:
             if not finished:
-                self.abort(request.request_id)
+                self.abort(request_id)
+
+    @property
+    def alive(self) -> bool:
+        """True while the engine thread runs."""
+        return self._thread.is_alive() and not self._stopped.is_set()
 
     # ------------------------------------------------------------ the thread
     def _drain_commands(self) -> None:

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from inference.adapters.object_store import ObjectStore
 from inference.adapters.registry import AdapterRef
 from inference.bundled_model import BUNDLED_MODEL_NAME
 from inference.engine import LLMEngine
@@ -29,8 +30,18 @@ class LLM:
     >>> llm.generate(["Once upon a time"], SamplingParams(max_tokens=8, temperature=0.0))[0].text
     """
 
-    def __init__(self, model: str | Path = BUNDLED_MODEL_NAME, *, device: str = "cpu", dtype: str = "auto", **engine_options: Any):
-        self.engine = LLMEngine(model, EngineConfig(device=device, dtype=dtype, **engine_options))
+    def __init__(
+        self,
+        model: str | Path = BUNDLED_MODEL_NAME,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        adapter_store: ObjectStore | None = None,
+        **engine_options: Any,
+    ):
+        """``adapter_store``: where adapters are fetched from (default: a local folder, see
+        ``EngineConfig.adapter_store_dir``); ``engine_options``: further ``EngineConfig`` fields."""
+        self.engine = LLMEngine(model, EngineConfig(device=device, dtype=dtype, **engine_options), adapter_store)
         self.tokenizer = self.engine.tokenizer
         self._loop = EngineLoop(self.engine)
 
@@ -137,6 +148,11 @@ class LLM:
 
     def abort(self, request_id: str) -> None:
         self._loop.abort(request_id)
+
+    @property
+    def loop(self) -> EngineLoop:
+        """The engine loop thread (services submit and stream through it)."""
+        return self._loop
 
     def close(self) -> None:
         """Stop the engine thread (in-flight requests finish with an error)."""

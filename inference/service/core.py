@@ -1,0 +1,245 @@
+"""``InferenceCore``: the engine as the platform uses it, without any web framework.
+
+The embedded default calls it in-process; the inference service's HTTP API is a thin layer over
+it. It renders a chat history with the model's template (trimming the oldest turns to a token
+budget), registers platform adapters from the shared object store on first use, streams events
+(see ``inference.service.protocol``) and turns every refusal into an ``InferenceError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from inference.adapters.peft_checkpoint import AdapterValidationError
+from inference.adapters.registry import AdapterRef
+from inference.engine_loop import QueueFullError
+from inference.llm import LLM
+from inference.request import FinishReason, RequestOutput
+from inference.sampling import SamplingParams
+from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
+from inference.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+Event = dict
+
+
+@dataclass
+class RenderedPrompt:
+    token_ids: list[int]
+    messages_used: int  # how many of the request's messages made it into the prompt
+
+
+@dataclass
+class GenerationObserver:
+    """Callbacks for metrics (all optional): ``on_first_token(seconds)``, ``on_finish(output,
+    seconds)`` with the end-to-end latency."""
+
+    on_first_token: Callable[[float], None] | None = None
+    on_finish: Callable[[RequestOutput, float], None] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def render_chat(
+    tokenizer: Tokenizer, system_prompt: str | None, messages: list[dict], token_limit: int
+) -> RenderedPrompt:
+    """Render ``system_prompt`` + the newest messages that fit ``token_limit`` tokens.
+
+    Fitting is monotone in how many old messages are dropped, so a binary search finds the longest
+    suffix that fits; the suffix starts at a user turn when it can. The last message always stays:
+    if it does not fit on its own, InferenceError(422).
+    """
+    prefix = [{"role": "system", "content": system_prompt}] if system_prompt else []
+    cache: dict[int, list[int]] = {}
+
+    def ids_from(start: int) -> list[int]:
+        if start not in cache:
+            try:
+                cache[start] = tokenizer.apply_chat_template(prefix + messages[start:])
+            except ValueError as exc:
+                raise InferenceError.invalid(str(exc)) from exc
+        return cache[start]
+
+    last = len(messages) - 1
+    if len(ids_from(last)) > token_limit:
+        raise InferenceError.invalid(
+            f"the message is {len(ids_from(last))} tokens with the system prompt and chat template; "
+            f"at most {token_limit} fit"
+        )
+    lo, hi = 0, last
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if len(ids_from(mid)) <= token_limit:
+            hi = mid
+        else:
+            lo = mid + 1
+    start = lo
+    while start < last and messages[start]["role"] == "assistant":
+        start += 1  # a history should not open with half of an exchange
+    return RenderedPrompt(ids_from(start), len(messages) - start)
+
+
+class InferenceCore:
+    """Wraps an ``LLM`` (engine plus loop thread) for the platform."""
+
+    def __init__(self, llm: LLM, *, prefetch_reserve_fraction: float = 0.25):
+        self.llm = llm
+        self.engine = llm.engine
+        self.tokenizer = llm.tokenizer
+        self.prefetch_reserve_fraction = prefetch_reserve_fraction
+        self._adapter_locks: dict[str, asyncio.Lock] = {}  # one per adapter id: one fetch at a time
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ health
+    def ready(self) -> bool:
+        """The engine thread is alive and accepting work."""
+        return self.llm.loop.alive
+
+    async def is_ready(self) -> bool:
+        """``ready()`` for callers that treat every backend alike (the remote client is async)."""
+        return self.ready()
+
+    def close(self) -> None:
+        self.llm.close()
+
+    async def aclose(self) -> None:
+        await asyncio.to_thread(self.close)
+
+    # ------------------------------------------------------------------ adapters
+    async def ensure_adapter(self, spec: AdapterSpec) -> AdapterRef:
+        """Register ``spec`` with the engine if it is not yet (fetching and validating it from the
+        object store in a worker thread); the engine loop never waits for this."""
+        registry = self.engine.adapters.registry
+        ref = registry.get(spec.id)
+        if ref is not None and ref.sha256 == spec.sha256:
+            return ref
+        lock = self._adapter_locks.setdefault(spec.id, asyncio.Lock())
+        async with lock:
+            ref = registry.get(spec.id)
+            if ref is not None and ref.sha256 == spec.sha256:
+                return ref
+            try:
+                return await asyncio.to_thread(
+                    self.engine.adapters.register_stored,
+                    spec.id,
+                    spec.config_key,
+                    spec.weights_key,
+                    spec.sha256,
+                    ref is not None,
+                )
+            except AdapterValidationError as exc:
+                raise InferenceError.invalid([f"adapter {spec.id}: {p}" for p in exc.problems]) from exc
+            except Exception as exc:  # store outage, missing object, checksum mismatch
+                log.warning("loading adapter %s failed: %s", spec.id, exc)
+                raise InferenceError.unavailable(f"adapter {spec.id} could not be loaded: {exc}") from exc
+
+    async def prefetch(self, spec: AdapterSpec) -> str:
+        """Bring an adapter into host RAM and, when the pool has room to spare, into device pages.
+        Returns the tier it reached: ``device`` or ``host``."""
+        ref = await self.ensure_adapter(spec)
+        reserve = int(self.engine.pool.num_pages * self.prefetch_reserve_fraction)
+
+        def page_in(engine) -> str:
+            engine.adapters.prefetch([ref], reserve)
+            return "device" if engine.adapters.resident(ref.uid) is not None else "host"
+
+        return await asyncio.to_thread(self.llm.loop.call, page_in, 30.0)
+
+    async def drop_adapter(self, adapter_id: str, timeout: float | None = 60.0) -> bool:
+        """Forget an adapter once its in-flight requests finish; False when it was not loaded."""
+        if self.engine.adapters.registry.get(adapter_id) is None:
+            return False
+        await asyncio.to_thread(self.llm.unregister_adapter, adapter_id, timeout)
+        return True
+
+    # ------------------------------------------------------------------ generation
+    def _sampling(self, req: GenerateRequest) -> SamplingParams:
+        try:
+            return SamplingParams(
+                max_tokens=req.max_tokens,
+                temperature=req.temperature,
+                top_p=req.top_p,
+                top_k=req.top_k,
+                seed=req.seed,
+                stop=tuple(req.stop),
+            )
+        except ValueError as exc:
+            raise InferenceError.invalid(str(exc)) from exc
+
+    async def start(self, req: GenerateRequest, observer: GenerationObserver | None = None) -> AsyncIterator[Event]:
+        """Validate, render and submit ``req``; return the iterator of its events.
+
+        Everything that can be refused is refused here, before the first event: InferenceError
+        422 (bad request), 429 (queue full) or 503 (engine stopped, adapter unavailable).
+        Closing the returned iterator early aborts the request.
+        """
+        if not self.ready():
+            raise InferenceError.unavailable("the engine is not running")
+        params = self._sampling(req)
+        room = self.engine.max_model_len - req.max_tokens
+        if room < 1:
+            raise InferenceError.invalid(
+                f"max_tokens ({req.max_tokens}) leaves no room for a prompt in the context window "
+                f"of {self.engine.max_model_len} tokens"
+            )
+        limit = min(room, req.history_token_budget or room)
+        ref = await self.ensure_adapter(req.adapter) if req.adapter is not None else None
+        messages = [m.model_dump() for m in req.messages]
+        rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit)
+        request_id = req.request_id or uuid.uuid4().hex
+        try:
+            request = self.engine.request_from_ids(
+                rendered.token_ids, params, request_id, ref.adapter_id if ref is not None else None
+            )
+            stream = self.llm.loop.open_stream(request)
+        except QueueFullError as exc:
+            raise InferenceError.overloaded(str(exc)) from exc
+        except ValueError as exc:
+            raise InferenceError.invalid(str(exc)) from exc
+        except RuntimeError as exc:  # the loop stopped between the check and the submit
+            raise InferenceError.unavailable(str(exc)) from exc
+        return self._events(request_id, rendered, stream, observer or GenerationObserver())
+
+    async def _events(
+        self, request_id: str, rendered: RenderedPrompt, stream: AsyncIterator[RequestOutput], observer: GenerationObserver
+    ) -> AsyncIterator[Event]:
+        started = time.monotonic()
+        prompt_tokens = len(rendered.token_ids)
+        yield {"event": "start", "request_id": request_id, "prompt_tokens": prompt_tokens,
+               "messages_used": rendered.messages_used}
+        first = True
+        try:
+            async for output in stream:
+                if output.new_token_ids and first:
+                    first = False
+                    if observer.on_first_token:
+                        observer.on_first_token(time.monotonic() - started)
+                if output.delta_text:
+                    yield {"event": "delta", "text": output.delta_text, "tokens": len(output.new_token_ids)}
+                if output.finished:
+                    if observer.on_finish:
+                        observer.on_finish(output, time.monotonic() - started)
+                    if output.finish_reason is FinishReason.ERROR:
+                        yield {"event": "error", "message": output.error or "generation failed"}
+                    else:
+                        yield {"event": "end", "finish_reason": output.finish_reason.value,
+                               "prompt_tokens": prompt_tokens, "completion_tokens": len(output.token_ids),
+                               "text": output.text}
+        finally:
+            await stream.aclose()
+
+    async def generate(self, req: GenerateRequest) -> dict:
+        """Run ``req`` to the end and return its ``end`` event (or raise InferenceError(503) with
+        the engine's message if it failed)."""
+        events = await self.start(req)
+        final: dict = {}
+        async for event in events:
+            final = event
+        if final.get("event") != "end":
+            raise InferenceError.unavailable(final.get("message", "generation failed"))
+        return final

@@ -1,0 +1,97 @@
+"""What the api sends the inference service and what comes back (shared by both sides).
+
+A generation streams events, one JSON object per line (``application/x-ndjson`` over HTTP):
+
+* ``{"event": "start", "request_id", "prompt_tokens", "messages_used"}`` once, first;
+* ``{"event": "delta", "text", "tokens"}`` for every step that produced text (``tokens``: how many
+  token ids this delta carries);
+* ``{"event": "end", "finish_reason", "prompt_tokens", "completion_tokens", "text"}`` once, last
+  (``finish_reason``: ``stop``, ``length`` or ``abort``); or
+* ``{"event": "error", "message"}`` last, when the request failed inside the engine.
+
+Problems found before anything is scheduled are raised as :class:`InferenceError` (HTTP status
+422, 429 or 503 on the wire) instead of being streamed.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SECRET_HEADER = "X-Tailor-Inference-Secret"
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+
+
+class AdapterSpec(BaseModel):
+    """An adapter the platform stored and validated: the engine registers it on first use.
+
+    ``id`` is the platform's adapter id (one id per uploaded version, so its weights never change);
+    the keys point into the shared object store; ``sha256`` is that of the safetensors file.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=200)
+    config_key: str = Field(min_length=1, max_length=1024)
+    weights_key: str = Field(min_length=1, max_length=1024)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+
+
+class ChatTurn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class GenerateRequest(BaseModel):
+    """A chat generation. ``messages`` are oldest first and end with the user's new message.
+
+    The service renders ``system_prompt`` + ``messages`` with the model's chat template, dropping
+    the oldest messages until the prompt fits ``history_token_budget`` tokens (and the context
+    window with ``max_tokens`` room); the last message is never dropped.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    request_id: str | None = Field(None, max_length=200)
+    messages: list[ChatTurn] = Field(min_length=1)
+    system_prompt: str | None = None
+    history_token_budget: int | None = Field(None, ge=1)
+    adapter: AdapterSpec | None = None
+    max_tokens: int = Field(256, ge=1)
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=-1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+
+class PrefetchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: AdapterSpec
+
+
+class InferenceError(Exception):
+    """A generation refused before it started: ``status`` is the HTTP status the api answers
+    with (422 bad request, 429 overloaded, 503 unavailable); ``retry_after`` in seconds."""
+
+    def __init__(self, status: int, problems: list[str] | str, retry_after: int | None = None):
+        self.status = status
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.retry_after = retry_after
+        super().__init__("; ".join(self.problems))
+
+    @classmethod
+    def invalid(cls, problems: list[str] | str) -> InferenceError:
+        return cls(422, problems)
+
+    @classmethod
+    def overloaded(cls, message: str, retry_after: int = 1) -> InferenceError:
+        return cls(429, message, retry_after)
+
+    @classmethod
+    def unavailable(cls, message: str, retry_after: int = 5) -> InferenceError:
+        return cls(503, message, retry_after)

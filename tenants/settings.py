@@ -1,0 +1,151 @@
+"""Service settings (pydantic-settings): environment variables ``TAILOR_<FIELD>``, validated at start.
+
+One model serves the three services (api, inference, worker) and the embedded default; each
+service checks the fields it needs with :meth:`Settings.check_for`. Outside development mode
+placeholder secrets are refused: the operator token, the API-key pepper, the inference shared
+secret and S3 credentials must be set to real values.
+
+Defaults are the embedded default of ``make serve``: SQLite under ``./var``, a local folder as the
+object store, tasks in-process, the engine in-process on the CPU.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEV_PEPPER = "tailor-dev-pepper-change-me"
+DEV_INFERENCE_SECRET = "tailor-dev-inference-secret-change-me"
+PLACEHOLDERS = {"", "change-me", "changeme", "secret", "password", "minioadmin", DEV_PEPPER, DEV_INFERENCE_SECRET}
+MIN_SECRET_LENGTH = 16
+
+Service = Literal["api", "inference", "worker", "embedded"]
+
+
+def _is_placeholder(value: SecretStr | None) -> bool:
+    if value is None:
+        return True
+    raw = value.get_secret_value()
+    return raw.lower() in PLACEHOLDERS or "change-me" in raw.lower() or len(raw) < MIN_SECRET_LENGTH
+
+
+class Settings(BaseSettings):
+    """Every setting of every Tailor service. See the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="TAILOR_", extra="ignore", validate_default=True)
+
+    # --- mode and listening address -------------------------------------------------------------
+    mode: Literal["development", "production"] = "development"
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    data_dir: Path = Path("var")
+
+    # --- secrets ----------------------------------------------------------------------------------
+    operator_token: SecretStr | None = None
+    api_key_pepper: SecretStr = SecretStr(DEV_PEPPER)
+    inference_secret: SecretStr = SecretStr(DEV_INFERENCE_SECRET)
+
+    # --- metadata database -------------------------------------------------------------------------
+    database_url: str | None = None  # default: sqlite:///<data_dir>/tailor.db
+
+    # --- object store ------------------------------------------------------------------------------
+    object_store: Literal["local", "s3"] = "local"
+    storage_dir: Path | None = None  # local store root; default <data_dir>/objects
+    s3_endpoint_url: str | None = None
+    s3_bucket: str = "tailor-adapters"
+    s3_region: str = "us-east-1"
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: SecretStr | None = None
+    s3_path_style: bool = True
+    s3_create_bucket: bool = True
+
+    # --- background tasks --------------------------------------------------------------------------
+    task_mode: Literal["inprocess", "celery"] = "inprocess"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+
+    # --- inference ---------------------------------------------------------------------------------
+    inference_mode: Literal["embedded", "remote"] = "embedded"
+    inference_url: str = "http://127.0.0.1:8001"
+    inference_timeout_s: float = Field(300.0, gt=0)
+    model: str = "smollm2-135m"
+    device: str = "cpu"
+    dtype: str = "auto"
+    pool_bytes: int | None = Field(None, gt=0)
+    max_waiting: int = Field(256, ge=1)
+    host_adapter_bytes: int = Field(2 << 30, gt=0)
+    max_lora_rank: int = Field(128, ge=1)
+
+    # --- limits ------------------------------------------------------------------------------------
+    max_upload_bytes: int = Field(256 << 20, gt=0)
+    max_body_bytes: int = Field(1 << 20, gt=0)
+    max_archive_members: int = Field(16, ge=2)
+    history_token_budget: int = Field(1536, ge=64)
+    history_max_messages: int = Field(100, ge=1)
+    default_max_tokens: int = Field(256, ge=1)
+    max_tokens_limit: int = Field(2048, ge=1)
+
+    @field_validator("data_dir", "storage_dir")
+    @classmethod
+    def _expand(cls, value: Path | None) -> Path | None:
+        return None if value is None else value.expanduser()
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        problems = []
+        if self.mode == "production":
+            if _is_placeholder(self.operator_token):
+                problems.append("TAILOR_OPERATOR_TOKEN must be set to a secret of at least 16 characters")
+            if _is_placeholder(self.api_key_pepper):
+                problems.append("TAILOR_API_KEY_PEPPER is a placeholder; set a random secret of at least 16 characters")
+            if self.inference_mode == "remote" and _is_placeholder(self.inference_secret):
+                problems.append("TAILOR_INFERENCE_SECRET is a placeholder; set a random secret of at least 16 characters")
+            if self.object_store == "s3" and (
+                not self.s3_access_key_id or _is_placeholder(self.s3_secret_access_key)
+            ):
+                problems.append("TAILOR_S3_ACCESS_KEY_ID and TAILOR_S3_SECRET_ACCESS_KEY must be real credentials")
+        if self.default_max_tokens > self.max_tokens_limit:
+            problems.append("TAILOR_DEFAULT_MAX_TOKENS exceeds TAILOR_MAX_TOKENS_LIMIT")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # --- derived values --------------------------------------------------------------------------
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'tailor.db'}"
+
+    @property
+    def resolved_storage_dir(self) -> Path:
+        return self.storage_dir or self.data_dir / "objects"
+
+    def check_for(self, service: Service) -> None:
+        """Raise ValueError naming every setting ``service`` needs but lacks.
+
+        ``api`` alone (``tailor serve api``) talks to a remote inference service; ``worker`` needs
+        Celery; in production the separate services must share an S3 store, not a local folder.
+        """
+        problems = []
+        if service == "api" and self.inference_mode != "remote":
+            problems.append("the api service needs TAILOR_INFERENCE_MODE=remote and TAILOR_INFERENCE_URL")
+        if service == "worker" and self.task_mode != "celery":
+            problems.append("the worker needs TAILOR_TASK_MODE=celery and TAILOR_REDIS_URL")
+        if service != "embedded" and self.mode == "production" and self.object_store == "local":
+            problems.append("separate services need TAILOR_OBJECT_STORE=s3 (a local folder is not shared)")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def engine_options(self) -> dict:
+        """Keyword arguments for ``EngineConfig`` (device, dtype, pool and adapter budgets)."""
+        options = {
+            "device": self.device,
+            "dtype": self.dtype,
+            "max_waiting": self.max_waiting,
+            "host_adapter_bytes": self.host_adapter_bytes,
+            "max_lora_rank": self.max_lora_rank,
+        }
+        if self.pool_bytes is not None:
+            options["pool_bytes"] = self.pool_bytes
+        return options
