@@ -4,6 +4,11 @@
     tailor generate --prompt TEXT         one-shot generation on the bundled model (or --model DIR)
     tailor chat                           an interactive chat on the terminal
     tailor db upgrade|downgrade           apply or revert the platform's schema migrations
+    tailor serve [--port N]               the embedded default: api + engine + tasks in one process
+    tailor serve api|inference            one service of a multi-service deployment
+    tailor worker                         the Celery worker (adapter validation)
+
+Services read their settings from TAILOR_* environment variables (see README, "Configuration").
 """
 
 from __future__ import annotations
@@ -46,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--revision", default=None, help="target revision (default: head / base)")
     db.add_argument("--database-url", default=None,
                     help="SQLAlchemy URL (default: $TAILOR_DATABASE_URL or sqlite:///var/tailor.db)")
+
+    serve = sub.add_parser("serve", help="run the service (embedded default, or one service)")
+    serve.add_argument("service", nargs="?", choices=["api", "inference"], default=None,
+                       help="api or inference alone; omit for the embedded default")
+    serve.add_argument("--host", default=None, help="listen address (default: TAILOR_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None,
+                       help="listen port (default: PORT, TAILOR_PORT, 8000; 8001 for inference)")
+
+    sub.add_parser("worker", help="run the Celery worker that validates adapters")
     return parser
 
 
@@ -102,15 +116,15 @@ def _cmd_chat(args: argparse.Namespace) -> int:
 
 
 def _cmd_db(args: argparse.Namespace) -> int:
-    import os
-    from pathlib import Path
-
     from tenants import migrate
+    from tenants.settings import Settings
 
-    url = args.database_url or os.environ.get("TAILOR_DATABASE_URL")
+    url = args.database_url
     if url is None:
-        Path("var").mkdir(exist_ok=True)
-        url = "sqlite:///var/tailor.db"
+        settings = Settings()
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        url = settings.resolved_database_url
     if args.action == "upgrade":
         migrate.upgrade(url, args.revision or "head")
     else:
@@ -119,9 +133,50 @@ def _cmd_db(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_settings(args: argparse.Namespace):
+    import os
+
+    from tenants.settings import Settings
+
+    overrides: dict = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    elif "PORT" in os.environ:
+        overrides["port"] = int(os.environ["PORT"])
+    elif args.service == "inference" and "TAILOR_PORT" not in os.environ:
+        overrides["port"] = 8001
+    return Settings(**overrides)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from api.serve import serve_api, serve_embedded
+
+    settings = _serve_settings(args)
+    if args.service == "inference":
+        from inference.service.app import run_inference_service
+
+        settings.check_for("inference")
+        run_inference_service(settings)
+    elif args.service == "api":
+        serve_api(settings)
+    else:
+        serve_embedded(settings)
+    return 0
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from tenants.settings import Settings
+    from tenants.worker import run_worker
+
+    run_worker(Settings())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    handlers = {"generate": _cmd_generate, "chat": _cmd_chat, "db": _cmd_db}
+    handlers = {"generate": _cmd_generate, "chat": _cmd_chat, "db": _cmd_db, "serve": _cmd_serve, "worker": _cmd_worker}
     try:
         if args.command == "models":
             return _cmd_models_prepare(args)

@@ -105,6 +105,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.stats = EngineStats()
+        self.step_observers: list = []  # callables (batch_size: requests, num_tokens: tokens) after each step
         self.last_step_ran = False
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
@@ -252,6 +253,8 @@ class LLMEngine:
         self.stats.last_batch_size = len(plan.chunks)
         self.stats.last_step_tokens = plan.num_tokens
         self.stats.batch_size_sum += len(plan.chunks)
+        for observer in self.step_observers:
+            observer(len(plan.chunks), plan.num_tokens)
         if sampling_chunks:
             requests = [c.request for c in sampling_chunks]
             result = sample(logits, [r.params for r in requests], [r.generator for r in requests])

@@ -499,6 +499,120 @@ def _stack_checked(
     return modules
 
 
+def _expected_shapes(cfg: _ParsedConfig, model: ModelConfig) -> dict[str, tuple[int, int]] | None:
+    """key -> shape for every tensor the config implies (None when the config is unusable)."""
+    if cfg.targets is None or cfg.rank is None:
+        return None
+    shapes = model.linear_shapes()
+    expected = {}
+    for i in range(model.num_layers):
+        for m in cfg.targets:
+            fan_in, fan_out = shapes[m]
+            expected[lora_key(i, m, "A")] = (cfg.rank, fan_in)
+            expected[lora_key(i, m, "B")] = (fan_out, cfg.rank)
+    return expected
+
+
+_SAFETENSORS_DTYPES = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
+
+
+def read_safetensors_header(path: str | Path, problems: list[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors a safetensors file declares, as ``meta`` tensors (no data is read).
+
+    Checks the framing without loading anything: the 8-byte header length, the JSON header, each
+    tensor's byte range against its dtype and shape, and that the file holds exactly the data the
+    header describes (a truncated or padded file is refused). Problems are appended to ``problems``.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: it is only {size} bytes")
+            return None
+        header_len = int.from_bytes(prefix, "little")
+        if header_len > MAX_SAFETENSORS_HEADER_BYTES or 8 + header_len > size:
+            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: header length {header_len} "
+                            f"does not fit the {size}-byte file")
+            return None
+        try:
+            header = json.loads(handle.read(header_len))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: its header is not JSON ({exc})")
+            return None
+    if not isinstance(header, dict):
+        problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: its header is not a JSON object")
+        return None
+    header.pop("__metadata__", None)
+    tensors: dict[str, torch.Tensor] = {}
+    data_len, end_max, bad, past_end = size - 8 - header_len, 0, [], []
+    for name, info in header.items():
+        try:
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            shape = [int(d) for d in info["shape"]]
+            begin, end = (int(o) for o in info["data_offsets"])
+            tensor = torch.empty(shape, dtype=dtype, device="meta")
+        except (KeyError, TypeError, ValueError, RuntimeError):
+            bad.append(name)
+            continue
+        if not 0 <= begin <= end or end - begin != tensor.numel() * tensor.element_size():
+            bad.append(name)
+            continue
+        if end > data_len:
+            past_end.append(name)
+        end_max = max(end_max, end)
+        tensors[name] = tensor
+    if bad:
+        problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: {len(bad)} tensor(s) with an unknown "
+                        f"dtype, a bad shape or a bad byte range: {_name_list(sorted(bad))}")
+        return None
+    if past_end:
+        problems.append(f"{WEIGHTS_FILE} is truncated: {len(past_end)} tensor(s) extend past the end of the "
+                        f"{size}-byte file: {_name_list(sorted(past_end))}")
+        return None
+    if end_max != data_len:
+        problems.append(f"{WEIGHTS_FILE} is truncated or padded: the header describes {end_max} bytes of data, "
+                        f"the file holds {data_len}")
+        return None
+    if not tensors:
+        problems.append(f"{WEIGHTS_FILE} holds no tensors")
+        return None
+    return tensors
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """What a header check learned: the rank and the target modules (in ``MODULE_ORDER``)."""
+
+    rank: int
+    lora_alpha: float
+    target_modules: tuple[str, ...]
+
+
+def check_adapter_header(
+    config_bytes: bytes, weights_path: str | Path, model: ModelConfig, max_rank: int = 128
+) -> AdapterSummary:
+    """Every check of :func:`validate_adapter_files` that needs no tensor data: the config, the
+    safetensors framing, the exact key set, shapes, dtypes and rank dimensions. Cheap for any
+    size (the upload path runs it before storing anything). Finiteness is left to the full check.
+    Raises :class:`AdapterValidationError` listing every problem."""
+    problems: list[str] = []
+    cfg = _check_config(config_bytes, model, max_rank, problems)
+    tensors = read_safetensors_header(weights_path, problems)
+    if tensors is not None:
+        _check_tensors(tensors, _expected_shapes(cfg, model), problems)
+        _check_rank_dims(tensors, cfg, problems)
+    if problems:
+        raise AdapterValidationError(problems)
+    assert cfg.rank is not None and cfg.lora_alpha is not None and cfg.targets is not None
+    return AdapterSummary(cfg.rank, cfg.lora_alpha, tuple(m for m in MODULE_ORDER if m in cfg.targets))
+
+
 def validate_adapter_files(
     config_bytes: bytes, weights_bytes: bytes, model: ModelConfig, max_rank: int = 128
 ) -> LoraAdapterWeights:
@@ -518,15 +632,7 @@ def validate_adapter_files(
     tensors = _parse_safetensors(weights_bytes, problems)
     modules: dict[str, LoraModuleWeights] = {}
     if tensors is not None:
-        expected = None
-        if cfg.targets is not None and cfg.rank is not None:
-            shapes = model.linear_shapes()
-            expected = {}
-            for i in range(model.num_layers):
-                for m in cfg.targets:
-                    fan_in, fan_out = shapes[m]
-                    expected[lora_key(i, m, "A")] = (cfg.rank, fan_in)
-                    expected[lora_key(i, m, "B")] = (fan_out, cfg.rank)
+        expected = _expected_shapes(cfg, model)
         _check_tensors(tensors, expected, problems)
         _check_rank_dims(tensors, cfg, problems)
         if problems:  # still name the non-finite tensors, checking them one by one

@@ -12,8 +12,8 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from inference.adapters.peft_checkpoint import AdapterValidationError
 from inference.adapters.registry import AdapterRef
@@ -21,6 +21,7 @@ from inference.engine_loop import QueueFullError
 from inference.llm import LLM
 from inference.request import FinishReason, RequestOutput
 from inference.sampling import SamplingParams
+from inference.service.metrics import InferenceMetrics
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 from inference.tokenizer import Tokenizer
 
@@ -33,16 +34,6 @@ Event = dict
 class RenderedPrompt:
     token_ids: list[int]
     messages_used: int  # how many of the request's messages made it into the prompt
-
-
-@dataclass
-class GenerationObserver:
-    """Callbacks for metrics (all optional): ``on_first_token(seconds)``, ``on_finish(output,
-    seconds)`` with the end-to-end latency."""
-
-    on_first_token: Callable[[float], None] | None = None
-    on_finish: Callable[[RequestOutput, float], None] | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def render_chat(
@@ -90,6 +81,7 @@ class InferenceCore:
     def __init__(self, llm: LLM, *, prefetch_reserve_fraction: float = 0.25):
         self.llm = llm
         self.engine = llm.engine
+        self.metrics = InferenceMetrics(llm.engine)
         self.tokenizer = llm.tokenizer
         self.prefetch_reserve_fraction = prefetch_reserve_fraction
         self._adapter_locks: dict[str, asyncio.Lock] = {}  # one per adapter id: one fetch at a time
@@ -171,7 +163,7 @@ class InferenceCore:
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
 
-    async def start(self, req: GenerateRequest, observer: GenerationObserver | None = None) -> AsyncIterator[Event]:
+    async def start(self, req: GenerateRequest) -> AsyncIterator[Event]:
         """Validate, render and submit ``req``; return the iterator of its events.
 
         Everything that can be refused is refused here, before the first event: InferenceError
@@ -203,27 +195,25 @@ class InferenceCore:
             raise InferenceError.invalid(str(exc)) from exc
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
-        return self._events(request_id, rendered, stream, observer or GenerationObserver())
+        return self._events(request_id, rendered, stream)
 
-    async def _events(
-        self, request_id: str, rendered: RenderedPrompt, stream: AsyncIterator[RequestOutput], observer: GenerationObserver
-    ) -> AsyncIterator[Event]:
+    async def _events(self, request_id: str, rendered: RenderedPrompt, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Event]:
         started = time.monotonic()
         prompt_tokens = len(rendered.token_ids)
+        first_token_at: float | None = None
+        finished = False
         yield {"event": "start", "request_id": request_id, "prompt_tokens": prompt_tokens,
                "messages_used": rendered.messages_used}
-        first = True
         try:
             async for output in stream:
-                if output.new_token_ids and first:
-                    first = False
-                    if observer.on_first_token:
-                        observer.on_first_token(time.monotonic() - started)
+                if output.new_token_ids and first_token_at is None:
+                    first_token_at = time.monotonic() - started
+                    self.metrics.on_first_token(first_token_at)
                 if output.delta_text:
                     yield {"event": "delta", "text": output.delta_text, "tokens": len(output.new_token_ids)}
                 if output.finished:
-                    if observer.on_finish:
-                        observer.on_finish(output, time.monotonic() - started)
+                    finished = True
+                    self.metrics.on_finish(output, time.monotonic() - started, first_token_at)
                     if output.finish_reason is FinishReason.ERROR:
                         yield {"event": "error", "message": output.error or "generation failed"}
                     else:
@@ -231,6 +221,8 @@ class InferenceCore:
                                "prompt_tokens": prompt_tokens, "completion_tokens": len(output.token_ids),
                                "text": output.text}
         finally:
+            if not finished:  # the caller went away: the request is aborted
+                self.metrics.finished.labels("abort").inc()
             await stream.aclose()
 
     async def generate(self, req: GenerateRequest) -> dict:

@@ -1,0 +1,95 @@
+"""Dependencies: the app state, a database session, and the authenticated caller."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+from sqlalchemy.orm import Session
+
+from api.state import AppState
+from tenants import repositories as repo
+from tenants.models import ID_LENGTH
+
+AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
+
+
+def get_state(request: Request) -> AppState:
+    return request.app.state.tailor
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+
+
+def get_session(state: StateDep) -> Iterator[Session]:
+    """A session per request: committed when the handler returns normally, else rolled back."""
+    session = state.platform.session_factory()
+    try:
+        yield session
+        session.commit()
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+
+@dataclass(frozen=True)
+class Caller:
+    tenant_id: str
+    scope: str
+    key_id: str
+
+
+def _bearer(request: Request) -> str:
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise HTTPException(401, "missing bearer token (Authorization: Bearer <key>)", headers=AUTH_HEADERS)
+    return token.strip()
+
+
+def get_caller(request: Request, state: StateDep, session: SessionDep) -> Caller:
+    """The tenant and scope of the presented API key; 401 when missing, unknown or revoked."""
+    token = _bearer(request)
+    key = repo.find_api_key(session, token, pepper=state.settings.api_key_pepper.get_secret_value())
+    if key is None:
+        raise HTTPException(401, "invalid or revoked API key", headers=AUTH_HEADERS)
+    caller = Caller(key.tenant_id, key.scope, key.id)
+    request.state.tenant_id = key.tenant_id
+    return caller
+
+
+def require_admin(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    if caller.scope != "admin":
+        raise HTTPException(403, "this route needs an admin key")
+    return caller
+
+
+def require_chat(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
+    """Chat routes accept chat keys and admin keys."""
+    return caller
+
+
+def require_operator(request: Request, state: StateDep) -> None:
+    token = _bearer(request)
+    if not repo.constant_time_equals(token, state.operator_token):
+        raise HTTPException(401, "invalid operator token", headers=AUTH_HEADERS)
+
+
+AdminDep = Annotated[Caller, Depends(require_admin)]
+ChatDep = Annotated[Caller, Depends(require_chat)]
+
+
+def is_id(value: str) -> bool:
+    """Ids are server-made 32-hex strings; anything else cannot name a row."""
+    return len(value) == ID_LENGTH and all(c in "0123456789abcdef" for c in value)
+
+
+def not_found(kind: str, object_id: str) -> HTTPException:
+    return HTTPException(404, f"no {kind} {object_id!r}")

@@ -1,0 +1,185 @@
+"""Adapters of the caller's tenant (admin scope): upload, list, read, delete.
+
+An upload is checked (files, archive safety, config and safetensors header against the base model)
+before anything is stored; then its files are streamed to the object store under a server-made
+key, the row is created ``pending`` and a validation task is queued. The task marks it ``ready``
+or ``failed``; only ready adapters are ever served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.schemas import AdapterList, AdapterPublic
+from tenants import repositories as repo
+from tenants.adapter_uploads import StagedAdapter, UploadError, UploadLimits, stage_upload
+from tenants.db import session_scope
+from tenants.models import Adapter, User, new_id
+from tenants.platform import CONFIG_FILE, WEIGHTS_FILE, adapter_prefix
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["adapters"])
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$"
+_COPY_CHUNK = 1 << 20
+
+
+def adapter_public(a: Adapter) -> AdapterPublic:
+    return AdapterPublic(
+        id=a.id, name=a.name, version=a.version, status=a.status, failure_reason=a.failure_reason,
+        user_id=a.owner_user_id, rank=a.rank, target_modules=list(a.target_modules or []),
+        size_bytes=a.size_bytes, sha256=a.sha256, created_at=a.created_at,
+    )
+
+
+def _receive(files: list[UploadFile], into: Path) -> list[tuple[str, Path]]:
+    """Copy the spooled upload parts to files under ``into`` (worker thread)."""
+    received = []
+    for i, upload in enumerate(files):
+        path = into / f"part-{i}"
+        with open(path, "wb") as out:
+            upload.file.seek(0)
+            shutil.copyfileobj(upload.file, out, _COPY_CHUNK)
+        received.append((upload.filename or "", path))
+    return received
+
+
+def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, staged: StagedAdapter) -> Adapter:
+    """A new ``pending`` row for the next version of ``name`` (retrying a lost version race)."""
+    for _attempt in range(5):
+        adapter_id = new_id()
+        try:
+            with session_scope(state.platform.session_factory) as session:
+                if user_id is not None and repo.get_user(session, tenant_id, user_id) is None:
+                    raise not_found("user", user_id)
+                latest = session.scalar(
+                    select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+                )
+                adapter = Adapter(
+                    id=adapter_id, tenant_id=tenant_id, owner_user_id=user_id, name=name, version=(latest or 0) + 1,
+                    status="pending", rank=staged.rank, target_modules=list(staged.target_modules),
+                    size_bytes=staged.size_bytes, sha256=staged.sha256,
+                    storage_key=adapter_prefix(tenant_id, adapter_id),
+                )
+                session.add(adapter)
+                session.flush()
+                session.expunge(adapter)
+                return adapter
+        except IntegrityError:
+            continue
+    raise HTTPException(409, f"could not allocate a version for adapter {name!r}; retry")
+
+
+def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
+    """Stream both files to the object store; on failure remove what was written and the row."""
+    store = state.platform.store
+    try:
+        store.put_file(f"{adapter.storage_key}/{CONFIG_FILE}", staged.config_path)
+        store.put_file(f"{adapter.storage_key}/{WEIGHTS_FILE}", staged.weights_path)
+    except Exception as exc:
+        log.warning("storing adapter %s failed: %s", adapter.id, exc)
+        try:
+            store.delete_prefix(adapter.storage_key)
+        except Exception:
+            log.exception("cleaning up adapter %s after a failed upload failed", adapter.id)
+        with session_scope(state.platform.session_factory) as session:
+            row = session.get(Adapter, adapter.id)
+            if row is not None:
+                session.delete(row)
+        raise HTTPException(503, "the object store is unavailable; nothing was stored", headers={"Retry-After": "10"}) from exc
+
+
+@router.post("/v1/adapters", status_code=202, response_model=AdapterPublic)
+async def upload_adapter(
+    caller: AdminDep,
+    state: StateDep,
+    name: Annotated[str, Form(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'")],
+    files: Annotated[list[UploadFile], File(description="adapter_config.json and adapter_model.safetensors, or one .zip/.tar.gz")],
+    user_id: Annotated[str | None, Form(description="make it this user's personal adapter")] = None,
+) -> AdapterPublic:
+    """Upload a PEFT LoRA adapter; answers 202 with status ``pending`` (poll GET /v1/adapters/{id})."""
+    if user_id == "":
+        user_id = None
+    if user_id is not None and not is_id(user_id):
+        raise not_found("user", user_id)
+    settings = state.settings
+    limits = UploadLimits(settings.max_upload_bytes, settings.max_archive_members, settings.max_lora_rank)
+    workdir = Path(tempfile.mkdtemp(prefix="tailor-upload-"))
+    try:
+        received = await asyncio.to_thread(_receive, files, workdir)
+        staging = workdir / "staged"
+        staging.mkdir()
+        try:
+            staged = await asyncio.to_thread(stage_upload, received, staging, state.platform.model_config, limits)
+        except UploadError as exc:
+            raise HTTPException(exc.status, exc.problems) from None
+        adapter = await asyncio.to_thread(_insert_pending, state, caller.tenant_id, name, user_id, staged)
+        await asyncio.to_thread(_store_files, state, adapter, staged)
+    finally:
+        await asyncio.to_thread(shutil.rmtree, workdir, True)
+    state.tasks.submit_validation(adapter.id)
+    return adapter_public(adapter)
+
+
+@router.get("/v1/adapters", response_model=AdapterList)
+def list_adapters(
+    caller: AdminDep,
+    session: SessionDep,
+    status: Annotated[str | None, Query(pattern="^(pending|ready|failed|deleted)$")] = None,
+    user_id: Annotated[str | None, Query(max_length=64)] = None,
+    name: Annotated[str | None, Query(max_length=200)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+) -> AdapterList:
+    """The tenant's adapters, by name then newest version first (deleted ones only when asked)."""
+    rows = repo.list_adapters(session, caller.tenant_id, status=status, owner_user_id=user_id, name=name,
+                              limit=limit, offset=offset)
+    return AdapterList(data=[adapter_public(a) for a in rows], limit=limit, offset=offset)
+
+
+@router.get("/v1/adapters/{adapter_id}", response_model=AdapterPublic)
+def get_adapter(adapter_id: str, caller: AdminDep, session: SessionDep) -> AdapterPublic:
+    adapter = repo.get_adapter(session, caller.tenant_id, adapter_id) if is_id(adapter_id) else None
+    if adapter is None:
+        raise not_found("adapter", adapter_id)
+    return adapter_public(adapter)
+
+
+def _mark_deleted(state, tenant_id: str, adapter_id: str) -> Adapter:
+    with session_scope(state.platform.session_factory) as session:
+        adapter = repo.get_adapter(session, tenant_id, adapter_id) if is_id(adapter_id) else None
+        if adapter is None or adapter.status == "deleted":
+            raise not_found("adapter", adapter_id)
+        adapter.status = "deleted"
+        session.execute(
+            update(User).where(User.tenant_id == tenant_id, User.current_adapter_id == adapter_id).values(current_adapter_id=None)
+        )
+        session.flush()
+        session.expunge(adapter)
+        return adapter
+
+
+@router.delete("/v1/adapters/{adapter_id}", status_code=204)
+async def delete_adapter(adapter_id: str, caller: AdminDep, state: StateDep) -> Response:
+    """Stop serving the adapter at once, wait for its in-flight requests, remove its files."""
+    adapter = await asyncio.to_thread(_mark_deleted, state, caller.tenant_id, adapter_id)
+    try:
+        await state.inference.drop_adapter(adapter.id)
+    except Exception as exc:  # inference down: it cannot be serving the adapter either
+        log.info("inference could not drop adapter %s: %s", adapter.id, exc)
+    if adapter.storage_key:
+        try:
+            await asyncio.to_thread(state.platform.store.delete_prefix, adapter.storage_key)
+        except Exception:
+            log.exception("deleting the files of adapter %s failed", adapter.id)
+    return Response(status_code=204)

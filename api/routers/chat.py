@@ -1,0 +1,142 @@
+"""Per-user chat (chat or admin key): history + personal adapter, JSON or server-sent events;
+and the user's message history (read in pages, erase)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request, Response
+from fastapi.responses import StreamingResponse
+
+from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
+from api.generation import collect, open_generation, sse
+from api.routers.users import load_user
+from api.schemas import ChatRequest, ChatResponse, MessagePage, MessagePublic, Usage
+from api.state import AppState
+from inference.service.protocol import ChatTurn, GenerateRequest
+from tenants.conversations import ChatContext, erase_history, load_chat_context, message_page, record_exchange
+from tenants.db import session_scope
+from tenants.models import utcnow
+
+router = APIRouter(tags=["chat"])
+
+
+def message_public(m) -> MessagePublic:
+    return MessagePublic(id=m.id, role=m.role, content=m.content, created_at=m.created_at)
+
+
+def _context(state: AppState, tenant_id: str, user_id: str) -> ChatContext:
+    with session_scope(state.platform.session_factory) as session:
+        user = load_user(session, tenant_id, user_id)
+        return load_chat_context(session, tenant_id, user, state.settings.history_max_messages)
+
+
+def _record(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest, end: dict, asked_at: datetime,
+            used: int) -> ChatResponse:
+    with session_scope(state.platform.session_factory) as session:
+        _question, answer = record_exchange(session, tenant_id, ctx.user_id, body.message, end["text"],
+                                            end["completion_tokens"], asked_at)
+        usage = Usage(prompt_tokens=end["prompt_tokens"], completion_tokens=end["completion_tokens"],
+                      total_tokens=end["prompt_tokens"] + end["completion_tokens"])
+        return ChatResponse(
+            id=answer.id, conversation_id=answer.conversation_id, message=message_public(answer),
+            adapter_id=ctx.adapter.id if ctx.adapter else None, finish_reason=end["finish_reason"],
+            history_messages_used=used, usage=usage,
+        )
+
+
+def _max_tokens(state: AppState, requested: int | None) -> int:
+    limit = state.settings.max_tokens_limit
+    if requested is not None and requested > limit:
+        raise HTTPException(422, [f"max_tokens must be at most {limit}, got {requested}"])
+    return requested or state.settings.default_max_tokens
+
+
+@router.post(
+    "/v1/users/{user_id}/chat",
+    response_model=ChatResponse,
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
+)
+async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep, http_request: Request):
+    """Answer the user's message with their recent history as context and their personal adapter
+    applied; store both messages. With ``"stream": true`` the answer is a stream of server-sent
+    events: ``start``, ``delta`` (``{"text"}``) and a final ``done`` (the JSON answer) or ``error``."""
+    asked_at = utcnow()
+    max_tokens = _max_tokens(state, body.max_tokens)
+    ctx = await asyncio.to_thread(_context, state, caller.tenant_id, user_id)
+    request = GenerateRequest(
+        messages=[*ctx.history, ChatTurn(role="user", content=body.message)],
+        system_prompt=ctx.system_prompt,
+        history_token_budget=state.settings.history_token_budget,
+        adapter=ctx.adapter,
+        max_tokens=max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        seed=body.seed,
+    )
+    events = await open_generation(state, http_request.app.state.metrics, request, tenant_id=caller.tenant_id)
+    if not body.stream:
+        start, end = await collect(events)
+        return await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, end, asked_at, start["messages_used"])
+
+    async def stream() -> AsyncIterator[str]:
+        start = None
+        async with _closing(events):
+            async for event in events:
+                kind = event["event"]
+                if kind == "start":
+                    start = event
+                    yield sse("start", {"adapter_id": ctx.adapter.id if ctx.adapter else None,
+                                        "history_messages_used": event["messages_used"]})
+                elif kind == "delta":
+                    yield sse("delta", {"text": event["text"]})
+                elif kind == "end":
+                    used = start["messages_used"] if start else 0
+                    answer = await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, event, asked_at, used)
+                    yield sse("done", answer.model_dump(mode="json"))
+                else:
+                    yield sse("error", {"message": event.get("message", "generation failed")})
+
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+class _closing:
+    """``async with`` that closes an async generator (aborting the generation) on any exit."""
+
+    def __init__(self, agen):
+        self.agen = agen
+
+    async def __aenter__(self):
+        return self.agen
+
+    async def __aexit__(self, *exc):
+        await self.agen.aclose()
+
+
+@router.get("/v1/users/{user_id}/messages", response_model=MessagePage)
+def list_messages(
+    user_id: str,
+    caller: ChatDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 50,
+    before: Annotated[str | None, Query(description="a message id: return the page before it")] = None,
+) -> MessagePage:
+    """The user's messages, oldest first within a page; pages go back in time via ``before``."""
+    load_user(session, caller.tenant_id, user_id)
+    page = message_page(session, caller.tenant_id, user_id, limit, before) if before is None or is_id(before) else None
+    if page is None:
+        raise not_found("message", before)
+    messages, next_before = page
+    return MessagePage(data=[message_public(m) for m in messages], next_before=next_before)
+
+
+@router.delete("/v1/users/{user_id}/messages", status_code=204)
+def delete_messages(user_id: str, caller: ChatDep, session: SessionDep) -> Response:
+    """Erase the user's whole history."""
+    load_user(session, caller.tenant_id, user_id)
+    erase_history(session, caller.tenant_id, user_id)
+    return Response(status_code=204)
+

@@ -1,0 +1,51 @@
+"""Liveness and readiness (no authentication)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from api.deps import StateDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+def _database_ok(state) -> bool:
+    try:
+        with state.platform.session_factory() as session:
+            session.execute(text("SELECT 1"))
+        return True
+    except Exception:
+        return False
+
+
+def _store_ok(state) -> bool:
+    try:
+        state.platform.store.exists("healthz/probe")
+        return True
+    except Exception:
+        return False
+
+
+@router.get("/readyz")
+async def readyz(state: StateDep) -> JSONResponse:
+    """200 when the database, the object store and inference all answer; else 503 naming which not."""
+    database, store = await asyncio.gather(asyncio.to_thread(_database_ok, state), asyncio.to_thread(_store_ok, state))
+    try:
+        inference = bool(await state.inference.is_ready())
+    except Exception:
+        inference = False
+    checks = {"database": database, "object_store": store, "inference": inference}
+    body = {name: ("ok" if ok else "unavailable") for name, ok in checks.items()}
+    ok = all(checks.values())
+    return JSONResponse({"status": "ok" if ok else "unavailable", **body}, status_code=200 if ok else 503,
+                        headers=None if ok else {"Retry-After": "5"})

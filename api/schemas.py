@@ -1,0 +1,128 @@
+"""Request and response bodies of the public API (separate Create / Public models per resource)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Scope = Literal["admin", "chat"]
+ID_PATTERN = r"^[0-9a-f]{32}$"
+
+
+class StrictBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- tenants and keys -----------------------------------------------------------------------------
+class TenantCreate(StrictBody):
+    name: str = Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")
+    system_prompt: str | None = Field(None, max_length=8000)
+
+
+class TenantUpdate(StrictBody):
+    system_prompt: str | None = Field(None, max_length=8000)
+
+
+class TenantPublic(BaseModel):
+    id: str
+    name: str
+    system_prompt: str | None
+    created_at: datetime
+
+
+class ApiKeyCreate(StrictBody):
+    scope: Scope
+
+
+class ApiKeyPublic(BaseModel):
+    id: str
+    scope: Scope
+    prefix: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class ApiKeyCreated(ApiKeyPublic):
+    api_key: str = Field(description="the secret key, shown this once only")
+
+
+class TenantCreated(TenantPublic):
+    api_key: str = Field(description="the tenant's first admin key, shown this once only")
+    api_key_id: str
+
+
+# --- users ------------------------------------------------------------------------------------------
+class UserCreate(StrictBody):
+    external_id: str = Field(min_length=1, max_length=255)
+
+
+class UserPublic(BaseModel):
+    id: str
+    external_id: str
+    current_adapter_id: str | None
+    created_at: datetime
+
+
+class AdapterAssignment(StrictBody):
+    adapter_id: str | None = Field(description="a ready adapter of this tenant, or null for the base model")
+
+
+# --- adapters ---------------------------------------------------------------------------------------
+class AdapterPublic(BaseModel):
+    id: str
+    name: str
+    version: int
+    status: Literal["pending", "ready", "failed", "deleted"]
+    failure_reason: str | None
+    user_id: str | None
+    rank: int | None
+    target_modules: list[str]
+    size_bytes: int | None
+    sha256: str | None
+    created_at: datetime
+
+
+class AdapterList(BaseModel):
+    data: list[AdapterPublic]
+    limit: int
+    offset: int
+
+
+# --- chat -------------------------------------------------------------------------------------------
+class ChatRequest(StrictBody):
+    message: str = Field(min_length=1, max_length=32_000)
+    stream: bool = False
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(0.7, ge=0, le=2)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class MessagePublic(BaseModel):
+    id: str
+    role: Literal["user", "assistant", "system"]
+    content: str
+    created_at: datetime
+
+
+class ChatResponse(BaseModel):
+    id: str = Field(description="the id of the stored assistant message")
+    conversation_id: str
+    message: MessagePublic
+    adapter_id: str | None = Field(description="the personal adapter that answered (null: the base model)")
+    finish_reason: str
+    history_messages_used: int
+    usage: Usage
+
+
+class MessagePage(BaseModel):
+    data: list[MessagePublic]
+    next_before: str | None = Field(description="pass as `before` to get the previous page; null at the start")

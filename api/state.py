@@ -1,0 +1,24 @@
+"""What the api process holds while it runs (built by the app's lifespan)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from tenants.platform import Platform
+from tenants.settings import Settings
+
+if TYPE_CHECKING:
+    from tenants.task_queue import TaskQueue
+
+
+@dataclass
+class AppState:
+    """``inference``: an ``InferenceCore`` (embedded) or a ``RemoteInference`` client; both
+    offer ``start``, ``prefetch``, ``drop_adapter``, ``is_ready`` and ``aclose``."""
+
+    settings: Settings
+    platform: Platform
+    inference: object
+    tasks: "TaskQueue"
+    operator_token: str

@@ -1,0 +1,117 @@
+"""Prometheus metrics of the inference side (names in docs/observability.md).
+
+``InferenceMetrics`` owns one ``CollectorRegistry``: histograms observed as requests and steps
+happen (time to first token, time per output token, end-to-end latency, batch size, adapter load
+latency), and a collector that reads the engine's counters and gauges at scrape time (tokens,
+preemptions, queue lengths, pool pages by kind, adapter cache behaviour per tier).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from inference.engine import LLMEngine
+from inference.request import RequestOutput
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+TOKEN_LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0)
+
+
+class EngineCollector(Collector):
+    """Reads one engine's counters at scrape time (plain int reads; no engine lock needed)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        engine, stats = self.engine, self.engine.stats
+        yield _counter("tailor_inference_prompt_tokens", "Prompt tokens prefilled.", stats.prompt_tokens)
+        yield _counter("tailor_inference_generation_tokens", "Tokens generated.", stats.generation_tokens)
+        yield _counter("tailor_inference_preemptions", "Requests preempted (recomputed later) for lack of pages.",
+                       engine.scheduler.num_preemptions)
+        yield _counter("tailor_inference_steps", "Engine steps that ran a forward pass.", stats.steps)
+        yield _gauge("tailor_inference_requests_waiting", "Requests waiting to be scheduled.", engine.num_waiting)
+        yield _gauge("tailor_inference_requests_running", "Requests in the running batch.", engine.num_running)
+
+        occupancy = engine.pool.occupancy()
+        pages = GaugeMetricFamily("tailor_pool_pages", "Unified pool pages by kind.", labels=["kind"])
+        for kind, value in (("kv", occupancy.kv), ("adapter", occupancy.adapter), ("free", occupancy.free)):
+            pages.add_metric([kind], value)
+        yield pages
+        yield _gauge("tailor_pool_pages_total", "Pages in the unified pool.", occupancy.total)
+        yield _gauge("tailor_pool_bytes", "Bytes of the unified pool.", occupancy.total * occupancy.page_bytes)
+
+        adapters = engine.adapters.stats
+        tiers = (("host", adapters.host), ("device", adapters.device))
+        for name, field, help_text in (
+            ("hits", "hits", "Adapter lookups served by the tier."),
+            ("misses", "misses", "Adapter lookups the tier could not serve."),
+            ("loads", "loads", "Adapters loaded into the tier."),
+            ("evictions", "evictions", "Adapters evicted from the tier."),
+        ):
+            family = CounterMetricFamily(f"tailor_adapter_cache_{name}" if name in ("hits", "misses")
+                                         else f"tailor_adapter_{name}", help_text, labels=["tier"])
+            for tier, tier_stats in tiers:
+                family.add_metric([tier], getattr(tier_stats, field))
+            yield family
+        yield _counter("tailor_adapter_fetch_failures", "Adapter fetches from the object store that failed.",
+                       adapters.fetch_failures)
+        host, device = engine.adapters.resident_counts()
+        resident = GaugeMetricFamily("tailor_adapters_resident", "Adapters resident per tier.", labels=["tier"])
+        resident.add_metric(["host"], host)
+        resident.add_metric(["device"], device)
+        yield resident
+        yield _gauge("tailor_adapters_registered", "Adapters known to the engine.", len(engine.adapters.registry))
+
+
+def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
+    return CounterMetricFamily(name, help_text, value=value)
+
+
+def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
+    return GaugeMetricFamily(name, help_text, value=value)
+
+
+class InferenceMetrics:
+    """The inference metrics of one engine, in their own registry (several engines may live in
+    one test process). Attach once; ``observer()`` feeds per-request histograms."""
+
+    def __init__(self, engine: LLMEngine, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.ttft = Histogram("tailor_inference_time_to_first_token_seconds", "Time from submission to the first token.",
+                              buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.tpot = Histogram("tailor_inference_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              buckets=TOKEN_LATENCY_BUCKETS, registry=self.registry)
+        self.e2e = Histogram("tailor_inference_e2e_latency_seconds", "Time from submission to the last token.",
+                             buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.batch = Histogram("tailor_inference_batch_size", "Requests per engine step.",
+                               buckets=BATCH_BUCKETS, registry=self.registry)
+        self.finished = Counter("tailor_inference_requests_finished", "Requests finished, by reason.",
+                                ["finish_reason"], registry=self.registry)
+        self.load = Histogram("tailor_adapter_load_seconds", "Time to load an adapter into a tier.", ["tier"],
+                              buckets=LOAD_BUCKETS, registry=self.registry)
+        for reason in ("stop", "length", "abort", "error"):
+            self.finished.labels(reason)
+        for tier in ("host", "device"):
+            self.load.labels(tier)
+        self.registry.register(EngineCollector(engine))
+        engine.step_observers.append(lambda batch_size, _tokens: self.batch.observe(batch_size))
+        engine.adapters.latency_observers.append(lambda tier, seconds: self.load.labels(tier).observe(seconds))
+
+    def on_first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+
+    def on_finish(self, output: RequestOutput, seconds: float, first_token_seconds: float | None) -> None:
+        reason = output.finish_reason.value if output.finish_reason is not None else "error"
+        self.finished.labels(reason).inc()
+        if reason == "error":
+            return
+        self.e2e.observe(seconds)
+        generated = len(output.token_ids)
+        if generated > 1 and first_token_seconds is not None:
+            self.tpot.observe((seconds - first_token_seconds) / (generated - 1))

@@ -1,0 +1,79 @@
+"""``Platform``: the shared parts every service builds from its settings (database sessions, the
+object store, the base model's configuration) plus the hooks that tell inference about adapters.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from inference.model_config import ModelConfig
+from inference.service.protocol import AdapterSpec
+from tenants.db import make_engine, make_session_factory
+from tenants.models import Adapter
+from tenants.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+
+
+def adapter_prefix(tenant_id: str, adapter_id: str) -> str:
+    """The server-made storage prefix of one adapter version: ``tenants/{tenant}/adapters/{id}``."""
+    return f"tenants/{tenant_id}/adapters/{adapter_id}"
+
+
+def adapter_spec(adapter: Adapter) -> AdapterSpec:
+    """What inference needs to load a ready adapter from the shared store."""
+    if adapter.storage_key is None or adapter.sha256 is None:
+        raise ValueError(f"adapter {adapter.id} has no stored files")
+    return AdapterSpec(
+        id=adapter.id,
+        config_key=f"{adapter.storage_key}/{CONFIG_FILE}",
+        weights_key=f"{adapter.storage_key}/{WEIGHTS_FILE}",
+        sha256=adapter.sha256,
+    )
+
+
+@dataclass
+class Platform:
+    """Settings, a session factory, the object store, and callbacks run when an adapter turns
+    ready (``ready_hooks``: each gets the adapter's ``AdapterSpec``; failures are logged)."""
+
+    settings: Settings
+    session_factory: sessionmaker[Session]
+    store: object  # tenants.storage.BlobStore
+    ready_hooks: list[Callable[[AdapterSpec], None]] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, store: object | None = None) -> Platform:
+        from tenants.storage import make_object_store
+
+        if settings.database_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        engine = make_engine(settings.resolved_database_url)
+        return cls(settings, make_session_factory(engine), store if store is not None else make_object_store(settings))
+
+    @cached_property
+    def model_config(self) -> ModelConfig:
+        """The base model's configuration (config.json only; no weights are loaded)."""
+        from inference.engine import resolve_model
+
+        return ModelConfig.from_checkpoint(resolve_model(self.settings.model))
+
+    def adapter_ready(self, spec: AdapterSpec) -> None:
+        for hook in list(self.ready_hooks):
+            try:
+                hook(spec)
+            except Exception:
+                log.exception("adapter-ready hook failed for %s", spec.id)
+
+    def close(self) -> None:
+        bind = self.session_factory.kw.get("bind")
+        if bind is not None:
+            bind.dispose()
