@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from api.state import AppState
@@ -46,17 +47,19 @@ class Caller:
     key_id: str
 
 
-def _bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+bearer_scheme = HTTPBearer(auto_error=False, description="an API key (tk_...) or, for POST /v1/tenants, the operator token")
+BearerDep = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]
+
+
+def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials.strip():
         raise HTTPException(401, "missing bearer token (Authorization: Bearer <key>)", headers=AUTH_HEADERS)
-    return token.strip()
+    return credentials.credentials.strip()
 
 
-def get_caller(request: Request, state: StateDep, session: SessionDep) -> Caller:
+def get_caller(request: Request, credentials: BearerDep, state: StateDep, session: SessionDep) -> Caller:
     """The tenant and scope of the presented API key; 401 when missing, unknown or revoked."""
-    token = _bearer(request)
+    token = _bearer(credentials)
     key = repo.find_api_key(session, token, pepper=state.settings.api_key_pepper.get_secret_value())
     if key is None:
         raise HTTPException(401, "invalid or revoked API key", headers=AUTH_HEADERS)
@@ -76,8 +79,8 @@ def require_chat(caller: Annotated[Caller, Depends(get_caller)]) -> Caller:
     return caller
 
 
-def require_operator(request: Request, state: StateDep) -> None:
-    token = _bearer(request)
+def require_operator(credentials: BearerDep, state: StateDep) -> None:
+    token = _bearer(credentials)
     if not repo.constant_time_equals(token, state.operator_token):
         raise HTTPException(401, "invalid operator token", headers=AUTH_HEADERS)
 

@@ -23,6 +23,8 @@ def embedded_settings(data_dir: Path, model: Path, **overrides) -> Settings:
         pool_bytes=32 << 20,
         max_upload_bytes=4 << 20,
         history_token_budget=256,
+        default_max_tokens=8,
+        max_tokens_limit=64,
     )
     values.update(overrides)
     return Settings(**values)
