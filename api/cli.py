@@ -170,8 +170,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from tenants.settings import Settings
     from tenants.worker import run_worker
 
-    run_worker(Settings())
-    return 0
+    return run_worker(Settings())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -96,3 +96,14 @@ def validate_adapter_job(platform: Platform, adapter_id: str) -> str:
     adapter.sha256 = weights.sha256
     platform.adapter_ready(adapter_spec(adapter))
     return "ready"
+
+
+def give_up(platform: Platform, adapter_id: str, reason: str) -> str:
+    """Mark a still-pending adapter failed with ``reason`` and delete its files (the task queue
+    calls this when no further attempt will be made)."""
+    with session_scope(platform.session_factory) as session:
+        adapter = session.get(Adapter, adapter_id)
+        if adapter is None or adapter.status != "pending":
+            return "skipped"
+        session.expunge(adapter)
+    return _fail(platform, adapter, reason)

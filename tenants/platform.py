@@ -40,6 +40,27 @@ def adapter_spec(adapter: Adapter) -> AdapterSpec:
     )
 
 
+PREFETCH_TIMEOUT_S = 10.0
+
+
+def remote_prefetch_hook(settings: Settings) -> Callable[[AdapterSpec], None]:
+    """A ready hook that asks the inference service to prefetch the adapter (worker processes)."""
+    import httpx
+
+    from inference.service.protocol import SECRET_HEADER
+
+    url = settings.inference_url.rstrip("/") + "/internal/adapters/prefetch"
+    headers = {SECRET_HEADER: settings.inference_secret.get_secret_value()}
+
+    def prefetch(spec: AdapterSpec) -> None:
+        try:
+            httpx.post(url, json={"adapter": spec.model_dump()}, headers=headers, timeout=PREFETCH_TIMEOUT_S)
+        except httpx.HTTPError as exc:  # a cold adapter costs its first request time, nothing more
+            log.info("prefetch of adapter %s failed: %s", spec.id, exc)
+
+    return prefetch
+
+
 @dataclass
 class Platform:
     """Settings, a session factory, the object store, and callbacks run when an adapter turns

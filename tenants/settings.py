@@ -65,6 +65,9 @@ class Settings(BaseSettings):
     # --- background tasks --------------------------------------------------------------------------
     task_mode: Literal["inprocess", "celery"] = "inprocess"
     redis_url: str = "redis://127.0.0.1:6379/0"
+    worker_concurrency: int = Field(1, ge=1)  # 1: Celery's solo pool; more: a thread pool
+    worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so that Prometheus can scrape
+    worker_metrics_port: int = Field(9101, ge=1, le=65535)
 
     # --- inference ---------------------------------------------------------------------------------
     inference_mode: Literal["embedded", "remote"] = "embedded"

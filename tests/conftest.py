@@ -17,6 +17,8 @@ import torch
 
 from inference.bundled_model import prepare_bundled_model
 
+pytest_plugins = ["support.service_fixtures"]
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 

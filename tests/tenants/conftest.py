@@ -1,47 +1,23 @@
 """Database fixtures for the tenant metadata tests: SQLite files and a real PostgreSQL (pgserver).
 
-PostgreSQL comes from the ``pgserver`` wheel (a bundled PostgreSQL 16), started once per test
-session in a temporary directory. As root, pgserver runs the server as a system user
-``pgserver`` that it creates with ``useradd`` (and it opens o+rx on the data directory's parents).
-Each test that needs an empty database gets its own ``CREATE DATABASE``.
+The session's PostgreSQL server is the ``pg_server`` fixture of ``support.service_fixtures``
+(see ``support.postgres``); each test that needs an empty database gets its own
+``CREATE DATABASE``.
 """
 
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
+from support.postgres import new_pg_database
+
 BACKENDS = ("sqlite", "postgresql")
-
-
-@pytest.fixture(scope="session")
-def pg_server(tmp_path_factory):
-    import pgserver
-    server = pgserver.get_server(tmp_path_factory.mktemp("pg"), cleanup_mode="stop")
-    yield server
-    server.cleanup()
-
-
-def _new_pg_database(server) -> tuple[str, callable]:
-    import psycopg
-
-    admin_uri = server.get_uri()
-    name = f"tailor_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(admin_uri, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-    def drop() -> None:
-        with psycopg.connect(admin_uri, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-    return server.get_uri(name), drop
 
 
 def _new_database(request, backend: str, directory) -> tuple[str, callable]:
     if backend == "sqlite":
         return f"sqlite:///{directory / 'tailor.db'}", lambda: None
-    return _new_pg_database(request.getfixturevalue("pg_server"))
+    return new_pg_database(request.getfixturevalue("pg_server"))
 
 
 @pytest.fixture(params=BACKENDS)
