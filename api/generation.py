@@ -26,17 +26,27 @@ async def open_generation(state: AppState, metrics: ApiMetrics, request: Generat
         events = await state.inference.start(request)
     except InferenceError as exc:
         raise inference_http_error(exc) from None
-    return _counting(events, metrics, tenant_id)
+    return _CountingEvents(events, metrics, tenant_id)
 
 
-async def _counting(events: AsyncIterator[dict], metrics: ApiMetrics, tenant_id: str) -> AsyncIterator[dict]:
-    try:
-        async for event in events:
-            if event["event"] == "end":
-                metrics.count_tokens(tenant_id, event["prompt_tokens"], event["completion_tokens"])
-            yield event
-    finally:
-        await events.aclose()
+class _CountingEvents:
+    """Passes events through, counting the tenant's tokens at the end; ``aclose`` closes (and so
+    aborts, when unfinished) the generation underneath, even if it was never iterated."""
+
+    def __init__(self, events, metrics: ApiMetrics, tenant_id: str):
+        self._events, self._metrics, self._tenant_id = events, metrics, tenant_id
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> dict:
+        event = await self._events.__anext__()
+        if event["event"] == "end":
+            self._metrics.count_tokens(self._tenant_id, event["prompt_tokens"], event["completion_tokens"])
+        return event
+
+    async def aclose(self) -> None:
+        await self._events.aclose()
 
 
 async def collect(events: AsyncIterator[dict]) -> tuple[dict, dict]:

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import itertools
 import logging
+import shutil
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,10 @@ class LLMEngine:
         geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
         self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
         if adapter_store is None:
-            store_dir = self.config.adapter_store_dir or tempfile.mkdtemp(prefix="tailor-adapters-")
+            store_dir = self.config.adapter_store_dir
+            if store_dir is None:  # a private folder, removed with the engine
+                store_dir = tempfile.mkdtemp(prefix="tailor-adapters-")
+                weakref.finalize(self, shutil.rmtree, store_dir, True)
             adapter_store = LocalFolderStore(store_dir)
         self.adapters = AdapterManager(
             self.model_config,

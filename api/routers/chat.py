@@ -10,6 +10,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 
 from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
 from api.generation import collect, open_generation, sse
@@ -100,7 +101,8 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
                 else:
                     yield sse("error", {"message": event.get("message", "generation failed")})
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(events.aclose))  # also when the body never started
 
 
 class _closing:

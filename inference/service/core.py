@@ -75,6 +75,34 @@ def render_chat(
     return RenderedPrompt(ids_from(start), len(messages) - start)
 
 
+class EventStream:
+    """The events of one generation (an async iterator of dicts). ``aclose()`` before the final
+    event, even before iterating at all, aborts the request; closing twice is harmless."""
+
+    def __init__(self, events: AsyncIterator[Event], abandon):
+        self._events = events
+        self._abandon = abandon
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        event = await self._events.__anext__()
+        if event["event"] in ("end", "error"):
+            self._finished = True
+        return event
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._abandon()
+        await self._events.aclose()
+
+
 class InferenceCore:
     """Wraps an ``LLM`` (engine plus loop thread) for the platform."""
 
@@ -195,16 +223,21 @@ class InferenceCore:
             raise InferenceError.invalid(str(exc)) from exc
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
-        return self._events(request_id, rendered, stream)
+        events = self._events(request_id, rendered, stream)
+        return EventStream(events, lambda: self._abandon(request_id))
+
+    def _abandon(self, request_id: str) -> None:
+        """The caller closed the events before the end: abort the request (frees its pages)."""
+        self.metrics.finished.labels("abort").inc()
+        self.llm.abort(request_id)
 
     async def _events(self, request_id: str, rendered: RenderedPrompt, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Event]:
         started = time.monotonic()
         prompt_tokens = len(rendered.token_ids)
         first_token_at: float | None = None
-        finished = False
-        yield {"event": "start", "request_id": request_id, "prompt_tokens": prompt_tokens,
-               "messages_used": rendered.messages_used}
         try:
+            yield {"event": "start", "request_id": request_id, "prompt_tokens": prompt_tokens,
+                   "messages_used": rendered.messages_used}
             async for output in stream:
                 if output.new_token_ids and first_token_at is None:
                     first_token_at = time.monotonic() - started
@@ -212,7 +245,6 @@ class InferenceCore:
                 if output.delta_text:
                     yield {"event": "delta", "text": output.delta_text, "tokens": len(output.new_token_ids)}
                 if output.finished:
-                    finished = True
                     self.metrics.on_finish(output, time.monotonic() - started, first_token_at)
                     if output.finish_reason is FinishReason.ERROR:
                         yield {"event": "error", "message": output.error or "generation failed"}
@@ -221,8 +253,6 @@ class InferenceCore:
                                "prompt_tokens": prompt_tokens, "completion_tokens": len(output.token_ids),
                                "text": output.text}
         finally:
-            if not finished:  # the caller went away: the request is aborted
-                self.metrics.finished.labels("abort").inc()
             await stream.aclose()
 
     async def generate(self, req: GenerateRequest) -> dict:

@@ -1,0 +1,230 @@
+"""The inference service's internal HTTP API: a thin layer over ``InferenceCore``.
+
+Routes (every ``/internal/*`` route needs the shared secret in ``X-Tailor-Inference-Secret``):
+
+* ``POST /internal/generate`` (``GenerateRequest``) -> ``application/x-ndjson``: one event per line
+  (see ``inference.service.protocol``). Refusals come back before streaming as JSON
+  ``{"detail": [problem, ...]}`` with status 422, 429 or 503 (and ``Retry-After``).
+* ``POST /internal/adapters/prefetch`` (``PrefetchRequest``) -> ``{"adapter_id", "tier"}``.
+* ``DELETE /internal/adapters/{adapter_id}?timeout_s=`` -> ``{"dropped": bool}``; 409 when its
+  in-flight requests did not finish in time.
+* ``GET /healthz`` (the process answers) and ``GET /readyz`` (the engine runs): no secret.
+
+A client that disconnects mid-stream has its request aborted, so its pages are freed within a step.
+``run_inference_service(settings)`` builds the engine from settings and serves this app.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import contextmanager
+
+from fastapi import FastAPI, Path, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from inference.service.core import InferenceCore
+from inference.service.protocol import SECRET_HEADER, GenerateRequest, InferenceError, PrefetchRequest
+
+log = logging.getLogger(__name__)
+
+NDJSON = "application/x-ndjson"
+INTERNAL_PREFIX = "/internal/"
+GRACEFUL_SHUTDOWN_S = 30
+TERMINAL_EVENTS = ("end", "error")
+
+
+# --------------------------------------------------------------------------- authentication
+class SharedSecretMiddleware:
+    """Answers 401 to any ``/internal/*`` request whose secret header differs from ``secret``.
+
+    A plain ASGI middleware (not a dependency) so that the check runs before the body is read or
+    parsed: an unauthenticated caller learns nothing from validation errors.
+    """
+
+    def __init__(self, app: ASGIApp, secret: str):
+        self.app = app
+        self._secret = secret.encode()
+        self._header = SECRET_HEADER.lower().encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith(INTERNAL_PREFIX.rstrip("/")):
+            supplied = next((value for name, value in scope["headers"] if name == self._header), b"")
+            if not hmac.compare_digest(supplied, self._secret):
+                response = JSONResponse({"detail": [f"missing or wrong {SECRET_HEADER} header"]}, status_code=401)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+# --------------------------------------------------------------------------- streaming
+def _line(event: dict) -> bytes:
+    """One NDJSON line (UTF-8, newline-terminated)."""
+    return (json.dumps(event, ensure_ascii=False) + "\n").encode()
+
+
+class EventStreamResponse(StreamingResponse):
+    """Streams generation events as NDJSON and guarantees the request ends with the response.
+
+    ``first`` is the already-read ``start`` event, ``events`` the rest. Whatever way the response
+    ends (finished, client disconnected, server shutting down), ``events`` is closed; if no
+    ``end``/``error`` event went out, ``abort()`` is called too, so the engine frees the request's
+    pages even when the event iterator was never resumed after ``start``.
+    """
+
+    def __init__(self, first: dict, events: AsyncIterator[dict], abort: Callable[[], None]):
+        self._events = events
+        self._abort = abort
+        self._finished = False
+        super().__init__(self._lines(first), media_type=NDJSON, headers={"Cache-Control": "no-store"})
+
+    async def _lines(self, first: dict) -> AsyncIterator[bytes]:
+        yield _line(first)
+        try:
+            async for event in self._events:
+                self._finished = event.get("event") in TERMINAL_EVENTS
+                yield _line(event)
+                if self._finished:
+                    return
+        except Exception as exc:  # a bug below us: end the stream with an error event, not a cut
+            log.exception("generation stream failed")
+            self._finished = True
+            yield _line({"event": "error", "message": f"generation failed: {exc}"})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._release()
+
+    async def _release(self) -> None:
+        try:
+            await self.body_iterator.aclose()  # type: ignore[attr-defined]
+            await self._events.aclose()  # type: ignore[attr-defined]
+        finally:
+            if not self._finished:
+                self._abort()
+
+
+# --------------------------------------------------------------------------- the app
+def _error_response(exc: InferenceError) -> JSONResponse:
+    """``{"detail": [problems]}`` with the error's status and, when set, ``Retry-After``."""
+    headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+    return JSONResponse({"detail": exc.problems}, status_code=exc.status, headers=headers)
+
+
+def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
+    """The internal API over ``core``; ``secret`` is the shared secret callers must send.
+
+    Metrics (``/metrics``) are added to the returned app by the caller.
+    """
+    if not secret:
+        raise ValueError("the inference service needs a non-empty shared secret")
+    app = FastAPI(title="Tailor inference (internal)", version="0.1.0", docs_url=None, redoc_url=None)
+    app.add_middleware(SharedSecretMiddleware, secret=secret)
+
+    @app.exception_handler(InferenceError)
+    async def on_inference_error(_request: Request, exc: InferenceError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        """The process is up (no secret needed)."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """200 while the engine thread runs, else 503 (no secret needed)."""
+        ready = core.ready()
+        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+    @app.post("/internal/generate", response_class=StreamingResponse)
+    async def generate(req: GenerateRequest) -> StreamingResponse:
+        """Validate and submit ``req``, then stream its events as NDJSON."""
+        events = await core.start(req)
+        try:
+            first = await anext(events)  # the start event: yielded at once, names the request
+        except BaseException:
+            await events.aclose()  # type: ignore[attr-defined]
+            raise
+        request_id = first["request_id"]
+        return EventStreamResponse(first, events, lambda: core.llm.abort(request_id))
+
+    @app.post("/internal/adapters/prefetch")
+    async def prefetch(body: PrefetchRequest) -> dict:
+        """Load an adapter into host RAM (and device pages when there is room); returns the tier."""
+        tier = await core.prefetch(body.adapter)
+        return {"adapter_id": body.adapter.id, "tier": tier}
+
+    @app.delete("/internal/adapters/{adapter_id}")
+    async def drop_adapter(
+        adapter_id: str = Path(min_length=1, max_length=200),
+        timeout_s: float = Query(60.0, gt=0, le=600),
+    ) -> JSONResponse:
+        """Forget an adapter once its in-flight requests finish (409 if they take over
+        ``timeout_s`` seconds); ``dropped`` is False when it was not loaded."""
+        try:
+            dropped = await core.drop_adapter(adapter_id, timeout_s)
+        except TimeoutError as exc:
+            return JSONResponse({"detail": [str(exc)]}, status_code=409)
+        return JSONResponse({"dropped": dropped})
+
+    return app
+
+
+# --------------------------------------------------------------------------- the process
+def _object_store(settings):
+    """The shared object store the platform writes adapters to."""
+    try:
+        from tenants.storage import make_object_store
+    except ImportError:  # TODO: drop this fallback once tenants.storage has landed
+        from inference.adapters.object_store import LocalFolderStore
+
+        return LocalFolderStore(settings.resolved_storage_dir)
+    return make_object_store(settings)
+
+
+def run_inference_service(settings) -> None:
+    """Load the model, then serve the internal API on ``settings.host:settings.port`` until
+    SIGTERM/SIGINT; in-flight streams get ``GRACEFUL_SHUTDOWN_S`` seconds to finish (the rest are
+    aborted), then the engine stops and the function returns."""
+    import uvicorn
+
+    from inference.llm import LLM
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = _object_store(settings)
+    llm = LLM(settings.model, adapter_store=store, **settings.engine_options())
+    core = InferenceCore(llm)
+    try:
+        app = create_inference_app(core, settings.inference_secret.get_secret_value())
+        with _signals_end_serving():
+            uvicorn.run(app, host=settings.host, port=settings.port,
+                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info")
+    finally:
+        core.close()
+
+
+@contextmanager
+def _signals_end_serving() -> Iterator[None]:
+    """While uvicorn serves it handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises
+    the signal once it has stopped; catch that re-raise so that the engine is stopped cleanly
+    (``core.close()``) instead of the process dying first."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    handled = (signal.SIGTERM, signal.SIGINT)
+    previous = {sig: signal.signal(sig, lambda sig, _frame: received.append(sig)) for sig in handled}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if received:
+            log.info("stopped on signal %s", signal.Signals(received[0]).name)

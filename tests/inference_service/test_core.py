@@ -1,0 +1,74 @@
+"""InferenceCore in-process (the embedded default's path): closing a generation early, at any
+point, aborts it and frees its pages; history trimming keeps the newest turns that fit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from inference import LLM
+from inference.service.core import InferenceCore, render_chat
+from inference.service.protocol import GenerateRequest, InferenceError
+
+
+@pytest.fixture(scope="module")
+def core(tiny_checkpoint):
+    c = InferenceCore(LLM(str(tiny_checkpoint), page_tokens=4, pool_bytes=16 << 20))
+    yield c
+    c.close()
+
+
+def _long_request() -> GenerateRequest:
+    return GenerateRequest(messages=[{"role": "user", "content": "count"}], max_tokens=1500, temperature=0.0,
+                           stop=[], top_p=1.0)
+
+
+async def _wait_idle(core: InferenceCore, timeout_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while core.engine.num_running + core.engine.num_waiting:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        await asyncio.sleep(0.01)
+    occupancy = core.engine.pool.occupancy()
+    assert occupancy.kv == 0
+
+
+@pytest.mark.parametrize("read", [0, 1, 3])
+async def test_closing_early_aborts_at_any_point(core, read):
+    generated_before = core.engine.stats.generation_tokens
+    aborted_before = core.metrics.finished.labels("abort")._value.get()
+    events = await core.start(_long_request())
+    for _ in range(read):
+        await events.__anext__()
+    await events.aclose()
+    await _wait_idle(core)
+    assert core.engine.stats.generation_tokens - generated_before < 1000
+    assert core.metrics.finished.labels("abort")._value.get() == aborted_before + 1
+    await events.aclose()  # twice is harmless
+
+
+async def test_a_finished_generation_is_not_counted_as_aborted(core):
+    aborted_before = core.metrics.finished.labels("abort")._value.get()
+    end = await core.generate(GenerateRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=3))
+    assert end["event"] == "end" and end["completion_tokens"] <= 3
+    assert core.metrics.finished.labels("abort")._value.get() == aborted_before
+
+
+def test_render_chat_keeps_the_newest_turns_that_fit(core):
+    tok = core.tokenizer
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " + "x " * 20} for i in range(9)]
+    full = len(tok.apply_chat_template(turns))
+    limit = full // 2
+    rendered = render_chat(tok, "Be brief.", turns, limit)
+    assert len(rendered.token_ids) <= limit and rendered.messages_used < len(turns)
+    kept = turns[len(turns) - rendered.messages_used:]
+    assert kept[0]["role"] == "user"  # never opens with half an exchange
+    assert rendered.token_ids == tok.apply_chat_template([{"role": "system", "content": "Be brief."}, *kept])
+    # one more (older) message would not have fitted, unless it is the assistant turn skipped above
+    start = len(turns) - rendered.messages_used
+    longer = [{"role": "system", "content": "Be brief."}, *turns[start - 2:]]
+    assert len(tok.apply_chat_template(longer)) > limit
+    with pytest.raises(InferenceError) as info:
+        render_chat(tok, None, [{"role": "user", "content": "y " * 500}], 50)
+    assert info.value.status == 422
