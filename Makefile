@@ -22,7 +22,7 @@ prepare: $(STAMP)
 	$(VENV)/bin/tailor models prepare
 
 serve: prepare
-	$(VENV)/bin/tailor chat
+	$(VENV)/bin/tailor serve
 
 test: prepare
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -20,6 +20,7 @@ from api import limits
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.prefetch import prefetch_from_thread
+from api.rate_limit import TenantRateLimiter
 from api.routers import adapters, api_keys, chat, health, openai_compat, tenants, users
 from api.state import AppState
 from tenants.platform import Platform
@@ -81,7 +82,8 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
         own_platform.ready_hooks.append(hook)
         tasks = make_task_queue(settings, own_platform)
         token, _new = resolve_operator_token(settings)
-        app.state.tailor = AppState(settings, own_platform, backend, tasks, token)
+        limiter = TenantRateLimiter(settings.rate_limit_per_minute)
+        app.state.tailor = AppState(settings, own_platform, backend, tasks, token, limiter)
         try:
             yield
         finally:

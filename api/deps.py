@@ -65,6 +65,11 @@ def get_caller(request: Request, credentials: BearerDep, state: StateDep, sessio
         raise HTTPException(401, "invalid or revoked API key", headers=AUTH_HEADERS)
     caller = Caller(key.tenant_id, key.scope, key.id)
     request.state.tenant_id = key.tenant_id
+    wait_s = state.rate_limiter.acquire(key.tenant_id)
+    if wait_s is not None:
+        request.state.reject_reason = "rate_limit"
+        raise HTTPException(429, f"rate limit of {state.settings.rate_limit_per_minute} requests per minute reached",
+                            headers={"Retry-After": str(wait_s)})
     return caller
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from api.rate_limit import TenantRateLimiter
 from tenants.platform import Platform
 from tenants.settings import Settings
 
@@ -22,3 +23,4 @@ class AppState:
     inference: object
     tasks: "TaskQueue"
     operator_token: str
+    rate_limiter: TenantRateLimiter

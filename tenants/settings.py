@@ -89,6 +89,7 @@ class Settings(BaseSettings):
     history_max_messages: int = Field(100, ge=1)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
+    rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
 
     @field_validator("data_dir", "storage_dir")
     @classmethod

@@ -25,7 +25,9 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 
 from fastapi import FastAPI, Path, Query, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import REGISTRY, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inference.service.core import InferenceCore
@@ -136,6 +138,13 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
     async def healthz() -> dict:
         """The process is up (no secret needed)."""
         return {"status": "ok"}
+
+    @app.get("/metrics", include_in_schema=False)
+    def metrics() -> Response:
+        """Prometheus text format: the engine's registry and the process-wide one (no secret:
+        Prometheus scrapes it; keep the port on the internal network)."""
+        body = generate_latest(core.metrics.registry) + generate_latest(REGISTRY)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:

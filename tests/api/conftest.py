@@ -25,6 +25,7 @@ def embedded_settings(data_dir: Path, model: Path, **overrides) -> Settings:
         history_token_budget=256,
         default_max_tokens=8,
         max_tokens_limit=64,
+        rate_limit_per_minute=0,  # the fuzzing test sends hundreds of requests; test_rate_limit covers it
     )
     values.update(overrides)
     return Settings(**values)
