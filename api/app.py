@@ -23,6 +23,7 @@ from api.prefetch import prefetch_from_thread
 from api.rate_limit import TenantRateLimiter
 from api.routers import adapters, api_keys, chat, health, openai_compat, tenants, users
 from api.state import AppState
+from tenants.cleanup import PeriodicCleanup, cleanup_job
 from tenants.platform import Platform
 from tenants.settings import Settings
 
@@ -81,12 +82,20 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
         hook = lambda spec: prefetch_from_thread(loop, backend, spec)  # noqa: E731
         own_platform.ready_hooks.append(hook)
         tasks = make_task_queue(settings, own_platform)
+        cleaner = None
+        if settings.task_mode == "inprocess":  # with Celery, the worker's beat schedules it
+            cleaner = PeriodicCleanup(lambda: cleanup_job(own_platform, tasks.submit_validation,
+                                                          requeue_after_s=settings.pending_requeue_s,
+                                                          give_up_after_s=settings.pending_timeout_s),
+                                      settings.cleanup_interval_s).start()
         token, _new = resolve_operator_token(settings)
         limiter = TenantRateLimiter(settings.rate_limit_per_minute)
         app.state.tailor = AppState(settings, own_platform, backend, tasks, token, limiter)
         try:
             yield
         finally:
+            if cleaner is not None:
+                cleaner.stop()
             tasks.close()
             own_platform.ready_hooks.remove(hook)
             if inference is None:

@@ -72,9 +72,31 @@ def make_celery(settings: Settings) -> Celery:
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
+    if settings.cleanup_interval_s > 0:
+        app.conf.beat_schedule = {
+            "tailor-cleanup": {"task": CLEANUP_TASK, "schedule": settings.cleanup_interval_s},
+        }
     app.tailor_settings = settings  # what the task builds its Platform from
     _register_validate_task(app)
+    app.task(name=CLEANUP_TASK, bind=True, ignore_result=True)(cleanup)
     return app
+
+
+CLEANUP_TASK = "tailor.cleanup"
+
+
+def cleanup(task: Task) -> dict:
+    """The periodic clean-up (``tenants.cleanup.cleanup_job``); re-queued validations go through
+    the broker like any other."""
+    from tenants.cleanup import cleanup_job
+    from tenants.task_queue import CeleryTaskQueue
+
+    settings = task.app.tailor_settings
+    queue = CeleryTaskQueue(task.app)
+    report = cleanup_job(get_platform(settings), queue.submit_validation,
+                         requeue_after_s=settings.pending_requeue_s, give_up_after_s=settings.pending_timeout_s)
+    return {"requeued": len(report.requeued), "timed_out": len(report.timed_out),
+            "files_removed": report.files_removed, "orphans_removed": report.orphans_removed}
 
 
 def _register_validate_task(app: Celery) -> None:

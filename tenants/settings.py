@@ -91,6 +91,11 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(2048, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
 
+    # --- clean-up -----------------------------------------------------------------------------------
+    cleanup_interval_s: float = Field(300.0, ge=0)  # 0 disables the periodic clean-up
+    pending_requeue_s: float = Field(300.0, gt=0)
+    pending_timeout_s: float = Field(3600.0, gt=0)
+
     @field_validator("data_dir", "storage_dir")
     @classmethod
     def _expand(cls, value: Path | None) -> Path | None:

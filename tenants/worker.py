@@ -18,7 +18,9 @@ import logging
 import os
 import socket
 import sys
+import tempfile
 import threading
+from pathlib import Path
 
 from celery import Celery
 from celery.signals import worker_ready
@@ -104,6 +106,8 @@ def make_worker(app: Celery, settings: Settings):
         without_gossip=True,
         without_mingle=True,
         without_heartbeat=True,
+        beat=settings.cleanup_interval_s > 0,  # embedded beat: runs the periodic clean-up (idempotent)
+        schedule_filename=str(Path(tempfile.gettempdir()) / f"tailor-beat-{os.getpid()}"),
     )
 
 

@@ -125,6 +125,7 @@ class AdapterManager:
     def register_files(self, adapter_id: str, config_bytes: bytes, weights_bytes: bytes, new_version: bool = False) -> AdapterRef:
         """Validate the two PEFT files, store them, and publish a new reference."""
         _check_adapter_id(adapter_id)
+        started = time.monotonic()
         weights = validate_adapter_files(config_bytes, weights_bytes, self.model_config, self.max_rank)
         version, existing = self.registry.next_version(adapter_id, weights.sha256, new_version)
         if existing is not None:
@@ -135,9 +136,15 @@ class AdapterManager:
         self.store.put(config_key, config_bytes)
         self.store.put(weights_key, weights_bytes)
         ref = self._make_ref(adapter_id, version, weights, config_key, weights_key)
-        self.host.put(ref.uid, self._host_copy(weights))
-        self._publish(ref)
+        self._load_host(ref, weights, started)
         return ref
+
+    def _load_host(self, ref: AdapterRef, weights: LoraAdapterWeights, started: float) -> None:
+        """Put freshly validated weights into host RAM (a timed host load) and publish ``ref``."""
+        seconds = time.monotonic() - started
+        self.host.put(ref.uid, self._host_copy(weights), load_seconds=seconds)
+        self._observe("host", seconds)
+        self._publish(ref)
 
     def _publish(self, ref: AdapterRef) -> None:
         """Make ``ref`` current; superseded versions that no request uses leave the registry and
@@ -154,6 +161,7 @@ class AdapterManager:
     def register_stored(self, adapter_id: str, config_key: str, weights_key: str, sha256: str | None = None, new_version: bool = False) -> AdapterRef:
         """Register adapter files that already sit in the object store (the platform uploads them)."""
         _check_adapter_id(adapter_id)
+        started = time.monotonic()
         config_bytes, weights_bytes = self.store.get(config_key), self.store.get(weights_key)
         weights = validate_adapter_files(config_bytes, weights_bytes, self.model_config, self.max_rank)
         if sha256 is not None and sha256 != weights.sha256:
@@ -162,8 +170,7 @@ class AdapterManager:
         if existing is not None:
             return existing
         ref = self._make_ref(adapter_id, version, weights, config_key, weights_key)
-        self.host.put(ref.uid, self._host_copy(weights))
-        self._publish(ref)
+        self._load_host(ref, weights, started)
         return ref
 
     def _make_ref(self, adapter_id: str, version: int, weights: LoraAdapterWeights, config_key: str, weights_key: str) -> AdapterRef:
