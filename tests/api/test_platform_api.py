@@ -324,3 +324,19 @@ def test_health(client):
     ready = client.get("/readyz")
     assert ready.status_code == 200 and ready.json()["inference"] == "ok"
     assert client.get("/openapi.json").json()["info"]["title"] == "Tailor"
+
+
+def test_archive_expanding_beyond_the_limit_is_413(client, tenant_a, api_settings):
+    """A small zip of zeros that would expand past the upload limit is refused before extraction."""
+    import zipfile
+
+    _t, admin, _c = tenant_a
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("adapter_config.json", b"{}")
+        zf.writestr("adapter_model.safetensors", b"\0" * (api_settings.max_upload_bytes + 1))
+    assert len(buffer.getvalue()) < api_settings.max_upload_bytes // 100
+    before = store_keys(client)
+    r = upload_adapter(client, admin, "bomb", [("files", ("bomb.zip", buffer.getvalue(), "application/zip"))])
+    assert r.status_code == 413 and "limit" in " ".join(r.json()["detail"])
+    assert store_keys(client) == before
