@@ -121,10 +121,8 @@ def _error_response(exc: InferenceError) -> JSONResponse:
 
 
 def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
-    """The internal API over ``core``; ``secret`` is the shared secret callers must send.
-
-    Metrics (``/metrics``) are added to the returned app by the caller.
-    """
+    """The internal API over ``core``; ``secret`` is the shared secret callers must send to
+    ``/internal/*`` (``/healthz``, ``/readyz`` and ``/metrics`` need none)."""
     if not secret:
         raise ValueError("the inference service needs a non-empty shared secret")
     app = FastAPI(title="Tailor inference (internal)", version="0.1.0", docs_url=None, redoc_url=None)
@@ -189,12 +187,8 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
 # --------------------------------------------------------------------------- the process
 def _object_store(settings):
     """The shared object store the platform writes adapters to."""
-    try:
-        from tenants.storage import make_object_store
-    except ImportError:  # TODO: drop this fallback once tenants.storage has landed
-        from inference.adapters.object_store import LocalFolderStore
+    from tenants.storage import make_object_store
 
-        return LocalFolderStore(settings.resolved_storage_dir)
     return make_object_store(settings)
 
 
