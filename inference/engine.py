@@ -245,6 +245,8 @@ class LLMEngine:
         if not plan.chunks:
             self._prefetch()
             return outputs
+        # rows of one adapter next to each other: the LoRA path computes such a run as one segment
+        plan.chunks.sort(key=lambda c: c.request.adapter.uid if c.request.adapter is not None else "")
         batch, sampling_chunks = self._build_batch(plan)
         lora = self._lora_batch(plan)
         logits = self.model.forward(batch, self.pool, lora)

@@ -62,6 +62,7 @@ __all__ = [
     "lora_expand_ref",
     "gather_virtual",
     "scatter_virtual",
+    "triton_available",
 ]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -530,6 +531,11 @@ def _jit(fn: Callable):
         k = triton.jit(fn)
         _JIT_CACHE[key] = k
     return k
+
+
+def triton_available() -> bool:
+    """Whether triton could be imported (the kernels then run on CUDA, or on CPU when interpreted)."""
+    return _HAVE_TRITON
 
 
 def _resolve_use_triton(op: str, use_triton, x: Tensor) -> bool:

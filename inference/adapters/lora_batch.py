@@ -4,13 +4,26 @@ A step's batch may mix rows of many adapters of different ranks and target sets,
 adapter. Each distinct resident adapter gets a slot ``s``; per target module the tensors
 ``ranks[s]`` (0 when the adapter does not target that module), ``a_offset[s]`` and ``b_offset[s]``
 locate its A and Bt in the adapter's pages, and ``scaling[s]`` is its ``alpha / r`` (or rsLoRA's
-``alpha / sqrt(r)``). Decode-only steps use the one-row-per-request kernels; steps with a prefill
-chunk use the segment kernels (a decode row is a segment of one).
+``alpha / sqrt(r)``).
 
-On CPU (no Triton) decode steps take a vectorised path instead of the per-slot reference loop: the
-flat pool positions of every slot's A and Bt are computed once per step (they are the same in every
-layer, since all layers share one page layout), so each layer costs two gathers and two batched
-matmuls however many distinct adapters the batch holds.
+Two paths:
+
+* **Triton** (CUDA): decode-only steps use the one-row-per-request kernels, steps with a prefill
+  chunk the segment kernels (a decode row is a segment of one), both reading A and Bt straight from
+  the pool pages through the page table.
+* **Gathered** (CPU, or whenever Triton is off): once per layer, the pages of the step's distinct
+  adapters are copied into one contiguous buffer with a single page-granular ``index_select`` (the
+  distinct adapter bytes of that layer, the floor any implementation must read). In that buffer
+  every adapter's virtual buffer is contiguous, so
+
+  - a run of at least ``SEGMENT_MIN_ROWS`` adjacent rows of one adapter (a prefill chunk, or the
+    decode rows of a popular adapter: the engine orders a step's chunks by adapter) is a
+    *segment*: its A and Bt are plain views and it costs two matmuls;
+  - all other rows (decode rows of rarer adapters) are done together: each row's A rows and Bt
+    rows are picked out of a sliding-window view of the buffer (``unfold``: one memcpy per row
+    of A/Bt); the shrink is a multiply-and-sum over ``[T, R, in]`` (faster on CPU than a batched
+    matrix-vector product), the row's scaling sits in a rank mask, and the expand is a batched
+    ``[1, R] @ [R, out]`` product. No per-adapter Python loop, no element indices.
 """
 
 from __future__ import annotations
@@ -21,12 +34,16 @@ import torch
 
 from inference.adapters.manager import DeviceAdapter
 from inference.page_pool import PagePool
-from kernels.lora import lora_expand, lora_shrink
+from kernels.lora import lora_expand, lora_shrink, triton_available
 
-
-# Above this many gathered elements per module the dense CPU path would cost more memory than the
-# per-slot reference loop saves; fall back to it.
-_DENSE_MAX_ELEMS = 1 << 23
+# A run of at least this many adjacent rows of one adapter is computed as a segment (two skinny
+# matmuls, about 60 us each on a 2-core CPU); shorter runs join the per-row path, which costs about
+# 2.5 us more per row. Measured with benchmarks/adapter_scaling.py (8 made 10 adapters 50% slower).
+SEGMENT_MIN_ROWS = 32
+# The other rows are multiplied with the A of all their distinct adapters at once (two matmuls of
+# width distinct * R) while that width is at most this; above it, each row's own A/Bt rows are
+# gathered (cost independent of the number of adapters).
+PER_SLOT_MAX_COLUMNS = 256
 
 
 @dataclass
@@ -35,32 +52,31 @@ class _ModuleMeta:
     a_offset: torch.Tensor  # [S] int64
     b_offset: torch.Tensor  # [S] int64
     max_rank: int
-    dense: "_DenseIndex | None" = None
+    rows: "_RowIndex | None" = None
 
 
 @dataclass
-class _DenseIndex:
-    """Flat pool positions of every slot's A [S, R, in] and Bt [S, R, out] (R = max rank of the
-    module in this step), and the mask of rows below each slot's rank."""
+class _RowIndex:
+    """Where the per-row path's rows find their A and Bt rows in the step's gathered buffer.
 
-    a_index: torch.Tensor  # [S, R, in] int64 into pool_layer.view(-1)
-    b_index: torch.Tensor  # [S, R, out] int64
-    row_mask: torch.Tensor  # [S, R, 1] bool
+    T1 = rows with an adapter outside segments, R = the module's largest rank in the step.
+    """
+
+    a_start: torch.Tensor  # [O * R] int64: first element of A row j of owner o
+    b_start: torch.Tensor  # [O * R] int64: the same for Bt
+    weight: torch.Tensor  # [T1, R] fp32: scaling of row t's adapter where j < its rank, else 0
+    # owners are the S1 distinct adapters of the rows when ``columns`` is set (then
+    # ``columns[t, j] = local slot of row t * R + j``), else the T1 rows themselves
+    columns: torch.Tensor | None = None
 
 
-def _dense_index(pages: list[list[int]], offsets: list[int], ranks: list[int], max_rank: int, width: int,
-                 page_elems: int) -> torch.Tensor:
-    """[S, max_rank, width] flat positions of virtual elements ``offset + j * width + k``."""
-    table = torch.zeros((len(pages), max(len(p) for p in pages)), dtype=torch.int64)
-    for i, p in enumerate(pages):
-        table[i, : len(p)] = torch.tensor(p, dtype=torch.int64)
-    rows = torch.arange(max_rank)[:, None] * width + torch.arange(width)[None, :]
-    start = torch.tensor(offsets, dtype=torch.int64)[:, None, None]
-    virtual = start + rows[None]  # [S, R, W]
-    limit = start + torch.tensor([r * width for r in ranks], dtype=torch.int64)[:, None, None]
-    virtual = torch.where(virtual < limit, virtual, start)  # rows past the rank read a harmless element
-    page_slot = virtual // page_elems
-    return table.gather(1, page_slot.view(len(pages), -1)).view_as(virtual) * page_elems + virtual % page_elems
+@dataclass
+class _Segment:
+    """``length`` adjacent rows of the flattened batch, from ``start``, that use ``slot``."""
+
+    start: int
+    length: int
+    slot: int
 
 
 class LoraBatch:
@@ -78,45 +94,35 @@ class LoraBatch:
         ``chunk_lengths[i]`` its number of rows."""
         device = pool.tensor.device
         self.pool = pool
+        if use_triton is None:
+            use_triton = device.type == "cuda" and triton_available()
         self.use_triton = use_triton
-        max_pages = max(len(s.pages) for s in slots)
-        table = torch.zeros((len(slots), max_pages), dtype=torch.int32)
+        self.scaling_list = [float(s.ref.scaling) for s in slots]
+        self.scaling = torch.tensor(self.scaling_list, dtype=torch.float32, device=device)
+        shapes = {name: shape for s in slots for name, shape in s.shapes.items()}
+        self.modules: dict[str, _ModuleMeta] = {}
+        for name in {name for s in slots for name in s.offsets}:
+            entries = [s.offsets.get(name, (0, 0, 0)) for s in slots]
+            self.modules[name] = _ModuleMeta(
+                ranks=torch.tensor([e[2] for e in entries], dtype=torch.int32, device=device),
+                a_offset=torch.tensor([e[0] for e in entries], dtype=torch.int64, device=device),
+                b_offset=torch.tensor([e[1] for e in entries], dtype=torch.int64, device=device),
+                max_rank=max(e[2] for e in entries),
+            )
+        if use_triton:
+            self._init_triton(slots, chunk_slots, chunk_lengths, device)
+        else:
+            self._init_gathered(slots, chunk_slots, chunk_lengths, shapes, device)
+
+    # ------------------------------------------------------------------ Triton path
+    def _init_triton(self, slots, chunk_slots, chunk_lengths, device) -> None:
+        table = torch.zeros((len(slots), max(len(s.pages) for s in slots)), dtype=torch.int32)
         for i, slot in enumerate(slots):
             table[i, : len(slot.pages)] = torch.tensor(slot.pages, dtype=torch.int32)
         self.adapter_pages = table.to(device)
-        self.scaling = torch.tensor([s.ref.scaling for s in slots], dtype=torch.float32, device=device)
-        self.decode = all(n == 1 for n in chunk_lengths)
-        dense = self.decode and device.type == "cpu" and not use_triton
-        shapes = {name: shape for s in slots for name, shape in s.shapes.items()}
-        self.modules: dict[str, _ModuleMeta] = {}
-        names = {name for s in slots for name in s.offsets}
-        for name in names:
-            entries = [s.offsets.get(name, (0, 0, 0)) for s in slots]
-            ranks = [e[2] for e in entries]
-            meta = _ModuleMeta(
-                ranks=torch.tensor(ranks, dtype=torch.int32, device=device),
-                a_offset=torch.tensor([e[0] for e in entries], dtype=torch.int64, device=device),
-                b_offset=torch.tensor([e[1] for e in entries], dtype=torch.int64, device=device),
-                max_rank=max(ranks),
-            )
-            in_f, out_f = shapes[name]
-            if dense and meta.max_rank and len(slots) * meta.max_rank * max(in_f, out_f) <= _DENSE_MAX_ELEMS:
-                pages = [s.pages for s in slots]
-                page_elems = pool.geometry.page_elems
-                meta.dense = _DenseIndex(
-                    a_index=_dense_index(pages, [e[0] for e in entries], ranks, meta.max_rank, in_f, page_elems),
-                    b_index=_dense_index(pages, [e[1] for e in entries], ranks, meta.max_rank, out_f, page_elems),
-                    row_mask=(torch.arange(meta.max_rank)[None, :] < torch.tensor(ranks)[:, None])[:, :, None],
-                )
-            self.modules[name] = meta
-        if dense:
-            slots_t = torch.tensor(chunk_slots, dtype=torch.int64)
-            self.has_slot = (slots_t >= 0)[:, None]
-            self.row_slot_index = slots_t.clamp(min=0)
-        if self.decode:
+        if all(n == 1 for n in chunk_lengths):
             self.row_slot = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
-            self.seg_start = self.seg_slot = None
-            self.max_seg_len = None
+            self.seg_start = self.seg_slot = self.max_seg_len = None
         else:
             starts = [0]
             for n in chunk_lengths:
@@ -126,28 +132,138 @@ class LoraBatch:
             self.seg_slot = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
             self.max_seg_len = max(chunk_lengths)
 
+    # ------------------------------------------------------------------ gathered path
+    def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device) -> None:
+        page_elems = self.pool.geometry.page_elems
+        bases, pages = [], []
+        for slot in slots:
+            bases.append(len(pages) * page_elems)
+            pages.extend(slot.pages)
+        self.step_pages = torch.tensor(pages, dtype=torch.int64, device=device)
+        self.slot_base = bases
+        self._buffer_layer: int | None = None
+        self._buffer: torch.Tensor | None = None
+        # adjacent chunks of one adapter form one run of rows (the engine orders chunks by adapter)
+        runs: list[list[int]] = []  # [first row, rows, slot]
+        row = 0
+        for slot, length in zip(chunk_slots, chunk_lengths):
+            if slot >= 0:
+                if runs and runs[-1][2] == slot and runs[-1][0] + runs[-1][1] == row:
+                    runs[-1][1] += length
+                else:
+                    runs.append([row, length, slot])
+            row += length
+        self.segments: list[_Segment] = []
+        single_rows: list[int] = []
+        single_slots: list[int] = []
+        for start, length, slot in runs:
+            if length >= SEGMENT_MIN_ROWS:
+                self.segments.append(_Segment(start, length, slot))
+            else:
+                single_rows.extend(range(start, start + length))
+                single_slots.extend([slot] * length)
+        self.all_rows_single = len(single_rows) == row
+        self.single_rows = torch.tensor(single_rows, dtype=torch.int64, device=device)
+        if not single_rows:
+            return
+        slot_t = torch.tensor(single_slots, dtype=torch.int64)
+        distinct, local = torch.unique(slot_t, return_inverse=True)  # [S1], [T1]
+        base = torch.tensor(bases, dtype=torch.int64)
+        scale_t = torch.tensor(self.scaling_list, dtype=torch.float32)[slot_t][:, None]
+        for name, meta in self.modules.items():
+            if meta.max_rank == 0:
+                continue
+            in_f, out_f = shapes[name]
+            rank_r = meta.max_rank
+            j = torch.arange(rank_r, dtype=torch.int64)[None, :]  # [1, R]
+            ranks = meta.ranks.cpu().to(torch.int64)
+            live = j < ranks[slot_t][:, None]  # [T1, R]
+            weight = torch.where(live, scale_t, 0.0)
+            # the A/Bt rows are those of each distinct adapter when their count is small (one
+            # matmul against all of them), else those of each row; rows past a rank (or of an
+            # adapter without this module) point at element 0, which starts a full row because
+            # some slot has one here, and weigh 0
+            per_slot = len(distinct) * rank_r <= PER_SLOT_MAX_COLUMNS
+            owners = distinct if per_slot else slot_t
+            owner_live = j < ranks[owners][:, None]
+            a_start = torch.where(owner_live, (base + meta.a_offset.cpu())[owners][:, None] + j * in_f, 0)
+            b_start = torch.where(owner_live, (base + meta.b_offset.cpu())[owners][:, None] + j * out_f, 0)
+            meta.rows = _RowIndex(
+                a_start=a_start.reshape(-1).to(device),
+                b_start=b_start.reshape(-1).to(device),
+                weight=weight.to(device),
+                columns=(local[:, None] * rank_r + j).to(device) if per_slot else None,
+            )
+
+    def _layer_buffer(self, layer: int) -> torch.Tensor:
+        """[sum of the slots' pages * page_elems]: every slot's virtual buffer of ``layer``, back to
+        back (slot s at ``slot_base[s]``). Gathered once per layer and reused by its modules."""
+        if self._buffer_layer != layer:
+            self._buffer = self.pool.layer(layer).index_select(0, self.step_pages).view(-1)
+            self._buffer_layer = layer
+        return self._buffer
+
+    # ------------------------------------------------------------------ LoraApplier
     def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[t] += scaling[s] * (x[t] @ A_s.T) @ Bt_s`` for rows with an adapter targeting ``module``."""
+        """``out[t] += scaling[s] * (x[t] @ A_s.T) @ Bt_s`` for rows with an adapter targeting ``module``.
+
+        x: [N, in_features]; out: [N, out_features], updated in place (may be a column slice).
+        """
         meta = self.modules.get(module)
         if meta is None or meta.max_rank == 0:
             return
-        pool_layer = self.pool.layer(layer)
-        if meta.dense is not None:
-            self._apply_dense(pool_layer, meta.dense, x, out)
+        if self.use_triton:
+            pool_layer = self.pool.layer(layer)
+            rows = dict(row_slot=self.row_slot, seg_start=self.seg_start, seg_slot=self.seg_slot,
+                        use_triton=True, max_seg_len=self.max_seg_len)
+            y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
+            lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
             return
-        rows = dict(row_slot=self.row_slot, seg_start=self.seg_start, seg_slot=self.seg_slot,
-                    use_triton=self.use_triton, max_seg_len=self.max_seg_len)
-        y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
-        lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
+        buffer = self._layer_buffer(layer)
+        if meta.rows is not None:
+            self._apply_single_rows(buffer, meta.rows, meta.max_rank, x, out)
+        if self.segments:
+            self._apply_segments(buffer, meta, x, out)
 
-    def _apply_dense(self, pool_layer: torch.Tensor, index: _DenseIndex, x: torch.Tensor, out: torch.Tensor) -> None:
-        """Decode rows on CPU: ``out[t] += scaling[s_t] * (x[t] @ A[s_t].T) @ Bt[s_t]`` as batched
-        matmuls over gathered A [T, R, in] and Bt [T, R, out] (fp32)."""
-        flat = pool_layer.reshape(-1)
-        a = torch.where(index.row_mask, flat[index.a_index].float(), 0.0)  # [S, R, in]
-        b_t = torch.where(index.row_mask, flat[index.b_index].float(), 0.0)  # [S, R, out]
-        rows = self.row_slot_index
-        y = torch.bmm(a[rows], x.float()[:, :, None])  # [T, R, 1]
-        delta = torch.bmm(y.transpose(1, 2), b_t[rows]).squeeze(1)  # [T, out]
-        delta = delta * (self.scaling[rows][:, None] * self.has_slot)
-        out += delta.to(out.dtype)
+    def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, max_rank: int,
+                           x: torch.Tensor, out: torch.Tensor) -> None:
+        """Rows outside segments: ``delta[t] = sum_j w[t, j] * (A_t[j] . x[t]) * Bt_t[j]`` (fp32)."""
+        in_f, out_f = x.shape[1], out.shape[1]
+        rows = len(index.weight)
+        xs = x if self.all_rows_single else x.index_select(0, self.single_rows)
+        a = buffer.unfold(0, in_f, 1).index_select(0, index.a_start)  # [O * R, in]
+        b_t = buffer.unfold(0, out_f, 1).index_select(0, index.b_start)  # [O * R, out]
+        if index.columns is not None:
+            # few distinct adapters: every row against all of them, then keep its own columns
+            y_all = xs.float() @ a.float().T  # [T1, S1 * R]
+            y = y_all.gather(1, index.columns) * index.weight  # [T1, R]
+            spread = torch.zeros_like(y_all).scatter_(1, index.columns, y)
+            delta = (spread @ b_t.float()).to(out.dtype)  # [T1, out]
+        else:
+            a = a.view(rows, max_rank, in_f)
+            y = (a.float() * xs.float()[:, None, :]).sum(-1) * index.weight  # [T1, R]
+            b_t = b_t.view(rows, max_rank, out_f)
+            delta = torch.bmm(y[:, None, :], b_t.float()).squeeze(1).to(out.dtype)  # [T1, out]
+        if self.all_rows_single:
+            out += delta
+        else:
+            out.index_add_(0, self.single_rows, delta)
+
+    def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""
+        in_f, out_f = x.shape[1], out.shape[1]
+        ranks = meta.ranks.tolist()
+        a_offset, b_offset = meta.a_offset.tolist(), meta.b_offset.tolist()
+        for seg in self.segments:
+            rank = ranks[seg.slot]
+            if rank == 0:
+                continue
+            base = self.slot_base[seg.slot]
+            a = buffer[base + a_offset[seg.slot] : base + a_offset[seg.slot] + rank * in_f].view(rank, in_f)
+            b_t = buffer[base + b_offset[seg.slot] : base + b_offset[seg.slot] + rank * out_f].view(rank, out_f)
+            rows = slice(seg.start, seg.start + seg.length)
+            y = x[rows].float() @ a.float().T  # [L, r]
+            if out.dtype == torch.float32 and b_t.dtype == torch.float32:
+                out[rows].addmm_(y, b_t, alpha=self.scaling_list[seg.slot])
+            else:
+                out[rows] += ((y @ b_t.float()) * self.scaling_list[seg.slot]).to(out.dtype)

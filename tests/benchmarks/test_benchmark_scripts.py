@@ -18,10 +18,11 @@ def test_decode_step_smoke(tmp_path):
 def test_adapter_scaling_smoke(tmp_path):
     out = tmp_path / "scaling.json"
     assert adapter_scaling.main(["--num-requests", "4", "--adapters", "0,1,3", "--max-output", "3",
-                                 "--min-output", "2", "--max-input", "10", "--out", str(out)]) == 0
+                                 "--min-output", "2", "--max-input", "10", "--repeats", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
     rows = {r["adapters"]: r for r in report["results"]}
     assert set(rows) == {0, 1, 3}
     # the same 4 requests in every row, each generating exactly its 2..3 requested tokens
     assert len({r["output_tokens"] for r in rows.values()}) == 1 and 8 <= rows[0]["output_tokens"] <= 12
     assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
+    assert all(len(r["wall_s_all_rounds"]) == 2 and r["wall_s"] in r["wall_s_all_rounds"] for r in rows.values())

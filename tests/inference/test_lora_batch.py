@@ -5,7 +5,8 @@ import random
 import pytest
 import torch
 
-from inference.adapters.lora_batch import LoraBatch
+from inference.adapters import lora_batch
+from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch
 from inference.adapters.peft_checkpoint import load_adapter_dir
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
@@ -14,8 +15,25 @@ from support.adapters import synthetic_adapter
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-@pytest.mark.parametrize("decode", [True, False], ids=["decode-dense", "prefill-segments"])
-def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, decode):
+# chunk lengths of a step; runs of SEGMENT_MIN_ROWS rows of one adapter (alone or merged from
+# adjacent chunks) take the gathered path's segment branch, the others its per-row branch
+MIN = SEGMENT_MIN_ROWS
+LENGTHS = {
+    "decode": [1] * 7,
+    "mixed": [MIN + 1, 1, 3, MIN // 2, MIN - MIN // 2, 1, 2, 1, 4],  # chunks 3 and 4 merge
+    "prefill": [3, MIN + 2, 5, 2, 9, 2],
+}
+
+@pytest.mark.parametrize("variant", ["gathered-per-adapter", "gathered-per-row", "triton-interpreted"])
+@pytest.mark.parametrize("shape", list(LENGTHS))
+def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shape, variant):
+    """Every module of a random layer, rows of four adapters (ranks 1 to 16, different targets)
+    and rows without one, on both the CPU (gathered) path and the Triton kernels (interpreted)."""
+    use_triton = variant == "triton-interpreted"
+    if use_triton:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if variant == "gathered-per-row":
+        monkeypatch.setattr(lora_batch, "PER_SLOT_MAX_COLUMNS", 0)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -29,9 +47,18 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, decode):
         assert engine.adapters.admit(ref).value == "ready"
         residents.append(engine.adapters.resident(ref.uid))
         host.append(load_adapter_dir(path, cfg))
-    lengths = [1] * 7 if decode else [3, 1, 5, 2, 1, 4, 2]
+    lengths = LENGTHS[shape]
     chunk_slots = [rng.choice([-1, 0, 1, 2, 3]) for _ in lengths]
-    batch = LoraBatch(engine.pool, residents, chunk_slots, lengths)
+    chunk_slots[0], chunk_slots[1] = 1, 0  # the all-module adapter on a long chunk, another after it
+    if shape == "mixed":
+        chunk_slots[3] = chunk_slots[4] = 2
+    batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton)
+    assert batch.use_triton == use_triton
+    if not use_triton:
+        assert len(batch.segments) == {"decode": 0, "mixed": 2, "prefill": 1}[shape]
+        assert len(batch.single_rows) > 0
+        row_paths = {m.rows.columns is not None for m in batch.modules.values() if m.rows is not None}
+        assert row_paths == {variant == "gathered-per-adapter"}
     rows = [s for s, n in zip(chunk_slots, lengths) for _ in range(n)]
     layer = rng.randrange(cfg.num_layers)
     for module, (in_f, out_f) in cfg.linear_shapes().items():
@@ -46,5 +73,4 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, decode):
             m = host[s].modules[module]
             expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{module} seed {seed}")
-    dense_modules = [m for m in batch.modules.values() if m.dense is not None]
-    assert bool(dense_modules) == decode
+        assert not torch.equal(out, base) or all(s < 0 or module not in host[s].modules for s in rows)
