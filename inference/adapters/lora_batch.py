@@ -19,16 +19,18 @@ Two paths:
   - a run of at least ``SEGMENT_MIN_ROWS`` adjacent rows of one adapter (a prefill chunk, or the
     decode rows of a popular adapter: the engine orders a step's chunks by adapter) is a
     *segment*: its A and Bt are plain views and it costs two matmuls;
-  - all other rows (decode rows of rarer adapters) are done together: each row's A rows and Bt
-    rows are picked out of a sliding-window view of the buffer (``unfold``: one memcpy per row
-    of A/Bt); the shrink is a multiply-and-sum over ``[T, R, in]`` (faster on CPU than a batched
-    matrix-vector product), the row's scaling sits in a rank mask, and the expand is a batched
-    ``[1, R] @ [R, out]`` product. No per-adapter Python loop, no element indices.
+  - all other rows (decode rows of rarer adapters) are done together, with no per-adapter Python
+    loop: while ``distinct adapters * R`` is at most ``PER_SLOT_MAX_COLUMNS``, one matmul against
+    the A of all of them (each row keeps its own R columns), then one against their Bt; above it,
+    each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
+    (``unfold``: one memcpy per row of A/Bt), the shrink is a multiply-and-sum over
+    ``[T, R, in]`` (faster on CPU than a batched matrix-vector product) and the expand a batched
+    ``[1, R] @ [R, out]`` product. The row's scaling sits in a rank mask either way.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -38,7 +40,8 @@ from kernels.lora import lora_expand, lora_shrink, triton_available
 
 # A run of at least this many adjacent rows of one adapter is computed as a segment (two skinny
 # matmuls, about 60 us each on a 2-core CPU); shorter runs join the per-row path, which costs about
-# 2.5 us more per row. Measured with benchmarks/adapter_scaling.py (8 made 10 adapters 50% slower).
+# 2.5 us more per row. Set by timing engine steps on benchmarks/adapter_scaling.py's workload, where
+# a threshold of 8 made decode steps with 10 adapters about 50% slower.
 SEGMENT_MIN_ROWS = 32
 # The other rows are multiplied with the A of all their distinct adapters at once (two matmuls of
 # width distinct * R) while that width is at most this; above it, each row's own A/Bt rows are
@@ -53,6 +56,9 @@ class _ModuleMeta:
     b_offset: torch.Tensor  # [S] int64
     max_rank: int
     rows: "_RowIndex | None" = None
+    # the segments whose adapter targets the module: (rows, A start, Bt start, rank, scaling),
+    # starts in elements of the gathered buffer
+    segments: list[tuple[slice, int, int, int, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -162,6 +168,14 @@ class LoraBatch:
             else:
                 single_rows.extend(range(start, start + length))
                 single_slots.extend([slot] * length)
+        for meta in self.modules.values():
+            ranks, a_offset, b_offset = meta.ranks.tolist(), meta.a_offset.tolist(), meta.b_offset.tolist()
+            meta.segments = [
+                (slice(seg.start, seg.start + seg.length), bases[seg.slot] + a_offset[seg.slot],
+                 bases[seg.slot] + b_offset[seg.slot], ranks[seg.slot], self.scaling_list[seg.slot])
+                for seg in self.segments
+                if ranks[seg.slot] > 0
+            ]
         self.all_rows_single = len(single_rows) == row
         self.single_rows = torch.tensor(single_rows, dtype=torch.int64, device=device)
         if not single_rows:
@@ -222,7 +236,7 @@ class LoraBatch:
         buffer = self._layer_buffer(layer)
         if meta.rows is not None:
             self._apply_single_rows(buffer, meta.rows, meta.max_rank, x, out)
-        if self.segments:
+        if meta.segments:
             self._apply_segments(buffer, meta, x, out)
 
     def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, max_rank: int,
@@ -252,18 +266,11 @@ class LoraBatch:
     def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
         """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""
         in_f, out_f = x.shape[1], out.shape[1]
-        ranks = meta.ranks.tolist()
-        a_offset, b_offset = meta.a_offset.tolist(), meta.b_offset.tolist()
-        for seg in self.segments:
-            rank = ranks[seg.slot]
-            if rank == 0:
-                continue
-            base = self.slot_base[seg.slot]
-            a = buffer[base + a_offset[seg.slot] : base + a_offset[seg.slot] + rank * in_f].view(rank, in_f)
-            b_t = buffer[base + b_offset[seg.slot] : base + b_offset[seg.slot] + rank * out_f].view(rank, out_f)
-            rows = slice(seg.start, seg.start + seg.length)
+        for rows, a_start, b_start, rank, scaling in meta.segments:
+            a = buffer[a_start : a_start + rank * in_f].view(rank, in_f)
+            b_t = buffer[b_start : b_start + rank * out_f].view(rank, out_f)
             y = x[rows].float() @ a.float().T  # [L, r]
             if out.dtype == torch.float32 and b_t.dtype == torch.float32:
-                out[rows].addmm_(y, b_t, alpha=self.scaling_list[seg.slot])
+                out[rows].addmm_(y, b_t, alpha=scaling)
             else:
-                out[rows] += ((y @ b_t.float()) * self.scaling_list[seg.slot]).to(out.dtype)
+                out[rows] += ((y @ b_t.float()) * scaling).to(out.dtype)
