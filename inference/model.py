@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from inference.model_config import ModelConfig, RopeConfig
 from inference.page_pool import PagePool
-from kernels.paged_attention import paged_attention, write_kv
+from kernels.paged_attention import paged_attention, plan_paged_attention, write_kv
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -111,6 +111,8 @@ class LlamaModel:
         self.scale = config.head_dim**-0.5
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below in fp32
+            return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * x32.to(self.dtype)
@@ -130,6 +132,11 @@ class LlamaModel:
         inter = cfg.intermediate_size
         hidden = F.embedding(batch.input_ids, self.embed)
         cos, sin = self._rope(batch.positions)
+        # Every layer attends over the same pages: the CPU path's gather plan is built once.
+        attn_plan = plan_paged_attention(
+            batch.page_table, batch.seq_lens, batch.query_start_loc,
+            n_heads=cfg.num_heads, kv_shape=tuple(pool.kv_layer(0).shape),
+        )
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer["input_norm"])
             qkv = F.linear(x, layer["qkv"])
@@ -137,16 +144,16 @@ class LlamaModel:
                 lora.apply(index, "q_proj", x, qkv[:, :q_size])
                 lora.apply(index, "k_proj", x, qkv[:, q_size : q_size + kv_size])
                 lora.apply(index, "v_proj", x, qkv[:, q_size + kv_size :])
-            q = qkv[:, :q_size].view(n, cfg.num_heads, cfg.head_dim)
-            k = qkv[:, q_size : q_size + kv_size].view(n, cfg.num_kv_heads, cfg.head_dim)
+            # RoPE on the query and key heads at once (they are adjacent in the fused output).
+            qk = qkv[:, : q_size + kv_size].view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+            qk = qk * cos + _rotate_half(qk) * sin
+            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
             v = qkv[:, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
             kv_pages = pool.kv_layer(index)
             write_kv(kv_pages, k, v, batch.slot_mapping)
             attn = paged_attention(
                 q, kv_pages, batch.page_table, batch.seq_lens, batch.query_start_loc, self.scale,
-                max_q_len=batch.max_q_len,
+                max_q_len=batch.max_q_len, plan=attn_plan,
             ).reshape(n, q_size)
             o = F.linear(attn, layer["o"])
             if lora is not None:

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,6 +62,9 @@ __all__ = [
     "paged_attention",
     "paged_attention_ref",
     "paged_attention_triton",
+    "plan_paged_attention",
+    "plan_paged_attention_ref",
+    "RefAttentionPlan",
     "write_kv",
     "triton_available",
 ]
@@ -73,9 +77,17 @@ _INDEX_DTYPES = (torch.int32, torch.int64)
 # [C, ctx, n_kv_heads, head_dim]).  2**24 elements = 64 MiB.  Module-level so
 # tests can shrink it to exercise the chunking paths.
 _REF_CHUNK_ELEMS = 1 << 24
-# Padded (query, key) pairs an item may add to a chunk beyond twice its own
-# work before it starts a new chunk (tiny chunks cost more in per-op overhead).
-_REF_PAD_SLACK = 1024
+# The chunk planner's fixed cost of one more chunk, in the unit of its padding cost (fp32
+# elements gathered or scored per key position): a chunk runs about a dozen torch ops. Tuned on
+# the 2-core CI machine with decode batches of 16-128 sequences of spread context lengths, a 30-layer
+# pool and caches evicted between layers: 2**15..2**16 best, 2**14 or 2**18 up to 10% slower.
+_REF_CHUNK_OVERHEAD = 1 << 16
+# Largest additive mask, in fp32 elements, the reference materialises per chunk and step (one
+# baddbmm then applies scale, q . k and the mask); bigger chunks use masked_fill_ instead.
+_REF_BIAS_ELEMS = 1 << 20
+# Items the planner's dynamic programme looks back over per cut, so also the most items in one
+# chunk (bounds the planning cost: about 1 ms per step for 128 decodes on a CI core).
+_REF_PLAN_WINDOW = 32
 
 
 # --------------------------------------------------------------------------
@@ -83,33 +95,8 @@ _REF_PAD_SLACK = 1024
 # --------------------------------------------------------------------------
 
 
-def _validate(
-    q: Tensor,
-    kv: Tensor,
-    page_table: Tensor,
-    seq_lens: Tensor,
-    query_start_loc: Tensor,
-) -> None:
-    """Cheap shape/dtype/device checks (no device synchronisation)."""
-    if q.dim() != 3:
-        raise ValueError(f"q must be [num_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
-    if kv.dim() != 5 or kv.shape[1] != 2:
-        raise ValueError(
-            "kv must be [num_pages, 2, page_tokens, n_kv_heads, head_dim], "
-            f"got shape {tuple(kv.shape)}"
-        )
-    if q.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"q must be float32/float16/bfloat16, got {q.dtype}")
-    if kv.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"kv must be float32/float16/bfloat16, got {kv.dtype}")
-    n_heads, head_dim = q.shape[1], q.shape[2]
-    n_kv_heads = kv.shape[3]
-    if kv.shape[4] != head_dim:
-        raise ValueError(f"head_dim mismatch: q has {head_dim}, kv has {kv.shape[4]}")
-    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
-        raise ValueError(
-            f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})"
-        )
+def _validate_batch(page_table: Tensor, seq_lens: Tensor, query_start_loc: Tensor) -> None:
+    """Shape/dtype/device checks of the batch description (no device synchronisation)."""
     if page_table.dim() != 2:
         raise ValueError(
             f"page_table must be [B, max_pages], got shape {tuple(page_table.shape)}"
@@ -133,12 +120,46 @@ def _validate(
     ):
         if t.dtype not in _INDEX_DTYPES:
             raise ValueError(f"{name} must be int32 (or int64), got {t.dtype}")
-    for name, t in (
-        ("kv", kv),
-        ("page_table", page_table),
-        ("seq_lens", seq_lens),
-        ("query_start_loc", query_start_loc),
-    ):
+    for name, t in (("seq_lens", seq_lens), ("query_start_loc", query_start_loc)):
+        if t.device != page_table.device:
+            raise ValueError(f"{name} is on {t.device} but page_table is on {page_table.device}")
+
+
+def _validate_heads(n_heads: int, n_kv_heads: int) -> None:
+    if n_kv_heads == 0 or n_heads % n_kv_heads != 0:
+        raise ValueError(
+            f"n_heads ({n_heads}) must be a positive multiple of n_kv_heads ({n_kv_heads})"
+        )
+
+
+def _validate_kv_shape(kv_shape: tuple[int, ...]) -> None:
+    if len(kv_shape) != 5 or kv_shape[1] != 2:
+        raise ValueError(
+            "kv must be [num_pages, 2, page_tokens, n_kv_heads, head_dim], "
+            f"got shape {tuple(kv_shape)}"
+        )
+
+
+def _validate(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+) -> None:
+    """Cheap shape/dtype/device checks (no device synchronisation)."""
+    if q.dim() != 3:
+        raise ValueError(f"q must be [num_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
+    _validate_kv_shape(tuple(kv.shape))
+    if q.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"q must be float32/float16/bfloat16, got {q.dtype}")
+    if kv.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"kv must be float32/float16/bfloat16, got {kv.dtype}")
+    if kv.shape[4] != q.shape[2]:
+        raise ValueError(f"head_dim mismatch: q has {q.shape[2]}, kv has {kv.shape[4]}")
+    _validate_heads(q.shape[1], kv.shape[3])
+    _validate_batch(page_table, seq_lens, query_start_loc)
+    for name, t in (("kv", kv), ("page_table", page_table)):
         if t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
 
@@ -146,6 +167,10 @@ def _validate(
 # --------------------------------------------------------------------------
 # Torch reference (CPU path)
 # --------------------------------------------------------------------------
+
+# A work item (b, tok_start, n_q, ctx): n_q consecutive queries of sequence b starting at row
+# tok_start of q, the last of them at absolute position ctx - 1.
+_Item = tuple[int, int, int, int]
 
 
 def _plan_ref_chunks(
@@ -155,21 +180,21 @@ def _plan_ref_chunks(
     n_heads: int,
     kv_row_elems: int,
     budget: int,
-) -> list[list[tuple[int, int, int, int]]]:
+) -> list[list[_Item]]:
     """Split the batch into work items and group them into padded chunks.
 
-    A work item ``(b, tok_start, n_q, ctx)`` is a block of ``n_q`` consecutive
-    queries of sequence ``b`` starting at token ``tok_start`` of ``q`` whose
-    last query sits at absolute position ``ctx - 1``.  Splitting a long prefill
-    into row blocks this way is exact: a block needs only keys ``< ctx``.
-
-    Items are sorted by (n_q, ctx) descending and packed greedily.  An item
-    starts a new chunk when adding it would push the chunk's padded
-    temporaries over ``budget`` elements, or when the padded work it adds
-    exceeds twice its own work (plus a small slack), so that one long prefill
-    does not pad many decodes to its length.
+    A long prefill is split into row blocks whose temporaries fit in ``budget`` elements; this is
+    exact, since a block needs only keys ``< ctx``. Items are sorted by ``(n_q, ctx)``
+    descending and the sorted list is cut into consecutive chunks by dynamic programming,
+    minimising the summed cost of the chunks: ``_REF_CHUNK_OVERHEAD`` each plus the elements
+    they gather and score per padded key (a chunk pads every item to its longest query run and
+    context) subject to each chunk's temporaries
+    (``C * max_ctx * max(n_heads * max_q, kv_row_elems)`` elements) fitting in ``budget``. So
+    decodes are not padded to a prefill's query length, and decodes of very different context
+    lengths go to separate chunks once the padding costs more than another chunk's fixed
+    overhead. The search looks back at most ``_REF_PLAN_WINDOW`` items per cut.
     """
-    items: list[tuple[int, int, int, int]] = []
+    items: list[_Item] = []
     for b, (start, n_q, ctx) in enumerate(zip(q_starts, q_lens, ctx_lens)):
         if n_q == 0:
             continue
@@ -180,73 +205,99 @@ def _plan_ref_chunks(
             items.append((b, start + j0, j1 - j0, first_pos + j1))
     items.sort(key=lambda it: (it[2], it[3]), reverse=True)
 
-    chunks: list[list[tuple[int, int, int, int]]] = []
-    cur: list[tuple[int, int, int, int]] = []
-    cur_q = cur_ctx = 0
-    for it in items:
-        new_q, new_ctx = max(cur_q, it[2]), max(cur_ctx, it[3])
-        n = len(cur) + 1
-        added = n * new_q * new_ctx - len(cur) * cur_q * cur_ctx  # padded (query, key) pairs
-        memory = n * new_ctx * max(n_heads * new_q, kv_row_elems)
-        if cur and (memory > budget or added > 2 * it[2] * it[3] + _REF_PAD_SLACK):
-            chunks.append(cur)
-            cur, new_q, new_ctx = [], it[2], it[3]
-        cur.append(it)
-        cur_q, cur_ctx = new_q, new_ctx
-    if cur:
-        chunks.append(cur)
+    n = len(items)
+    best = [0] * (n + 1)  # best[j]: least cost of items[:j]
+    cut = [0] * (n + 1)  # cut[j]: where the last chunk of that optimum starts
+    head_rows = [n_heads * it[2] for it in items]  # score rows per key of an item's chunk
+    for j in range(1, n + 1):
+        best_j, cut_j, max_ctx = -1, j - 1, 0
+        for i in range(j - 1, max(-1, j - 1 - _REF_PLAN_WINDOW), -1):
+            # Sorted by n_q descending: the chunk's first item, items[i], has the longest run.
+            ctx = items[i][3]
+            if ctx > max_ctx:
+                max_ctx = ctx
+            size = j - i
+            if size > 1 and size * max_ctx * max(head_rows[i], kv_row_elems) > budget:
+                break  # a single item always fits (rows were split to the budget)
+            cost = best[i] + _REF_CHUNK_OVERHEAD + size * max_ctx * (kv_row_elems + head_rows[i])
+            if best_j < 0 or cost < best_j:
+                best_j, cut_j = cost, i
+        best[j], cut[j] = best_j, cut_j
+    chunks: list[list[_Item]] = []
+    j = n
+    while j > 0:
+        chunks.append(items[cut[j] : j])
+        j = cut[j]
+    chunks.reverse()
     return chunks
 
 
-def paged_attention_ref(
-    q: Tensor,
-    kv: Tensor,
+@dataclass(frozen=True)
+class _RefChunk:
+    """Index tensors of one padded chunk of C work items (queries padded to ``max_q``, keys to
+    ``max_ctx``); all int64 unless noted, on the batch's device."""
+
+    n_items: int
+    max_q: int
+    max_ctx: int
+    page: Tensor  # [C, max_ctx] page id of each key position
+    offset: Tensor  # [C, max_ctx] token offset of each key position within its page
+    kv_rows: Tensor  # [2 * C * n_kv * max_ctx] rows of a contiguous pool viewed as [-1, head_dim]: K then V
+    tok: Tensor  # [C * max_q] row of q of each padded query (0 for padding), item-major
+    out_rows: Tensor  # [valid] rows of the output this chunk writes, in padded (item, query) order
+    valid_rows: Tensor | None  # [valid] positions of those rows among the C * max_q padded ones; None: all
+    blocked: Tensor  # [C, 1, 1, max_q, max_ctx] bool, True where a key is masked out
+    # [C * n_kv, group * max_q, max_ctx] fp32, 0 or -inf: the same mask as an additive term for
+    # one baddbmm, materialised while at most _REF_BIAS_ELEMS (decode chunks); else None.
+    bias: Tensor | None
+
+
+@dataclass(frozen=True)
+class RefAttentionPlan:
+    """What :func:`paged_attention_ref` derives from the batch description alone: the chunking,
+    gather indices and causal masks. Every layer of a step shares one batch description, so the
+    engine builds this once per step (:func:`plan_paged_attention`) instead of once per layer.
+    Valid only for the batch tensors and the kv geometry it was made from."""
+
+    n_heads: int
+    page_tokens: int
+    n_kv_heads: int
+    head_dim: int
+    num_queries: int  # query_start_loc[-1]: q must have at least this many rows
+    device: torch.device
+    chunks: tuple[_RefChunk, ...]
+
+
+def plan_paged_attention_ref(
     page_table: Tensor,
     seq_lens: Tensor,
     query_start_loc: Tensor,
-    scale: float,
     *,
-    max_q_len: int | None = None,
-) -> Tensor:
-    """Torch reference of :func:`paged_attention` (the CPU path of the engine).
-
-    Vectorised over the batch: sequences are grouped into chunks; for each
-    chunk the pages are gathered into padded ``[C, ctx, n_kv_heads, head_dim]``
-    K/V tensors and attention is two batched matmuls with a boolean causal
-    mask, computed in float32 (inputs of any supported dtype are upcast).
+    n_heads: int,
+    kv_shape: tuple[int, ...],
+) -> RefAttentionPlan:
+    """Build the reference's plan for a batch (see :class:`RefAttentionPlan`).
 
     Args:
-        q: ``[num_tokens, n_heads, head_dim]`` queries (fp32/fp16/bf16).
-        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` page pool of one layer.
-        page_table: ``[B, max_pages]`` int32 page ids per sequence.
-        seq_lens: ``[B]`` int32, context length in tokens incl. the new tokens.
-        query_start_loc: ``[B + 1]`` int32 cumulative query offsets into ``q``.
-        scale: softmax scale applied to ``q . k`` (typically ``head_dim**-0.5``).
-        max_q_len: unused (accepted for signature parity with the Triton path).
+        page_table, seq_lens, query_start_loc: the batch description of :func:`paged_attention`.
+        n_heads: query heads.
+        kv_shape: ``(num_pages, 2, T, n_kv_heads, head_dim)`` of a layer's pool.
 
-    Returns:
-        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q`` not
-        covered by ``query_start_loc`` are zero.
-
-    Note:
-        Reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each
-        when they live on a GPU).
+    Reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each on a GPU). Raises
+    ValueError for an inconsistent batch description.
     """
-    del max_q_len
-    _validate(q, kv, page_table, seq_lens, query_start_loc)
-    num_tokens, n_heads, head_dim = q.shape
-    page_tokens, n_kv_heads = kv.shape[2], kv.shape[3]
-    group = n_heads // n_kv_heads
-    dev = q.device
+    _validate_batch(page_table, seq_lens, query_start_loc)
+    _validate_kv_shape(tuple(kv_shape))
+    _, _, page_tokens, n_kv_heads, head_dim = (int(x) for x in kv_shape)
+    _validate_heads(n_heads, n_kv_heads)
+    dev = page_table.device
 
     qsl = query_start_loc.tolist()
     ctx_lens = seq_lens.tolist()
     batch = len(ctx_lens)
     q_lens = [qsl[b + 1] - qsl[b] for b in range(batch)]
-    if batch and (qsl[0] < 0 or qsl[-1] > num_tokens):
-        raise ValueError(
-            f"query_start_loc spans [{qsl[0]}, {qsl[-1]}) but q has {num_tokens} tokens"
-        )
+    if batch and qsl[0] < 0:
+        raise ValueError(f"query_start_loc must start at >= 0, got {qsl[0]}")
     for b in range(batch):
         if q_lens[b] < 0:
             raise ValueError(f"query_start_loc must be non-decreasing (sequence {b})")
@@ -261,71 +312,181 @@ def paged_attention_ref(
             f"but page_table has only {page_table.shape[1]} columns"
         )
 
-    out = torch.zeros_like(q)
-    if num_tokens == 0 or batch == 0:
-        return out
-
-    # Contiguous pool: gather K/V rows of head_dim elements from a flat
-    # [num_pages * 2 * T * n_kv, hd] view with one index_select each.
-    # Otherwise (e.g. a per-layer view of a bigger pool) use strided indexing.
-    flat_kv = kv.view(-1, head_dim) if kv.is_contiguous() else None
-    kv_heads = torch.arange(n_kv_heads, device=dev)
-    chunks = _plan_ref_chunks(
-        qsl[:-1], q_lens, ctx_lens, n_heads, 2 * n_kv_heads * head_dim, _REF_CHUNK_ELEMS
+    chunks: list[_RefChunk] = []
+    if batch:
+        kv_heads = torch.arange(n_kv_heads, device=dev)
+        planned = _plan_ref_chunks(
+            qsl[:-1], q_lens, ctx_lens, n_heads, 2 * n_kv_heads * head_dim, _REF_CHUNK_ELEMS
+        )
+        for chunk in planned:
+            chunks.append(_ref_chunk(chunk, page_table, page_tokens, n_heads, kv_heads, dev))
+    return RefAttentionPlan(
+        n_heads=n_heads,
+        page_tokens=page_tokens,
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        num_queries=qsl[-1] if batch else 0,
+        device=dev,
+        chunks=tuple(chunks),
     )
-    for chunk in chunks:
-        n_chunk = len(chunk)
-        max_q = max(it[2] for it in chunk)
-        max_ctx = max(it[3] for it in chunk)
-        n_pages = -(-max_ctx // page_tokens)
-        meta = torch.tensor(chunk, dtype=torch.long).to(dev, non_blocking=True)
-        b_idx, tok0, n_q, ctx = meta.unbind(1)  # each [C]
 
-        # Gather K/V of this chunk as [C, n_kv, max_ctx, hd]. Key slots past a
-        # sequence's context read its position 0 instead: pool slots past the
-        # context may hold garbage (NaN/inf) and 0 * NaN = NaN in probs @ v,
-        # while position 0 is always written (ctx >= 1) and gets probability 0.
-        kpos = torch.arange(max_ctx, device=dev)
-        pos = torch.where(kpos[None, :] < ctx[:, None], kpos[None, :], 0)  # [C, max_ctx]
-        pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
-        page = pages.gather(1, pos // page_tokens)  # [C, max_ctx]
-        offset = pos % page_tokens
+
+def _ref_chunk(
+    chunk: list[_Item],
+    page_table: Tensor,
+    page_tokens: int,
+    n_heads: int,
+    kv_heads: Tensor,
+    dev: torch.device,
+) -> _RefChunk:
+    n_chunk = len(chunk)
+    n_kv_heads = kv_heads.shape[0]
+    group = n_heads // n_kv_heads
+    max_q = max(it[2] for it in chunk)
+    max_ctx = max(it[3] for it in chunk)
+    n_pages = -(-max_ctx // page_tokens)
+    meta = torch.tensor(chunk, dtype=torch.long).to(dev, non_blocking=True)
+    b_idx, tok0, n_q, ctx = meta.unbind(1)  # each [C]
+
+    # Key slots past a sequence's context read its position 0 instead: pool slots past the
+    # context may hold garbage (NaN/inf) and 0 * NaN = NaN in probs @ v, while position 0 is
+    # always written (ctx >= 1) and gets probability 0.
+    kpos = torch.arange(max_ctx, device=dev)
+    pos = torch.where(kpos[None, :] < ctx[:, None], kpos[None, :], 0)  # [C, max_ctx]
+    pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
+    page = pages.gather(1, pos // page_tokens)  # [C, max_ctx]
+    offset = pos % page_tokens
+    # Row of (page, kind, t, head) in a contiguous pool's [-1, head_dim] view; V rows are
+    # T * n_kv further than K rows.
+    k_rows = (page * (2 * page_tokens) + offset) * n_kv_heads
+    k_rows = (k_rows[:, None, :] + kv_heads[None, :, None]).reshape(-1)
+    kv_rows = torch.cat((k_rows, k_rows + page_tokens * n_kv_heads))
+
+    qj = torch.arange(max_q, device=dev)
+    q_valid = qj[None, :] < n_q[:, None]  # [C, max_q]
+    tok = torch.where(q_valid, tok0[:, None] + qj[None, :], 0)
+    all_valid = all(it[2] == max_q for it in chunk)
+    # Query j of an item sits at position ctx - n_q + j. Padded rows (j >= n_q) get positions
+    # >= ctx, so no row is fully masked.
+    qpos = (ctx - n_q)[:, None] + qj[None, :]  # [C, max_q]
+    blocked = (kpos[None, None, :] > qpos[:, :, None])[:, None, None]  # [C, 1, 1, max_q, max_ctx]
+    bias = None
+    if n_chunk * n_heads * max_q * max_ctx <= _REF_BIAS_ELEMS:
+        bias = torch.zeros((n_chunk, n_kv_heads, group, max_q, max_ctx), dtype=torch.float32, device=dev)
+        bias.masked_fill_(blocked, float("-inf"))
+        bias = bias.view(n_chunk * n_kv_heads, group * max_q, max_ctx)
+    return _RefChunk(
+        n_items=n_chunk,
+        max_q=max_q,
+        max_ctx=max_ctx,
+        page=page,
+        offset=offset,
+        kv_rows=kv_rows,
+        tok=tok.reshape(-1),
+        out_rows=tok.reshape(-1) if all_valid else tok[q_valid],
+        valid_rows=None if all_valid else q_valid.reshape(-1).nonzero().squeeze(1),
+        blocked=blocked,
+        bias=bias,
+    )
+
+
+def paged_attention_ref(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    scale: float,
+    *,
+    max_q_len: int | None = None,
+    plan: RefAttentionPlan | None = None,
+) -> Tensor:
+    """Torch reference of :func:`paged_attention` (the CPU path of the engine).
+
+    Vectorised over the batch: work items are grouped into chunks; for each chunk the pages are
+    gathered into padded ``[C, n_kv_heads, ctx, head_dim]`` K/V tensors (one ``index_select``)
+    and attention is two batched matmuls with a boolean causal mask, computed in float32 (inputs
+    of any supported dtype are upcast).
+
+    Args:
+        q: ``[num_tokens, n_heads, head_dim]`` queries (fp32/fp16/bf16).
+        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` page pool of one layer.
+        page_table: ``[B, max_pages]`` int32 page ids per sequence.
+        seq_lens: ``[B]`` int32, context length in tokens incl. the new tokens.
+        query_start_loc: ``[B + 1]`` int32 cumulative query offsets into ``q``.
+        scale: softmax scale applied to ``q . k`` (typically ``head_dim**-0.5``).
+        max_q_len: unused (accepted for signature parity with the Triton path).
+        plan: the batch's :class:`RefAttentionPlan` from :func:`plan_paged_attention_ref`
+            (built here when None; pass it to share one plan across layers).
+
+    Returns:
+        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q`` not
+        covered by ``query_start_loc`` are zero.
+
+    Note:
+        Without a plan, reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each
+        when they live on a GPU).
+    """
+    del max_q_len
+    _validate(q, kv, page_table, seq_lens, query_start_loc)
+    num_tokens, n_heads, head_dim = q.shape
+    n_kv_heads = kv.shape[3]
+    if plan is None:
+        plan = plan_paged_attention_ref(
+            page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=tuple(kv.shape)
+        )
+    elif (plan.n_heads, plan.page_tokens, plan.n_kv_heads, plan.head_dim, plan.device) != (
+        n_heads, kv.shape[2], n_kv_heads, head_dim, q.device
+    ):
+        raise ValueError(
+            "plan was made for (n_heads, page_tokens, n_kv_heads, head_dim, device) = "
+            f"{(plan.n_heads, plan.page_tokens, plan.n_kv_heads, plan.head_dim, plan.device)}, "
+            f"got {(n_heads, kv.shape[2], n_kv_heads, head_dim, q.device)}"
+        )
+    if plan.num_queries > num_tokens:
+        raise ValueError(f"query_start_loc spans {plan.num_queries} queries but q has {num_tokens} tokens")
+
+    out = torch.zeros_like(q)
+    # Contiguous pool: gather K/V rows of head_dim elements from a flat [num_pages * 2 * T * n_kv,
+    # head_dim] view with one index_select. Otherwise (e.g. a per-layer view of a bigger pool)
+    # use strided indexing.
+    flat_kv = kv.view(-1, head_dim) if kv.is_contiguous() else None
+    group = n_heads // n_kv_heads
+    for chunk in plan.chunks:
+        n_chunk, max_q, max_ctx = chunk.n_items, chunk.max_q, chunk.max_ctx
         if flat_kv is not None:
-            # row of (page, kind, t, h) in the flat view; V rows are T*n_kv further.
-            k_rows = (page * (2 * page_tokens) + offset) * n_kv_heads
-            k_rows = (k_rows[:, None, :] + kv_heads[None, :, None]).reshape(-1)
-            k = flat_kv.index_select(0, k_rows)
-            v = flat_kv.index_select(0, k_rows + page_tokens * n_kv_heads)
-            k = k.view(n_chunk, n_kv_heads, max_ctx, head_dim)
-            v = v.view(n_chunk, n_kv_heads, max_ctx, head_dim)
+            kv_g = flat_kv.index_select(0, chunk.kv_rows).view(2, n_chunk, n_kv_heads, max_ctx, head_dim)
+            k, v = kv_g[0], kv_g[1]
         else:
-            page_i, off_i, head_i = page[:, None, :], offset[:, None, :], kv_heads[None, :, None]
+            page_i, off_i = chunk.page[:, None, :], chunk.offset[:, None, :]
+            head_i = torch.arange(n_kv_heads, device=q.device)[None, :, None]
             k = kv[page_i, 0, off_i, head_i]
             v = kv[page_i, 1, off_i, head_i]
         k = k.to(torch.float32)
         v = v.to(torch.float32)
 
-        # Gather queries: [C, max_q, H, hd] -> [C, n_kv, group*max_q, hd].
-        qj = torch.arange(max_q, device=dev)
-        q_valid = qj[None, :] < n_q[:, None]  # [C, max_q]
-        tok = torch.where(q_valid, tok0[:, None] + qj[None, :], 0)
-        qc = q[tok].to(torch.float32)
-        qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-        qc = qc.reshape(n_chunk, n_kv_heads, group * max_q, head_dim)
+        k = k.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
+        v = v.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
 
-        scores = torch.matmul(qc, k.transpose(-1, -2)).mul_(scale)
-        # Query j of an item sits at position ctx - n_q + j. Padded rows
-        # (j >= n_q) get positions >= ctx, so no row is fully masked.
-        qpos = (ctx - n_q)[:, None] + qj[None, :]  # [C, max_q]
-        blocked = kpos[None, None, :] > qpos[:, :, None]  # [C, max_q, ctx]
-        scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(
-            blocked[:, None, None], float("-inf")
-        )
+        # Queries [C * max_q, H, hd] -> [C * n_kv, group * max_q, hd].
+        qc = q.index_select(0, chunk.tok).to(torch.float32)
+        qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+        qc = qc.reshape(n_chunk * n_kv_heads, group * max_q, head_dim)
+
+        if chunk.bias is not None:  # scale, q . k and the mask in one op
+            scores = torch.baddbmm(chunk.bias, qc, k.transpose(1, 2), alpha=scale)
+        else:
+            scores = torch.bmm(qc, k.transpose(1, 2)).mul_(scale)
+            scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(
+                chunk.blocked, float("-inf")
+            )
         probs = torch.softmax(scores, dim=-1)
-        o = torch.matmul(probs, v)  # [C, n_kv, group*max_q, hd]
+        o = torch.bmm(probs, v)  # [C * n_kv, group * max_q, hd]
         o = o.view(n_chunk, n_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-        o = o.reshape(n_chunk, max_q, n_heads, head_dim)
-        out[tok[q_valid]] = o[q_valid].to(q.dtype)
+        o = o.reshape(n_chunk * max_q, n_heads, head_dim)
+        if chunk.valid_rows is not None:
+            o = o.index_select(0, chunk.valid_rows)
+        out.index_copy_(0, chunk.out_rows, o.to(q.dtype))
     return out
 
 
@@ -592,6 +753,43 @@ def paged_attention_triton(
 # --------------------------------------------------------------------------
 
 
+def _resolve_use_triton(device: torch.device, use_triton: bool | None) -> bool:
+    """The dispatcher's choice: ``None`` means Triton for CUDA tensors, the reference otherwise;
+    ``True`` is checked (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``)."""
+    if use_triton is None:
+        return device.type == "cuda" and _HAVE_TRITON
+    if use_triton:
+        if not _HAVE_TRITON:
+            raise RuntimeError("use_triton=True but the 'triton' package is not installed")
+        if device.type != "cuda" and not _interpret_mode():
+            raise ValueError(
+                "use_triton=True needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
+            )
+    return use_triton
+
+
+def plan_paged_attention(
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+    *,
+    n_heads: int,
+    kv_shape: tuple[int, ...],
+    use_triton: bool | None = None,
+) -> RefAttentionPlan | None:
+    """The plan to pass to every layer's :func:`paged_attention` call of one batch.
+
+    The reference path gets a :class:`RefAttentionPlan` (its gather indices and masks, built
+    once instead of once per layer); the Triton path needs none and gets None. Arguments as in
+    :func:`plan_paged_attention_ref`; ``use_triton`` as in :func:`paged_attention`.
+    """
+    if _resolve_use_triton(page_table.device, use_triton):
+        return None
+    return plan_paged_attention_ref(
+        page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=kv_shape
+    )
+
+
 def paged_attention(
     q: Tensor,
     kv: Tensor,
@@ -602,6 +800,7 @@ def paged_attention(
     *,
     use_triton: bool | None = None,
     max_q_len: int | None = None,
+    plan: RefAttentionPlan | None = None,
 ) -> Tensor:
     """Causal varlen attention of new query tokens over paged K/V.
 
@@ -627,23 +826,17 @@ def paged_attention(
             reference otherwise; ``True`` forces Triton (CUDA tensors, or CPU
             tensors with ``TRITON_INTERPRET=1``); ``False`` forces the reference.
         max_q_len: optional host-side ``max_b q_len_b`` (avoids a sync).
+        plan: the reference path's plan for this batch from :func:`plan_paged_attention`
+            (optional; ignored by the Triton path).
 
     Returns:
         ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.
     """
-    if use_triton is None:
-        use_triton = q.is_cuda and _HAVE_TRITON
-    if use_triton:
-        if not _HAVE_TRITON:
-            raise RuntimeError("use_triton=True but the 'triton' package is not installed")
-        if not q.is_cuda and not _interpret_mode():
-            raise ValueError(
-                "use_triton=True needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-            )
+    if _resolve_use_triton(q.device, use_triton):
         return paged_attention_triton(
             q, kv, page_table, seq_lens, query_start_loc, scale, max_q_len=max_q_len
         )
-    return paged_attention_ref(q, kv, page_table, seq_lens, query_start_loc, scale)
+    return paged_attention_ref(q, kv, page_table, seq_lens, query_start_loc, scale, plan=plan)
 
 
 def write_kv(kv: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:

@@ -311,16 +311,41 @@ def test_layer_view_of_multi_layer_pool(impl: str) -> None:
     check(run_impl(impl, batch), batch, f"{impl}/layer-view")
 
 
-def test_ref_chunking_paths(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tiny chunk budget forces row-splitting of prefills and many chunks."""
+@pytest.mark.parametrize("bias_elems", [1 << 20, 0], ids=["additive-mask", "masked-fill"])
+def test_ref_chunking_paths(monkeypatch: pytest.MonkeyPatch, bias_elems: int) -> None:
+    """A tiny chunk budget forces row-splitting of prefills and many chunks; the causal mask is
+    applied either as a materialised additive term (small chunks) or by masked_fill_."""
+    monkeypatch.setattr(pa, "_REF_BIAS_ELEMS", bias_elems)
     q_lens, ctx_lens, page_tokens = CASES["mixed"]
     batch = make_batch(
         11, q_lens + [30], ctx_lens + [40], n_heads=6, n_kv_heads=2, head_dim=16,
         page_tokens=page_tokens, dtype=torch.float32,
     )
-    for budget in (1, 300, 5000):
+    for budget in (1, 300, 5000, 1 << 24):
         monkeypatch.setattr(pa, "_REF_CHUNK_ELEMS", budget)
         check(paged_attention_ref(*batch.args()), batch, f"ref budget={budget}")
+
+
+@pytest.mark.parametrize("overhead", [0, 1 << 16, 1 << 40], ids=["one-per-item", "tuned", "one-chunk"])
+def test_ref_planner_costs(monkeypatch: pytest.MonkeyPatch, overhead: int) -> None:
+    """Whatever the chunk overhead, every query is covered once and results are exact; a zero
+    overhead gives unpadded chunks (each item alone or with equal shapes), a huge one the fewest
+    chunks the window allows."""
+    monkeypatch.setattr(pa, "_REF_CHUNK_OVERHEAD", overhead)
+    q_lens = [7, 1, 1, 1, 1, 3, 1]
+    ctx_lens = [9, 30, 5, 17, 30, 12, 2]
+    batch = make_batch(
+        21, q_lens, ctx_lens, n_heads=4, n_kv_heads=2, head_dim=8, page_tokens=4, dtype=torch.float32,
+    )
+    check(paged_attention_ref(*batch.args()), batch, f"overhead={overhead}")
+    starts = list(itertools.accumulate([0, *q_lens[:-1]]))
+    chunks = pa._plan_ref_chunks(starts, q_lens, ctx_lens, 4, 2 * 2 * 8, 1 << 24)
+    assert sorted(tok for chunk in chunks for (_, tok, _, _) in chunk) == starts
+    if overhead == 0:
+        for chunk in chunks:
+            assert len({(n_q, ctx) for (_, _, n_q, ctx) in chunk}) == 1, chunk
+    if overhead == 1 << 40:
+        assert len(chunks) == 1
 
 
 def test_ref_planner_does_not_pad_decodes_to_prefill_length() -> None:
