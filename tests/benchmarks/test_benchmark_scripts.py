@@ -26,3 +26,15 @@ def test_adapter_scaling_smoke(tmp_path):
     assert len({r["output_tokens"] for r in rows.values()}) == 1 and 8 <= rows[0]["output_tokens"] <= 12
     assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
     assert all(len(r["wall_s_all_rounds"]) == 2 and r["wall_s"] in r["wall_s_all_rounds"] for r in rows.values())
+
+
+def test_cpu_gemm_rows_smoke(tmp_path):
+    from benchmarks import cpu_gemm_rows
+
+    out = tmp_path / "gemm.json"
+    assert cpu_gemm_rows.main(["--preset", "tiny", "--rows", "1-3,8", "--repeats", "1", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [r["rows"] for r in report["results"]] == [1, 2, 3, 8]
+    assert [r["padded_rows"] for r in report["results"]] == [2, 2, 3, 8]
+    assert all(set(r["ms"]) == {"F.linear", "weight-left", "engine"} and min(r["ms"].values()) > 0
+               for r in report["results"])
