@@ -98,9 +98,10 @@ def _linear_weight_left(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
     The CPU path of every projection. MKL's sgemm runs this form 8-40% faster than ``F.linear``
     at the engine's batch sizes (the large operand is then the left one), and faster still with
-    the rows padded to :func:`cpu_gemm_rows` and ``x`` row-major (a column-major ``x``, which the
-    previous projection's transposed output is, is up to 2x slower below 16 rows). Consumers must
-    accept a non-contiguous result. See docs/design.md.
+    the rows padded to :func:`cpu_gemm_rows` (the forward pads its rows once, so this pads only
+    when called on its own) and ``x`` row-major (a column-major ``x``, which the previous
+    projection's transposed output is, is up to 2x slower below 16 rows). Consumers must accept a
+    non-contiguous result. See docs/design.md.
     """
     n = x.shape[0]
     rows = cpu_gemm_rows(n)
@@ -166,8 +167,17 @@ class LlamaModel:
         n = batch.input_ids.shape[0]
         q_size, kv_size = cfg.q_size, cfg.kv_size
         inter = cfg.intermediate_size
-        hidden = F.embedding(batch.input_ids, self.embed)
-        cos, sin = self._rope(batch.positions)
+        input_ids, positions = batch.input_ids, batch.positions
+        rows = n
+        if self._linear is _linear_weight_left:
+            # Pad the rows once to the GEMM's fast count (padding rows: token 0 at position 0;
+            # attention leaves rows past query_start_loc zero, and they write no K/V) rather
+            # than in each of the step's projections.
+            rows = cpu_gemm_rows(n)
+            input_ids = F.pad(input_ids, (0, rows - n))
+            positions = F.pad(positions, (0, rows - n))
+        hidden = F.embedding(input_ids, self.embed)
+        cos, sin = self._rope(positions)
         # Every layer attends over the same pages: the CPU path's gather plan is built once.
         attn_plan = plan_paged_attention(
             batch.page_table, batch.seq_lens, batch.query_start_loc,
@@ -177,33 +187,33 @@ class LlamaModel:
             x = self._rms_norm(hidden, layer["input_norm"])
             qkv = self._linear(x, layer["qkv"])
             if lora is not None:
-                lora.apply(index, "q_proj", x, qkv[:, :q_size])
-                lora.apply(index, "k_proj", x, qkv[:, q_size : q_size + kv_size])
-                lora.apply(index, "v_proj", x, qkv[:, q_size + kv_size :])
+                lora.apply(index, "q_proj", x[:n], qkv[:n, :q_size])
+                lora.apply(index, "k_proj", x[:n], qkv[:n, q_size : q_size + kv_size])
+                lora.apply(index, "v_proj", x[:n], qkv[:n, q_size + kv_size :])
             # RoPE on the query and key heads at once (they are adjacent in the fused output).
-            qk = qkv[:, : q_size + kv_size].view(n, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+            qk = qkv[:, : q_size + kv_size].view(rows, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk[:, : cfg.num_heads], qk[:, cfg.num_heads :]
-            v = qkv[:, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+            q, k = qk[:, : cfg.num_heads], qk[:n, cfg.num_heads :]
+            v = qkv[:n, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
             kv_pages = pool.kv_layer(index)
             write_kv(kv_pages, k, v, batch.slot_mapping)
             attn = paged_attention(
                 q, kv_pages, batch.page_table, batch.seq_lens, batch.query_start_loc, self.scale,
                 max_q_len=batch.max_q_len, plan=attn_plan,
-            ).reshape(n, q_size)
+            ).reshape(rows, q_size)
             o = self._linear(attn, layer["o"])
             if lora is not None:
-                lora.apply(index, "o_proj", attn, o)
+                lora.apply(index, "o_proj", attn[:n], o[:n])
             hidden = hidden + o
             x = self._rms_norm(hidden, layer["post_norm"])
             gate_up = self._linear(x, layer["gate_up"])
             if lora is not None:
-                lora.apply(index, "gate_proj", x, gate_up[:, :inter])
-                lora.apply(index, "up_proj", x, gate_up[:, inter:])
+                lora.apply(index, "gate_proj", x[:n], gate_up[:n, :inter])
+                lora.apply(index, "up_proj", x[:n], gate_up[:n, inter:])
             mlp_in = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             down = self._linear(mlp_in, layer["down"])
             if lora is not None:
-                lora.apply(index, "down_proj", mlp_in, down)
+                lora.apply(index, "down_proj", mlp_in[:n], down[:n])
             hidden = hidden + down
         last = self._rms_norm(hidden[batch.logits_indices], self.final_norm)
         return self._linear(last, self.lm_head).float().contiguous()
