@@ -148,7 +148,7 @@ class LlamaModel:
         self.scale = config.head_dim**-0.5
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32:  # one fused op; the same arithmetic as below in fp32
+        if x.dtype == torch.float32:  # one op call instead of six; the same formula as below
             return F.rms_norm(x, (x.shape[-1],), weight, self.config.rms_norm_eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)

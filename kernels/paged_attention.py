@@ -35,7 +35,9 @@ Batch description (varlen)
 Public API: :func:`paged_attention` (dispatcher), :func:`paged_attention_ref`
 (vectorised torch reference, the CPU path), :func:`paged_attention_triton`
 (one Triton kernel, the CUDA path; also runs under ``TRITON_INTERPRET=1`` on
-CPU tensors for tests) and :func:`write_kv`.
+CPU tensors for tests), :func:`plan_paged_attention` (the reference's gather
+plan for a batch, built once and shared by every layer's call) and
+:func:`write_kv`.
 """
 
 from __future__ import annotations
