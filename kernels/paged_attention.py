@@ -142,14 +142,8 @@ def _validate_kv_shape(kv_shape: tuple[int, ...]) -> None:
         )
 
 
-def _validate(
-    q: Tensor,
-    kv: Tensor,
-    page_table: Tensor,
-    seq_lens: Tensor,
-    query_start_loc: Tensor,
-) -> None:
-    """Cheap shape/dtype/device checks (no device synchronisation)."""
+def _validate_operands(q: Tensor, kv: Tensor) -> None:
+    """Shape/dtype/device checks of the queries and the pool."""
     if q.dim() != 3:
         raise ValueError(f"q must be [num_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
     _validate_kv_shape(tuple(kv.shape))
@@ -160,10 +154,22 @@ def _validate(
     if kv.shape[4] != q.shape[2]:
         raise ValueError(f"head_dim mismatch: q has {q.shape[2]}, kv has {kv.shape[4]}")
     _validate_heads(q.shape[1], kv.shape[3])
+    if kv.device != q.device:
+        raise ValueError(f"kv is on {kv.device} but q is on {q.device}")
+
+
+def _validate(
+    q: Tensor,
+    kv: Tensor,
+    page_table: Tensor,
+    seq_lens: Tensor,
+    query_start_loc: Tensor,
+) -> None:
+    """Cheap shape/dtype/device checks (no device synchronisation)."""
+    _validate_operands(q, kv)
     _validate_batch(page_table, seq_lens, query_start_loc)
-    for name, t in (("kv", kv), ("page_table", page_table)):
-        if t.device != q.device:
-            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
+    if page_table.device != q.device:
+        raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
 
 
 # --------------------------------------------------------------------------
@@ -430,7 +436,10 @@ def paged_attention_ref(
         when they live on a GPU).
     """
     del max_q_len
-    _validate(q, kv, page_table, seq_lens, query_start_loc)
+    if plan is None:
+        _validate(q, kv, page_table, seq_lens, query_start_loc)
+    else:  # the plan's builder checked the batch description once for all layers
+        _validate_operands(q, kv)
     num_tokens, n_heads, head_dim = q.shape
     n_kv_heads = kv.shape[3]
     if plan is None:

@@ -518,3 +518,23 @@ def test_write_kv_then_attention() -> None:
     torch.testing.assert_close(out.double(), expected, atol=3e-5, rtol=3e-5)
     check(out, batch, "write_kv+ref")
 
+
+
+def test_ref_with_shared_plan_matches_and_checks_geometry() -> None:
+    """A plan built once serves any layer's call of the batch; a plan for another geometry or a
+    bad q is refused."""
+    batch = _small_batch()
+    plan = pa.plan_paged_attention_ref(
+        batch.page_table, batch.seq_lens, batch.query_start_loc,
+        n_heads=batch.q.shape[1], kv_shape=tuple(batch.kv.shape),
+    )
+    check(paged_attention_ref(*batch.args(), plan=plan), batch, "ref with plan")
+    other = pa.plan_paged_attention_ref(
+        batch.page_table, batch.seq_lens, batch.query_start_loc,
+        n_heads=2 * batch.q.shape[1], kv_shape=tuple(batch.kv.shape),
+    )
+    with pytest.raises(ValueError, match="plan was made for"):
+        paged_attention_ref(*batch.args(), plan=other)
+    q, *rest = batch.args()
+    with pytest.raises(ValueError, match="q must be"):
+        paged_attention_ref(q[:, 0], *rest, plan=plan)
