@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from inference.engine import LLMEngine
+from inference.openmp_workers import release_openmp_workers
 from inference.request import Request, RequestOutput
 
 log = logging.getLogger(__name__)
@@ -58,10 +59,17 @@ class EngineLoop:
         self._pending_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="tailor-engine", daemon=True)
         self._thread.start()
+        # The thread that built the engine ran parallel ops (loading the weights); its idle OpenMP
+        # team would make the engine thread's ops pay a wake-up each (inference/openmp_workers.py).
+        release_openmp_workers()
 
     # ------------------------------------------------------------ called from any thread
     def submit(self, request: Request, callback: OutputCallback) -> None:
-        """Queue a validated request; ``callback`` runs on the engine thread for every output."""
+        """Queue a validated request; ``callback`` runs on the engine thread for every output.
+
+        The calling thread hands its CPU work to the engine, so its idle OpenMP workers are
+        released first (see inference/openmp_workers.py)."""
+        release_openmp_workers()
         if self._stopped.is_set():
             raise RuntimeError("the engine loop is stopped")
         with self._pending_lock:
@@ -180,6 +188,7 @@ class EngineLoop:
         while not self._stopped.is_set():
             self._drain_commands()
             if not self.engine.has_unfinished():
+                release_openmp_workers()  # idle: let other threads' ops run at full speed
                 self._wakeup.wait(timeout=0.5)
                 self._wakeup.clear()
                 continue

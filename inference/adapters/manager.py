@@ -39,6 +39,7 @@ from inference.adapters.peft_checkpoint import (
 )
 from inference.adapters.registry import AdapterRef, AdapterRegistry
 from inference.model_config import ModelConfig
+from inference.openmp_workers import releases_openmp_workers
 from inference.page_pool import PageKind, PagePool
 from inference.scheduler import Admission
 
@@ -189,6 +190,7 @@ class AdapterManager:
             weights_key=weights_key,
         )
 
+    @releases_openmp_workers  # runs on fetcher and registering threads, not the engine's
     def _host_copy(self, weights: LoraAdapterWeights) -> LoraAdapterWeights:
         """Host weights in the pool's dtype (halves host RAM for half-precision pools)."""
         from dataclasses import replace

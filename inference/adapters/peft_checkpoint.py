@@ -29,6 +29,7 @@ from typing import Any, Iterable, Sequence
 import torch
 
 from inference.model_config import ModelConfig
+from inference.openmp_workers import releases_openmp_workers
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The adaptable projections, in the order every per-layer layout uses."""
@@ -613,6 +614,7 @@ def check_adapter_header(
     return AdapterSummary(cfg.rank, cfg.lora_alpha, tuple(m for m in MODULE_ORDER if m in cfg.targets))
 
 
+@releases_openmp_workers  # it runs on fetcher and request threads, not the engine's
 def validate_adapter_files(
     config_bytes: bytes, weights_bytes: bytes, model: ModelConfig, max_rank: int = 128
 ) -> LoraAdapterWeights:
