@@ -14,18 +14,22 @@ Two paths:
 * **Gathered** (CPU, or whenever Triton is off): once per layer, the pages of the step's distinct
   adapters are copied into one contiguous buffer with a single page-granular ``index_select`` (the
   distinct adapter bytes of that layer, the floor any implementation must read). In that buffer
-  every adapter's virtual buffer is contiguous, so
+  every adapter's virtual buffer is contiguous, and the step's rows take one of three routes:
 
-  - a run of at least ``SEGMENT_MIN_ROWS`` adjacent rows of one adapter (a prefill chunk, or the
-    decode rows of a popular adapter: the engine orders a step's chunks by adapter) is a
-    *segment*: its A and Bt are plain views and it costs two matmuls;
-  - all other rows (decode rows of rarer adapters) are done together, with no per-adapter Python
-    loop: while ``distinct adapters * R`` is at most ``PER_SLOT_MAX_COLUMNS``, one matmul against
-    the A of all of them (each row keeps its own R columns), then one against their Bt; above it,
-    each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
-    (``unfold``: one memcpy per row of A/Bt), the shrink is a multiply-and-sum over
-    ``[T, R, in]`` (faster on CPU than a batched matrix-vector product) and the expand a batched
-    ``[1, R] @ [R, out]`` product. The row's scaling sits in a rank mask either way.
+  - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
+    popular adapter: the engine orders a step's chunks by adapter) whose A and Bt are plain views;
+    two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always segments.
+  - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
+    adapters of one rank and target set share) are placed back to back in the buffer, so one
+    module's A of all of them is a single strided view ``[G, r, in]`` and Bt one ``[G, r, out]``;
+    their rows, padded to ``m`` per adapter, cost two batched matmuls (``bmm``) with no copy of
+    any weight. ``m`` is chosen per group by a cost estimate; adapters with more rows than ``m``
+    become segments.
+  - *per-row*: when the other rows belong to more than ``MAX_SOLO_SEGMENTS`` adapters of distinct
+    layouts, each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
+    (``unfold``: one memcpy per row), the shrink is a multiply-and-sum over ``[T, R, in]`` and the
+    expand a batched ``[1, R] @ [R, out]`` product, with the row's scaling in a rank mask; its cost
+    does not grow with the number of layouts.
 """
 
 from __future__ import annotations
@@ -38,15 +42,21 @@ from inference.adapters.manager import DeviceAdapter
 from inference.page_pool import PagePool
 from kernels.lora import lora_expand, lora_shrink, triton_available
 
-# A run of at least this many adjacent rows of one adapter is computed as a segment (two skinny
-# matmuls, about 60 us each on a 2-core CPU); shorter runs join the per-row path, which costs about
-# 2.5 us more per row. Set by timing engine steps on benchmarks/adapter_scaling.py's workload, where
-# a threshold of 8 made decode steps with 10 adapters about 50% slower.
+# A run of at least this many adjacent rows of one adapter is always a segment (two skinny matmuls,
+# about 30-60 us each on a 2-core CPU).
 SEGMENT_MIN_ROWS = 32
-# The other rows are multiplied with the A of all their distinct adapters at once (two matmuls of
-# width distinct * R) while that width is at most this; above it, each row's own A/Bt rows are
-# gathered (cost independent of the number of adapters).
-PER_SLOT_MAX_COLUMNS = 256
+# Adapters of one layout are computed as a group (two bmm calls over strided views) when there are
+# at least this many of them in the step's remaining rows; a lone adapter is a segment instead.
+GROUP_MIN_SLOTS = 2
+# Adapters whose layout no other adapter of the step shares become segments while there are at
+# most this many of them; more, and their rows take the per-row path, whose cost does not grow
+# with the number of adapters.
+MAX_SOLO_SEGMENTS = 4
+# The cost estimate that sets a group's rows per adapter ``m`` (microseconds on the 2-core CI
+# CPU, per module call, rank 8): each padded row of the group against a segment of its own for an
+# adapter with more rows than ``m``.
+_PADDED_ROW_US = 1.0
+_SEGMENT_US = 40.0
 
 
 @dataclass
@@ -65,15 +75,12 @@ class _ModuleMeta:
 class _RowIndex:
     """Where the per-row path's rows find their A and Bt rows in the step's gathered buffer.
 
-    T1 = rows with an adapter outside segments, R = the module's largest rank in the step.
+    T1 = rows on the per-row path, R = the largest rank among their adapters for the module.
     """
 
-    a_start: torch.Tensor  # [O * R] int64: first element of A row j of owner o
-    b_start: torch.Tensor  # [O * R] int64: the same for Bt
+    a_start: torch.Tensor  # [T1 * R] int64: first element of A row j of row t's adapter
+    b_start: torch.Tensor  # [T1 * R] int64: the same for Bt
     weight: torch.Tensor  # [T1, R] fp32: scaling of row t's adapter where j < its rank, else 0
-    # owners are the S1 distinct adapters of the rows when ``columns`` is set (then
-    # ``columns[t, j] = local slot of row t * R + j``), else the T1 rows themselves
-    columns: torch.Tensor | None = None
 
 
 @dataclass
@@ -83,6 +90,24 @@ class _Segment:
     start: int
     length: int
     slot: int
+
+
+@dataclass
+class _Group:
+    """``size`` adapters of one layout, back to back in the step buffer from element ``base``
+    every ``stride`` elements, with their rows padded to ``width`` per adapter (``G = size``,
+    ``m = width``; padded row ``g * m + i`` is adapter g's i-th row)."""
+
+    base: int
+    stride: int
+    size: int
+    width: int
+    offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank), shared
+    scaling: torch.Tensor  # [G, 1, 1] fp32
+    rows: torch.Tensor  # [T_g] int64: the batch row of each real padded row, in padded order
+    row_start: int | None  # the rows are row_start .. row_start + G*m - 1 in order (no padding)
+    x_index: torch.Tensor | None  # [G * m] int64 batch row of every padded row (None: row_start)
+    valid: torch.Tensor | None  # [T_g] int64 positions of the real rows among the G*m (None: all)
 
 
 class LoraBatch:
@@ -140,15 +165,6 @@ class LoraBatch:
 
     # ------------------------------------------------------------------ gathered path
     def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device) -> None:
-        page_elems = self.pool.geometry.page_elems
-        bases, pages = [], []
-        for slot in slots:
-            bases.append(len(pages) * page_elems)
-            pages.extend(slot.pages)
-        self.step_pages = torch.tensor(pages, dtype=torch.int64, device=device)
-        self.slot_base = bases
-        self._buffer_layer: int | None = None
-        self._buffer: torch.Tensor | None = None
         # adjacent chunks of one adapter form one run of rows (the engine orders chunks by adapter)
         runs: list[list[int]] = []  # [first row, rows, slot]
         row = 0
@@ -159,16 +175,41 @@ class LoraBatch:
                 else:
                     runs.append([row, length, slot])
             row += length
-        self.segments: list[_Segment] = []
-        single_rows: list[int] = []
-        single_slots: list[int] = []
-        for start, length, slot in runs:
-            if length >= SEGMENT_MIN_ROWS:
-                self.segments.append(_Segment(start, length, slot))
-            else:
-                single_rows.extend(range(start, start + length))
-                single_slots.extend([slot] * length)
-        for meta in self.modules.values():
+        self.segments = [_Segment(*r) for r in runs if r[1] >= SEGMENT_MIN_ROWS]
+        rest: dict[int, list[list[int]]] = {}  # slot -> its shorter runs
+        for r in runs:
+            if r[1] < SEGMENT_MIN_ROWS:
+                rest.setdefault(r[2], []).append(r)
+        by_layout: dict[tuple, list[int]] = {}
+        for slot in rest:
+            by_layout.setdefault(_layout_key(slots[slot]), []).append(slot)
+        grouped = [members for members in by_layout.values() if len(members) >= GROUP_MIN_SLOTS]
+        solo = [slot for members in by_layout.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
+        per_row_slots: list[int] = []
+        if len(solo) <= MAX_SOLO_SEGMENTS:
+            self.segments.extend(_Segment(*r) for slot in solo for r in rest[slot])
+        else:
+            per_row_slots = solo
+
+        # the step buffer: each group's adapters back to back (one stride), then the others
+        order = [slot for members in grouped for slot in members]
+        placed = set(order)
+        order += [slot for slot in range(len(slots)) if slot not in placed]
+        page_elems = self.pool.geometry.page_elems
+        bases = [0] * len(slots)
+        pages: list[int] = []
+        for slot in order:
+            bases[slot] = len(pages) * page_elems
+            pages.extend(slots[slot].pages)
+        self.step_pages = torch.tensor(pages, dtype=torch.int64, device=device)
+        self.slot_base = bases
+        self._buffer_layer: int | None = None
+        self._buffer: torch.Tensor | None = None
+
+        self.groups: list[_Group] = []
+        for members in grouped:
+            self._add_group(members, rest, slots, bases, device)
+        for meta_name, meta in self.modules.items():
             ranks, a_offset, b_offset = meta.ranks.tolist(), meta.a_offset.tolist(), meta.b_offset.tolist()
             meta.segments = [
                 (slice(seg.start, seg.start + seg.length), bases[seg.slot] + a_offset[seg.slot],
@@ -176,37 +217,69 @@ class LoraBatch:
                 for seg in self.segments
                 if ranks[seg.slot] > 0
             ]
-        self.all_rows_single = len(single_rows) == row
+        single_rows = [t for slot in per_row_slots for start, length, _ in rest[slot] for t in range(start, start + length)]
+        single_slots = [slot for slot in per_row_slots for _, length, _ in rest[slot] for _ in range(length)]
+        self.all_rows_single = len(single_rows) == row and single_rows == list(range(row))
         self.single_rows = torch.tensor(single_rows, dtype=torch.int64, device=device)
-        if not single_rows:
+        if single_rows:
+            self._index_per_row(single_slots, bases, shapes, device)
+
+    def _add_group(self, members: list[int], rest: dict[int, list[list[int]]], slots, bases, device) -> None:
+        """Make ``members`` (adapters of one layout) a group; those with more rows than the chosen
+        width become segments, and a group left with one adapter becomes segments too."""
+        rows_of = {slot: [t for start, length, _ in rest[slot] for t in range(start, start + length)] for slot in members}
+        width = _group_width(sorted(len(rows_of[slot]) for slot in members))
+        wide = [slot for slot in members if len(rows_of[slot]) > width]
+        members = [slot for slot in members if len(rows_of[slot]) <= width]
+        if len(members) < GROUP_MIN_SLOTS:
+            wide += members
+            members = []
+        self.segments.extend(_Segment(*r) for slot in wide for r in rest[slot])
+        if not members:
             return
+        x_index, valid, real_rows = [], [], []
+        for g, slot in enumerate(members):
+            own = rows_of[slot]
+            valid.extend(range(g * width, g * width + len(own)))
+            real_rows.extend(own)
+            x_index.extend(own + [own[0]] * (width - len(own)))  # padding repeats a real row
+        contiguous = len(real_rows) == len(members) * width and real_rows == list(range(real_rows[0], real_rows[0] + len(real_rows)))
+        first = members[0]
+        self.groups.append(_Group(
+            base=bases[first],
+            stride=len(slots[first].pages) * self.pool.geometry.page_elems,
+            size=len(members),
+            width=width,
+            offsets=dict(slots[first].offsets),
+            scaling=torch.tensor([self.scaling_list[slot] for slot in members], dtype=torch.float32,
+                                 device=device).view(-1, 1, 1),
+            rows=torch.tensor(real_rows, dtype=torch.int64, device=device),
+            row_start=real_rows[0] if contiguous else None,
+            x_index=None if contiguous else torch.tensor(x_index, dtype=torch.int64, device=device),
+            valid=None if len(valid) == len(x_index) else torch.tensor(valid, dtype=torch.int64, device=device),
+        ))
+
+    def _index_per_row(self, single_slots: list[int], bases: list[int], shapes, device) -> None:
+        """Per-row path: every row's A/Bt row starts in the step buffer, per module."""
         slot_t = torch.tensor(single_slots, dtype=torch.int64)
-        distinct, local = torch.unique(slot_t, return_inverse=True)  # [S1], [T1]
         base = torch.tensor(bases, dtype=torch.int64)
         scale_t = torch.tensor(self.scaling_list, dtype=torch.float32)[slot_t][:, None]
         for name, meta in self.modules.items():
-            if meta.max_rank == 0:
+            ranks = meta.ranks.cpu().to(torch.int64)
+            rank_r = int(ranks[slot_t].max())
+            if rank_r == 0:
                 continue
             in_f, out_f = shapes[name]
-            rank_r = meta.max_rank
             j = torch.arange(rank_r, dtype=torch.int64)[None, :]  # [1, R]
-            ranks = meta.ranks.cpu().to(torch.int64)
             live = j < ranks[slot_t][:, None]  # [T1, R]
-            weight = torch.where(live, scale_t, 0.0)
-            # the A/Bt rows are those of each distinct adapter when their count is small (one
-            # matmul against all of them), else those of each row; rows past a rank (or of an
-            # adapter without this module) point at element 0, which starts a full row because
-            # some slot has one here, and weigh 0
-            per_slot = len(distinct) * rank_r <= PER_SLOT_MAX_COLUMNS
-            owners = distinct if per_slot else slot_t
-            owner_live = j < ranks[owners][:, None]
-            a_start = torch.where(owner_live, (base + meta.a_offset.cpu())[owners][:, None] + j * in_f, 0)
-            b_start = torch.where(owner_live, (base + meta.b_offset.cpu())[owners][:, None] + j * out_f, 0)
+            # rows past a rank (or of an adapter without this module) point at element 0, which
+            # starts a full row because some slot has one here, and weigh 0
+            a_start = torch.where(live, (base + meta.a_offset.cpu())[slot_t][:, None] + j * in_f, 0)
+            b_start = torch.where(live, (base + meta.b_offset.cpu())[slot_t][:, None] + j * out_f, 0)
             meta.rows = _RowIndex(
                 a_start=a_start.reshape(-1).to(device),
                 b_start=b_start.reshape(-1).to(device),
-                weight=weight.to(device),
-                columns=(local[:, None] * rank_r + j).to(device) if per_slot else None,
+                weight=torch.where(live, scale_t, 0.0).to(device),
             )
 
     def _layer_buffer(self, layer: int) -> torch.Tensor:
@@ -235,33 +308,47 @@ class LoraBatch:
             return
         buffer = self._layer_buffer(layer)
         if meta.rows is not None:
-            self._apply_single_rows(buffer, meta.rows, meta.max_rank, x, out)
+            self._apply_single_rows(buffer, meta.rows, x, out)
+        for group in self.groups:
+            self._apply_group(buffer, group, module, x, out)
         if meta.segments:
             self._apply_segments(buffer, meta, x, out)
 
-    def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, max_rank: int,
-                           x: torch.Tensor, out: torch.Tensor) -> None:
-        """Rows outside segments: ``delta[t] = sum_j w[t, j] * (A_t[j] . x[t]) * Bt_t[j]`` (fp32)."""
+    def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, x: torch.Tensor, out: torch.Tensor) -> None:
+        """Per-row path: ``delta[t] = sum_j w[t, j] * (A_t[j] . x[t]) * Bt_t[j]`` (fp32)."""
         in_f, out_f = x.shape[1], out.shape[1]
-        rows = len(index.weight)
+        rows, max_rank = index.weight.shape
         xs = x if self.all_rows_single else x.index_select(0, self.single_rows)
-        a = buffer.unfold(0, in_f, 1).index_select(0, index.a_start)  # [O * R, in]
-        b_t = buffer.unfold(0, out_f, 1).index_select(0, index.b_start)  # [O * R, out]
-        if index.columns is not None:
-            # few distinct adapters: every row against all of them, then keep its own columns
-            y_all = xs.float() @ a.float().T  # [T1, S1 * R]
-            y = y_all.gather(1, index.columns) * index.weight  # [T1, R]
-            spread = torch.zeros_like(y_all).scatter_(1, index.columns, y)
-            delta = (spread @ b_t.float()).to(out.dtype)  # [T1, out]
-        else:
-            a = a.view(rows, max_rank, in_f)
-            y = (a.float() * xs.float()[:, None, :]).sum(-1) * index.weight  # [T1, R]
-            b_t = b_t.view(rows, max_rank, out_f)
-            delta = torch.bmm(y[:, None, :], b_t.float()).squeeze(1).to(out.dtype)  # [T1, out]
+        a = buffer.unfold(0, in_f, 1).index_select(0, index.a_start).view(rows, max_rank, in_f)
+        y = (a.float() * xs.float()[:, None, :]).sum(-1) * index.weight  # [T1, R]
+        b_t = buffer.unfold(0, out_f, 1).index_select(0, index.b_start).view(rows, max_rank, out_f)
+        delta = torch.bmm(y[:, None, :], b_t.float()).squeeze(1).to(out.dtype)  # [T1, out]
         if self.all_rows_single:
             out += delta
         else:
             out.index_add_(0, self.single_rows, delta)
+
+    def _apply_group(self, buffer: torch.Tensor, group: _Group, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """A group: A and Bt of its G adapters are strided views; two ``bmm`` over [G, m, .] (fp32)."""
+        a_off, b_off, rank = group.offsets.get(module, (0, 0, 0))
+        if rank == 0:
+            return
+        in_f, out_f = x.shape[1], out.shape[1]
+        size, width = group.size, group.width
+        a = buffer.as_strided((size, rank, in_f), (group.stride, in_f, 1), group.base + a_off)
+        b_t = buffer.as_strided((size, rank, out_f), (group.stride, out_f, 1), group.base + b_off)
+        if group.row_start is not None:
+            xs = x[group.row_start : group.row_start + size * width]
+        else:
+            xs = x.index_select(0, group.x_index)
+        y = torch.bmm(xs.float().view(size, width, in_f), a.float().transpose(1, 2)) * group.scaling  # [G, m, r]
+        delta = torch.bmm(y, b_t.float()).view(size * width, out_f)  # [G * m, out]
+        if group.valid is not None:
+            delta = delta.index_select(0, group.valid)
+        if group.row_start is not None:
+            out[group.row_start : group.row_start + size * width] += delta.to(out.dtype)
+        else:
+            out.index_add_(0, group.rows, delta.to(out.dtype))
 
     def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
         """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""
@@ -274,3 +361,22 @@ class LoraBatch:
                 out[rows].addmm_(y, b_t, alpha=scaling)
             else:
                 out[rows] += ((y @ b_t.float()) * scaling).to(out.dtype)
+
+
+def _layout_key(adapter: DeviceAdapter) -> tuple:
+    """Adapters with equal keys have the same page count and module offsets and ranks."""
+    return len(adapter.pages), tuple(sorted(adapter.offsets.items()))
+
+
+def _group_width(counts: list[int]) -> int:
+    """Rows per adapter ``m`` for a group whose adapters have ``counts`` rows (ascending): the
+    estimated cost of padding every adapter with at most ``m`` rows to ``m``, plus a segment per
+    adapter with more, is smallest."""
+    best, best_cost = counts[-1], float("inf")
+    for i, m in enumerate(counts):
+        if i + 1 < len(counts) and counts[i + 1] == m:
+            continue
+        cost = (i + 1) * m * _PADDED_ROW_US + (len(counts) - i - 1) * _SEGMENT_US
+        if cost < best_cost:
+            best, best_cost = m, cost
+    return best

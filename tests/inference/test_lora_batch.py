@@ -16,49 +16,65 @@ ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pro
 
 
 # chunk lengths of a step; runs of SEGMENT_MIN_ROWS rows of one adapter (alone or merged from
-# adjacent chunks) take the gathered path's segment branch, the others its per-row branch
+# adjacent chunks) are segments on the gathered path, the others go to groups, segments or per-row
 MIN = SEGMENT_MIN_ROWS
 LENGTHS = {
-    "decode": [1] * 7,
-    "mixed": [MIN + 1, 1, 3, MIN // 2, MIN - MIN // 2, 1, 2, 1, 4],  # chunks 3 and 4 merge
-    "prefill": [3, MIN + 2, 5, 2, 9, 2],
+    "decode": [1] * 9,
+    "mixed": [MIN + 1, 1, 3, MIN // 2, MIN - MIN // 2, 1, 2, 1, 4, 1],  # chunks 3 and 4 merge
+    "prefill": [3, MIN + 2, 5, 2, 9, 2, 1],
+    "sorted": [1] * 6,  # decode rows ordered by adapter as the engine orders them
 }
+# (rank, targets) of the adapters; 0/4 and 1/5 share a layout (a group on the gathered path)
+SPECS = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (16, ("k_proj", "o_proj", "up_proj")),
+         (1, ("q_proj", "v_proj")), (8, ALL)]
+# the gathered path's routing knobs per variant: (GROUP_MIN_SLOTS, MAX_SOLO_SEGMENTS)
+ROUTES = {"gathered": None, "gathered-per-row": (1 << 30, 0), "gathered-segments": (1 << 30, 1 << 30)}
 
-@pytest.mark.parametrize("variant", ["gathered-per-adapter", "gathered-per-row", "triton-interpreted"])
+
+@pytest.mark.parametrize("variant", [*ROUTES, "triton-interpreted"])
 @pytest.mark.parametrize("shape", list(LENGTHS))
 def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shape, variant):
-    """Every module of a random layer, rows of four adapters (ranks 1 to 16, different targets)
-    and rows without one, on both the CPU (gathered) path and the Triton kernels (interpreted)."""
+    """Every module of a random layer, rows of six adapters (ranks 1 to 16, different targets, two
+    pairs sharing a layout) and rows without one, on every route of the CPU (gathered) path and on
+    the Triton kernels (interpreted)."""
     use_triton = variant == "triton-interpreted"
     if use_triton:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
-    if variant == "gathered-per-row":
-        monkeypatch.setattr(lora_batch, "PER_SLOT_MAX_COLUMNS", 0)
+    if ROUTES.get(variant):
+        group_min, solo_max = ROUTES[variant]
+        monkeypatch.setattr(lora_batch, "GROUP_MIN_SLOTS", group_min)
+        monkeypatch.setattr(lora_batch, "MAX_SOLO_SEGMENTS", solo_max)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20))
     cfg = engine.model_config
-    specs = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (16, ("k_proj", "o_proj", "up_proj"))]
     residents, host = [], []
-    for i, (r, targets) in enumerate(specs):
+    for i, (r, targets) in enumerate(SPECS):
         path = synthetic_adapter(tmp_path / f"a{i}", cfg, r=r, targets=targets, alpha=rng.uniform(1, 32), seed=seed + i)
         ref = engine.adapters.register_dir(f"a{i}", path)
         assert engine.adapters.admit(ref).value == "ready"
         residents.append(engine.adapters.resident(ref.uid))
         host.append(load_adapter_dir(path, cfg))
     lengths = LENGTHS[shape]
-    chunk_slots = [rng.choice([-1, 0, 1, 2, 3]) for _ in lengths]
+    chunk_slots = [rng.choice([-1, 0, 1, 2, 3, 4, 5]) for _ in lengths]
     chunk_slots[0], chunk_slots[1] = 1, 0  # the all-module adapter on a long chunk, another after it
+    chunk_slots[-2], chunk_slots[-1] = 4, 5  # the layout twins of both
     if shape == "mixed":
         chunk_slots[3] = chunk_slots[4] = 2
+    if shape == "sorted":
+        chunk_slots = [0, 4, 1, 5, -1, 2]
     batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton)
     assert batch.use_triton == use_triton
-    if not use_triton:
-        assert len(batch.segments) == {"decode": 0, "mixed": 2, "prefill": 1}[shape]
-        assert len(batch.single_rows) > 0
-        row_paths = {m.rows.columns is not None for m in batch.modules.values() if m.rows is not None}
-        assert row_paths == {variant == "gathered-per-adapter"}
+    if variant == "gathered":
+        assert batch.groups and len(batch.single_rows) == 0
+        if shape == "sorted":  # each group's rows are a plain slice of the batch
+            assert [(g.size, g.width, g.row_start) for g in batch.groups] == [(2, 1, 0), (2, 1, 2)]
+    elif variant == "gathered-per-row":
+        assert not batch.groups and len(batch.single_rows) > 0
+    elif variant == "gathered-segments":
+        assert not batch.groups and len(batch.single_rows) == 0
+        assert sum(s.length for s in batch.segments) == sum(n for s, n in zip(chunk_slots, lengths) if s >= 0)
     rows = [s for s, n in zip(chunk_slots, lengths) for _ in range(n)]
     layer = rng.randrange(cfg.num_layers)
     for module, (in_f, out_f) in cfg.linear_shapes().items():
