@@ -90,3 +90,19 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
             expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{module} seed {seed}")
         assert not torch.equal(out, base) or all(s < 0 or module not in host[s].modules for s in rows)
+
+
+@pytest.mark.parametrize(
+    "counts",
+    [[1] * 38, [1, 1, 1, 2], [1, 1, 1, 30], [8, 9, 12, 20, 31], [2, 3], [5] * 4 + [31] * 2, [1]],
+)
+def test_group_width_is_the_cheapest_padding(counts):
+    """The width minimizes (padded rows) * _PADDED_ROW_US + (adapters past it) * _SEGMENT_US over
+    every possible width, checked by brute force."""
+    def cost(m):
+        inside = [c for c in counts if c <= m]
+        return len(inside) * m * lora_batch._PADDED_ROW_US + (len(counts) - len(inside)) * lora_batch._SEGMENT_US
+
+    width = lora_batch._group_width(sorted(counts))
+    assert width in counts
+    assert cost(width) == min(cost(m) for m in range(1, max(counts) + 1))
