@@ -1,6 +1,7 @@
 """The benchmark scripts run end to end on tiny settings and write well-formed reports."""
 
 import json
+import tempfile
 
 from benchmarks import adapter_scaling, decode_step
 
@@ -15,8 +16,11 @@ def test_decode_step_smoke(tmp_path):
     assert report["bandwidth_bytes_per_s"] > 0 and report["weight_bytes"] > 0
 
 
-def test_adapter_scaling_smoke(tmp_path):
+def test_adapter_scaling_smoke(tmp_path, monkeypatch):
     out = tmp_path / "scaling.json"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))  # where its store and adapter files go
     assert adapter_scaling.main(["--num-requests", "4", "--adapters", "0,1,3", "--max-output", "3",
                                  "--min-output", "2", "--max-input", "10", "--repeats", "2", "--out", str(out)]) == 0
     report = json.loads(out.read_text())
@@ -26,6 +30,7 @@ def test_adapter_scaling_smoke(tmp_path):
     assert len({r["output_tokens"] for r in rows.values()}) == 1 and 8 <= rows[0]["output_tokens"] <= 12
     assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
     assert all(len(r["wall_s_all_rounds"]) == 2 and r["wall_s"] in r["wall_s_all_rounds"] for r in rows.values())
+    assert list(scratch.iterdir()) == []  # the object store and adapter files are removed
 
 
 def test_cpu_gemm_rows_smoke(tmp_path):
