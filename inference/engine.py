@@ -13,12 +13,13 @@ import shutil
 import tempfile
 import time
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inference.adapters.lora_batch import LoraBatch
+from inference.adapters.lora_batch import LoraBatch, chunk_order
 from inference.adapters.manager import AdapterManager
 from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
@@ -245,8 +246,7 @@ class LLMEngine:
         if not plan.chunks:
             self._prefetch()
             return outputs
-        # rows of one adapter next to each other: the LoRA path computes such a run as one segment
-        plan.chunks.sort(key=lambda c: c.request.adapter.uid if c.request.adapter is not None else "")
+        self._order_chunks(plan)
         batch, sampling_chunks = self._build_batch(plan)
         lora = self._lora_batch(plan)
         logits = self.model.forward(batch, self.pool, lora)
@@ -272,6 +272,20 @@ class LLMEngine:
             self.stats.generation_tokens += len(requests)
         self._prefetch()
         return outputs
+
+    def _order_chunks(self, plan: SchedulerOutput) -> None:
+        """Rows of one adapter next to each other, and adapters the CPU LoRA path computes together
+        in one run (``lora_batch.chunk_order``)."""
+        rows: Counter[str] = Counter()
+        for chunk in plan.chunks:
+            if chunk.request.adapter is not None:
+                rows[chunk.request.adapter.uid] += chunk.num_tokens
+
+        def key(chunk) -> tuple:
+            ref = chunk.request.adapter
+            return chunk_order(None if ref is None else self.adapters.resident(ref.uid), rows[ref.uid] if ref else 0)
+
+        plan.chunks.sort(key=key)
 
     def _lora_batch(self, plan: SchedulerOutput) -> LoraBatch | None:
         """Slots for the distinct adapters of this step, or None when no row has an adapter."""

@@ -20,16 +20,17 @@ Two paths:
     popular adapter: the engine orders a step's chunks by adapter) whose A and Bt are plain views;
     two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always segments.
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
-    adapters of one rank and target set share) are placed back to back in the buffer, so one
-    module's A of all of them is a single strided view ``[G, r, in]`` and Bt one ``[G, r, out]``;
-    their rows, padded to ``m`` per adapter, cost two batched matmuls (``bmm``) with no copy of
-    any weight. ``m`` is chosen per group by a cost estimate; adapters with more rows than ``m``
-    become segments.
-  - *per-row*: when the other rows belong to more than ``MAX_SOLO_SEGMENTS`` adapters of distinct
-    layouts, each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
+    adapters of one rank and target set share) and the same number ``m`` of rows in the step are
+    placed back to back in the buffer, so one module's A of all of them is a single strided view
+    ``[G, r, in]`` and Bt one ``[G, r, out]``; their rows cost two batched matmuls (``bmm`` over
+    ``[G, m, .]``) with no copy of any weight. The engine orders a step's chunks with
+    :func:`chunk_order`, which makes every group's rows one run of the batch, so its input is a
+    slice of ``x`` and its result is added to a slice of ``out``.
+  - *per-row*: when more than ``MAX_SOLO_SEGMENTS`` adapters are in no group, their rows take
+    this route: each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
     (``unfold``: one memcpy per row), the shrink is a multiply-and-sum over ``[T, R, in]`` and the
     expand a batched ``[1, R] @ [R, out]`` product, with the row's scaling in a rank mask; its cost
-    does not grow with the number of layouts.
+    does not grow with the number of adapters.
 """
 
 from __future__ import annotations
@@ -45,18 +46,12 @@ from kernels.lora import lora_expand, lora_shrink, triton_available
 # A run of at least this many adjacent rows of one adapter is always a segment (two skinny matmuls,
 # about 30-60 us each on a 2-core CPU).
 SEGMENT_MIN_ROWS = 32
-# Adapters of one layout are computed as a group (two bmm calls over strided views) when there are
-# at least this many of them in the step's remaining rows; a lone adapter is a segment instead.
+# Adapters of one layout with equal row counts are computed as a group (two bmm calls over strided
+# views) when there are at least this many of them; a lone adapter is a segment instead.
 GROUP_MIN_SLOTS = 2
-# Adapters whose layout no other adapter of the step shares become segments while there are at
-# most this many of them; more, and their rows take the per-row path, whose cost does not grow
-# with the number of adapters.
+# Adapters in no group become segments while there are at most this many of them; more, and their
+# rows take the per-row path, whose cost does not grow with the number of adapters.
 MAX_SOLO_SEGMENTS = 4
-# The cost estimate that sets a group's rows per adapter ``m`` (microseconds on the 2-core CI
-# CPU, per module call, rank 8): each padded row of the group against a segment of its own for an
-# adapter with more rows than ``m``.
-_PADDED_ROW_US = 1.0
-_SEGMENT_US = 40.0
 
 
 @dataclass
@@ -94,9 +89,9 @@ class _Segment:
 
 @dataclass
 class _Group:
-    """``size`` adapters of one layout, back to back in the step buffer from element ``base``
-    every ``stride`` elements, with their rows padded to ``width`` per adapter (``G = size``,
-    ``m = width``; padded row ``g * m + i`` is adapter g's i-th row)."""
+    """``size`` adapters of one layout with ``width`` rows each in the step, back to back in the
+    step buffer from element ``base`` every ``stride`` elements (``G = size``, ``m = width``; row
+    ``g * m + i`` of the group is adapter g's i-th row)."""
 
     base: int
     stride: int
@@ -104,10 +99,8 @@ class _Group:
     width: int
     offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank), shared
     scaling: torch.Tensor  # [G, 1, 1] fp32
-    rows: torch.Tensor  # [T_g] int64: the batch row of each real padded row, in padded order
-    row_start: int | None  # the rows are row_start .. row_start + G*m - 1 in order (no padding)
-    x_index: torch.Tensor | None  # [G * m] int64 batch row of every padded row (None: row_start)
-    valid: torch.Tensor | None  # [T_g] int64 positions of the real rows among the G*m (None: all)
+    row_start: int | None  # the group's rows are batch rows row_start .. row_start + G*m - 1
+    rows: torch.Tensor | None  # [G * m] int64 batch rows of the group's rows (None: row_start)
 
 
 class LoraBatch:
@@ -180,11 +173,11 @@ class LoraBatch:
         for r in runs:
             if r[1] < SEGMENT_MIN_ROWS:
                 rest.setdefault(r[2], []).append(r)
-        by_layout: dict[tuple, list[int]] = {}
-        for slot in rest:
-            by_layout.setdefault(_layout_key(slots[slot]), []).append(slot)
-        grouped = [members for members in by_layout.values() if len(members) >= GROUP_MIN_SLOTS]
-        solo = [slot for members in by_layout.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
+        by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step) -> slots
+        for slot, slot_runs in rest.items():
+            by_class.setdefault((_layout_key(slots[slot]), sum(r[1] for r in slot_runs)), []).append(slot)
+        grouped = [members for members in by_class.values() if len(members) >= GROUP_MIN_SLOTS]
+        solo = [slot for members in by_class.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
         per_row_slots: list[int] = []
         if len(solo) <= MAX_SOLO_SEGMENTS:
             self.segments.extend(_Segment(*r) for slot in solo for r in rest[slot])
@@ -225,38 +218,20 @@ class LoraBatch:
             self._index_per_row(single_slots, bases, shapes, device)
 
     def _add_group(self, members: list[int], rest: dict[int, list[list[int]]], slots, bases, device) -> None:
-        """Make ``members`` (adapters of one layout) a group; those with more rows than the chosen
-        width become segments, and a group left with one adapter becomes segments too."""
-        rows_of = {slot: [t for start, length, _ in rest[slot] for t in range(start, start + length)] for slot in members}
-        width = _group_width(sorted(len(rows_of[slot]) for slot in members))
-        wide = [slot for slot in members if len(rows_of[slot]) > width]
-        members = [slot for slot in members if len(rows_of[slot]) <= width]
-        if len(members) < GROUP_MIN_SLOTS:
-            wide += members
-            members = []
-        self.segments.extend(_Segment(*r) for slot in wide for r in rest[slot])
-        if not members:
-            return
-        x_index, valid, real_rows = [], [], []
-        for g, slot in enumerate(members):
-            own = rows_of[slot]
-            valid.extend(range(g * width, g * width + len(own)))
-            real_rows.extend(own)
-            x_index.extend(own + [own[0]] * (width - len(own)))  # padding repeats a real row
-        contiguous = len(real_rows) == len(members) * width and real_rows == list(range(real_rows[0], real_rows[0] + len(real_rows)))
+        """Make ``members`` (adapters of one layout with equal row counts) a group."""
+        rows = [t for slot in members for start, length, _ in rest[slot] for t in range(start, start + length)]
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         first = members[0]
         self.groups.append(_Group(
             base=bases[first],
             stride=len(slots[first].pages) * self.pool.geometry.page_elems,
             size=len(members),
-            width=width,
+            width=len(rows) // len(members),
             offsets=dict(slots[first].offsets),
             scaling=torch.tensor([self.scaling_list[slot] for slot in members], dtype=torch.float32,
                                  device=device).view(-1, 1, 1),
-            rows=torch.tensor(real_rows, dtype=torch.int64, device=device),
-            row_start=real_rows[0] if contiguous else None,
-            x_index=None if contiguous else torch.tensor(x_index, dtype=torch.int64, device=device),
-            valid=None if len(valid) == len(x_index) else torch.tensor(valid, dtype=torch.int64, device=device),
+            row_start=rows[0] if contiguous else None,
+            rows=None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device),
         ))
 
     def _index_per_row(self, single_slots: list[int], bases: list[int], shapes, device) -> None:
@@ -340,11 +315,9 @@ class LoraBatch:
         if group.row_start is not None:
             xs = x[group.row_start : group.row_start + size * width]
         else:
-            xs = x.index_select(0, group.x_index)
+            xs = x.index_select(0, group.rows)
         y = torch.bmm(xs.float().view(size, width, in_f), a.float().transpose(1, 2)) * group.scaling  # [G, m, r]
         delta = torch.bmm(y, b_t.float()).view(size * width, out_f)  # [G * m, out]
-        if group.valid is not None:
-            delta = delta.index_select(0, group.valid)
         if group.row_start is not None:
             out[group.row_start : group.row_start + size * width] += delta.to(out.dtype)
         else:
@@ -368,15 +341,12 @@ def _layout_key(adapter: DeviceAdapter) -> tuple:
     return len(adapter.pages), tuple(sorted(adapter.offsets.items()))
 
 
-def _group_width(counts: list[int]) -> int:
-    """Rows per adapter ``m`` for a group whose adapters have ``counts`` rows (ascending): the
-    estimated cost of padding every adapter with at most ``m`` rows to ``m``, plus a segment per
-    adapter with more, is smallest."""
-    best, best_cost = counts[-1], float("inf")
-    for i, m in enumerate(counts):
-        if i + 1 < len(counts) and counts[i + 1] == m:
-            continue
-        cost = (i + 1) * m * _PADDED_ROW_US + (len(counts) - i - 1) * _SEGMENT_US
-        if cost < best_cost:
-            best, best_cost = m, cost
-    return best
+def chunk_order(adapter: DeviceAdapter | None, rows: int) -> tuple:
+    """Sort key for a step's chunks (``rows``: all rows of the chunk's adapter in the step).
+
+    Rows without an adapter come first, then adapters by row count, layout and uid: each adapter's
+    rows are adjacent (a run, a segment when long) and each group's rows are one run of the batch.
+    """
+    if adapter is None:
+        return (0,)
+    return (1, rows, _layout_key(adapter), adapter.ref.uid)

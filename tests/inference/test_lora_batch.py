@@ -1,12 +1,13 @@
 """LoraBatch (the per-step LoRA applier) against a float64 computation from the adapters' weights."""
 
 import random
+from collections import Counter
 
 import pytest
 import torch
 
 from inference.adapters import lora_batch
-from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch
+from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
 from inference.adapters.peft_checkpoint import load_adapter_dir
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
@@ -22,7 +23,8 @@ LENGTHS = {
     "decode": [1] * 9,
     "mixed": [MIN + 1, 1, 3, MIN // 2, MIN - MIN // 2, 1, 2, 1, 4, 1],  # chunks 3 and 4 merge
     "prefill": [3, MIN + 2, 5, 2, 9, 2, 1],
-    "sorted": [1] * 6,  # decode rows ordered by adapter as the engine orders them
+    "sorted": [1] * 6,  # decode rows in the engine's order (chunk_order), twins and random others
+    "interleaved": [1] * 5,  # two groups whose rows alternate
 }
 # (rank, targets) of the adapters; 0/4 and 1/5 share a layout (a group on the gathered path)
 SPECS = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (16, ("k_proj", "o_proj", "up_proj")),
@@ -62,14 +64,19 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
     chunk_slots[-2], chunk_slots[-1] = 4, 5  # the layout twins of both
     if shape == "mixed":
         chunk_slots[3] = chunk_slots[4] = 2
-    if shape == "sorted":
-        chunk_slots = [0, 4, 1, 5, -1, 2]
+    if shape == "sorted":  # the engine's order (chunk_order): each group's rows are one run
+        chunk_slots = [rng.choice([-1, 2, 3]) for _ in lengths] + [0, 4, 1, 5]
+        lengths = [1] * len(chunk_slots)
+        slot_rows = Counter(s for s in chunk_slots if s >= 0)
+        chunk_slots.sort(key=lambda s: chunk_order(residents[s] if s >= 0 else None, slot_rows[s]))
+    if shape == "interleaved":
+        chunk_slots = [0, 1, 4, 5, -1]
     batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton)
     assert batch.use_triton == use_triton
-    if variant == "gathered":
-        assert batch.groups and len(batch.single_rows) == 0
-        if shape == "sorted":  # each group's rows are a plain slice of the batch
-            assert [(g.size, g.width, g.row_start) for g in batch.groups] == [(2, 1, 0), (2, 1, 2)]
+    if variant == "gathered" and shape in ("sorted", "interleaved"):
+        # groups of layout twins with equal row counts; their rows are one run in the engine's order
+        assert batch.groups
+        assert all((g.row_start is not None) == (shape == "sorted") for g in batch.groups)
     elif variant == "gathered-per-row":
         assert not batch.groups and len(batch.single_rows) > 0
     elif variant == "gathered-segments":
@@ -90,19 +97,3 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
             expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
         torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{module} seed {seed}")
         assert not torch.equal(out, base) or all(s < 0 or module not in host[s].modules for s in rows)
-
-
-@pytest.mark.parametrize(
-    "counts",
-    [[1] * 38, [1, 1, 1, 2], [1, 1, 1, 30], [8, 9, 12, 20, 31], [2, 3], [5] * 4 + [31] * 2, [1]],
-)
-def test_group_width_is_the_cheapest_padding(counts):
-    """The width minimizes (padded rows) * _PADDED_ROW_US + (adapters past it) * _SEGMENT_US over
-    every possible width, checked by brute force."""
-    def cost(m):
-        inside = [c for c in counts if c <= m]
-        return len(inside) * m * lora_batch._PADDED_ROW_US + (len(counts) - len(inside)) * lora_batch._SEGMENT_US
-
-    width = lora_batch._group_width(sorted(counts))
-    assert width in counts
-    assert cost(width) == min(cost(m) for m in range(1, max(counts) + 1))
