@@ -202,7 +202,7 @@ class LoraBatch:
         self.groups: list[_Group] = []
         for members in grouped:
             self._add_group(members, rest, slots, bases, device)
-        for meta_name, meta in self.modules.items():
+        for meta in self.modules.values():
             ranks, a_offset, b_offset = meta.ranks.tolist(), meta.a_offset.tolist(), meta.b_offset.tolist()
             meta.segments = [
                 (slice(seg.start, seg.start + seg.length), bases[seg.slot] + a_offset[seg.slot],
