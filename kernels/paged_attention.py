@@ -436,13 +436,12 @@ def paged_attention_ref(
         when they live on a GPU).
     """
     del max_q_len
-    if plan is None:
-        _validate(q, kv, page_table, seq_lens, query_start_loc)
-    else:  # the plan's builder checked the batch description once for all layers
-        _validate_operands(q, kv)
+    _validate_operands(q, kv)
     num_tokens, n_heads, head_dim = q.shape
     n_kv_heads = kv.shape[3]
-    if plan is None:
+    if plan is None:  # the plan's builder checks the batch description
+        if page_table.device != q.device:
+            raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
         plan = plan_paged_attention_ref(
             page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=tuple(kv.shape)
         )
