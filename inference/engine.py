@@ -23,6 +23,7 @@ from inference.adapters.lora_batch import LoraBatch, chunk_order
 from inference.adapters.manager import AdapterManager
 from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
+from inference.adapters.staging import StagedAdapters
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.engine_config import EngineConfig
 from inference.model import ForwardBatch, LlamaModel
@@ -103,6 +104,8 @@ class LLMEngine:
             max_rank=self.config.max_lora_rank,
             fetch_threads=self.config.adapter_fetch_threads,
         )
+        # the gathered (CPU) LoRA path's copies of grouped adapters, kept from step to step
+        self.staged_adapters = StagedAdapters(self.pool)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters
         )
@@ -307,7 +310,8 @@ class LLMEngine:
             chunk_slots.append(slot_of[ref.uid])
         if not slots:
             return None
-        return LoraBatch(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks], self.config.use_triton)
+        return LoraBatch(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks], self.config.use_triton,
+                         staging=self.staged_adapters)
 
     def _prefetch(self) -> None:
         """Start fetches and page-ins for the adapters of the requests next in line."""

@@ -11,26 +11,34 @@ Two paths:
 * **Triton** (CUDA): decode-only steps use the one-row-per-request kernels, steps with a prefill
   chunk the segment kernels (a decode row is a segment of one), both reading A and Bt straight from
   the pool pages through the page table.
-* **Gathered** (CPU, or whenever Triton is off): once per layer, the pages of the step's distinct
-  adapters are copied into one contiguous buffer with a single page-granular ``index_select`` (the
-  distinct adapter bytes of that layer, the floor any implementation must read). In that buffer
-  every adapter's virtual buffer is contiguous, and the step's rows take one of three routes:
+* **Gathered** (CPU, or whenever Triton is off): torch ops over contiguous copies of the weights.
+  The step's rows take one of three routes:
 
-  - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
-    popular adapter: the engine orders a step's chunks by adapter) whose A and Bt are plain views;
-    two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always segments.
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
-    adapters of one rank and target set share) and the same number ``m`` of rows in the step are
-    placed back to back in the buffer, so one module's A of all of them is a single strided view
-    ``[G, r, in]`` and Bt one ``[G, r, out]``; their rows cost two batched matmuls (``bmm`` over
-    ``[G, m, .]``) with no copy of any weight. The engine orders a step's chunks with
-    :func:`chunk_order`, which makes every group's rows one run of the batch, so its input is a
-    slice of ``x`` and its result is added to a slice of ``out``.
-  - *per-row*: when more than ``MAX_SOLO_SEGMENTS`` adapters are in no group, their rows take
-    this route: each row's A rows and Bt rows are picked out of a sliding-window view of the buffer
-    (``unfold``: one memcpy per row), the shrink is a multiply-and-sum over ``[T, R, in]`` and the
-    expand a batched ``[1, R] @ [R, out]`` product, with the row's scaling in a rank mask; its cost
-    does not grow with the number of adapters.
+    adapters of one rank and target set share) and the same number ``m`` of rows in the step. They
+    are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
+    where each adapter is copied once and stays while it keeps running, and where the step's
+    adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
+    module's A of all of them is a strided view ``[G, r, in]`` and Bt one ``[G, r, out]``, and the
+    rows cost two batched matmuls (``bmm`` over ``[G, m, .]``) with no copy of any weight. A run
+    that also holds a few adapters of another group (holes) is computed with zero input there; one
+    with more holes has its members copied out once per layer. In decode, where every request has
+    its own adapter, all rows are one group: each step reads the running adapters' weights once,
+    where it used to copy them into a step buffer first and then read the copy.
+  - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
+    popular adapter: the engine orders a step's chunks by adapter with :func:`chunk_order`) whose A
+    and Bt are plain views; two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always
+    segments, and so are the rows of adapters in no group while there are at most
+    ``MAX_SOLO_SEGMENTS`` such adapters.
+  - *per-row*: the rows of the adapters in no group when there are more of them; each row's A rows
+    and Bt rows are picked out of a sliding-window view of the buffer (``unfold``: one memcpy per
+    row), the shrink is a multiply-and-sum over ``[T, R, in]`` and the expand a batched
+    ``[1, R] @ [R, out]`` product, with the row's scaling in a rank mask; its cost does not grow
+    with the number of adapters.
+
+  Segments and per-row rows read a step buffer: once per layer, the pages of the adapters in no
+  group are copied into one contiguous buffer with a single page-granular ``index_select``, in
+  which every adapter's virtual buffer is contiguous.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.adapters.manager import DeviceAdapter
+from inference.adapters.staging import Region, StagedAdapters, layout_key
 from inference.page_pool import PagePool
 from kernels.lora import lora_expand, lora_shrink, triton_available
 
@@ -49,6 +58,9 @@ SEGMENT_MIN_ROWS = 32
 # Adapters of one layout with equal row counts are computed as a group (two bmm calls over strided
 # views) when there are at least this many of them; a lone adapter is a segment instead.
 GROUP_MIN_SLOTS = 2
+# A group's run of staged positions is read in place when it holds at most this many (or an
+# eighth of the members) positions of other adapters; otherwise the members are copied out.
+MAX_GROUP_HOLES = 2
 # Adapters in no group become segments while there are at most this many of them; more, and their
 # rows take the per-row path, whose cost does not grow with the number of adapters.
 MAX_SOLO_SEGMENTS = 4
@@ -89,18 +101,26 @@ class _Segment:
 
 @dataclass
 class _Group:
-    """``size`` adapters of one layout with ``width`` rows each in the step, back to back in the
-    step buffer from element ``base`` every ``stride`` elements (``G = size``, ``m = width``; row
-    ``g * m + i`` of the group is adapter g's i-th row)."""
+    """``size`` adapters of one layout with ``width`` rows each in the step (``G = size``,
+    ``m = width``; row ``g * m + i`` of the group is adapter g's i-th row), staged at positions
+    ``first + rel[g]`` of ``region``.
 
-    base: int
-    stride: int
+    Dense (``positions`` is None): the run of ``count`` positions from ``first`` is read in place;
+    positions in it that hold other adapters (holes) get zero input and their results are dropped.
+    Sparse (too many holes): the members' positions are copied out of the region once per layer.
+    """
+
+    region: Region
+    first: int
+    count: int
     size: int
     width: int
-    offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank), shared
-    scaling: torch.Tensor  # [G, 1, 1] fp32
+    scaling: torch.Tensor  # [count, 1, 1] fp32: each member's scaling at its position, 0 at holes
+    rel: torch.Tensor | None  # [G] int64 positions - first (None: the run is exactly the members, in order)
+    positions: torch.Tensor | None  # [G] int64 the members' positions when sparse
     row_start: int | None  # the group's rows are batch rows row_start .. row_start + G*m - 1
     rows: torch.Tensor | None  # [G * m] int64 batch rows of the group's rows (None: row_start)
+    copied: tuple[int, torch.Tensor] | None = None  # sparse: (layer, [G, layer_elems]) last copied
 
 
 class LoraBatch:
@@ -113,9 +133,11 @@ class LoraBatch:
         chunk_slots: list[int],
         chunk_lengths: list[int],
         use_triton: bool | None = None,
+        staging: StagedAdapters | None = None,
     ):
         """``chunk_slots[i]`` is the slot of the i-th chunk of the flattened batch (-1: none) and
-        ``chunk_lengths[i]`` its number of rows."""
+        ``chunk_lengths[i]`` its number of rows. ``staging`` keeps the gathered path's grouped
+        adapters from step to step (the engine passes its own; without one, a fresh one is used)."""
         device = pool.tensor.device
         self.pool = pool
         if use_triton is None:
@@ -136,7 +158,7 @@ class LoraBatch:
         if use_triton:
             self._init_triton(slots, chunk_slots, chunk_lengths, device)
         else:
-            self._init_gathered(slots, chunk_slots, chunk_lengths, shapes, device)
+            self._init_gathered(slots, chunk_slots, chunk_lengths, shapes, device, staging or StagedAdapters(pool))
 
     # ------------------------------------------------------------------ Triton path
     def _init_triton(self, slots, chunk_slots, chunk_lengths, device) -> None:
@@ -157,7 +179,7 @@ class LoraBatch:
             self.max_seg_len = max(chunk_lengths)
 
     # ------------------------------------------------------------------ gathered path
-    def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device) -> None:
+    def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device, staging: StagedAdapters) -> None:
         # adjacent chunks of one adapter form one run of rows (the engine orders chunks by adapter)
         runs: list[list[int]] = []  # [first row, rows, slot]
         row = 0
@@ -175,7 +197,7 @@ class LoraBatch:
                 rest.setdefault(r[2], []).append(r)
         by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step) -> slots
         for slot, slot_runs in rest.items():
-            by_class.setdefault((_layout_key(slots[slot]), sum(r[1] for r in slot_runs)), []).append(slot)
+            by_class.setdefault((layout_key(slots[slot]), sum(r[1] for r in slot_runs)), []).append(slot)
         grouped = [members for members in by_class.values() if len(members) >= GROUP_MIN_SLOTS]
         solo = [slot for members in by_class.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
         per_row_slots: list[int] = []
@@ -184,24 +206,24 @@ class LoraBatch:
         else:
             per_row_slots = solo
 
-        # the step buffer: each group's adapters back to back (one stride), then the others
-        order = [slot for members in grouped for slot in members]
-        placed = set(order)
-        order += [slot for slot in range(len(slots)) if slot not in placed]
+        # groups read their adapters from the staging regions; the step buffer holds the others
+        grouped_slots = [slot for members in grouped for slot in members]
+        placed = dict(zip(grouped_slots, staging.place([slots[slot] for slot in grouped_slots])))
+        self.groups: list[_Group] = []
+        for members in grouped:
+            self._add_group(members, rest, placed, device)
+        in_groups = set(grouped_slots)
         page_elems = self.pool.geometry.page_elems
         bases = [0] * len(slots)
         pages: list[int] = []
-        for slot in order:
-            bases[slot] = len(pages) * page_elems
-            pages.extend(slots[slot].pages)
+        for slot in range(len(slots)):
+            if slot not in in_groups:
+                bases[slot] = len(pages) * page_elems
+                pages.extend(slots[slot].pages)
         self.step_pages = torch.tensor(pages, dtype=torch.int64, device=device)
-        self.slot_base = bases
         self._buffer_layer: int | None = None
         self._buffer: torch.Tensor | None = None
 
-        self.groups: list[_Group] = []
-        for members in grouped:
-            self._add_group(members, rest, slots, bases, device)
         for meta in self.modules.values():
             ranks, a_offset, b_offset = meta.ranks.tolist(), meta.a_offset.tolist(), meta.b_offset.tolist()
             meta.segments = [
@@ -217,19 +239,31 @@ class LoraBatch:
         if single_rows:
             self._index_per_row(single_slots, bases, shapes, device)
 
-    def _add_group(self, members: list[int], rest: dict[int, list[list[int]]], slots, bases, device) -> None:
-        """Make ``members`` (adapters of one layout with equal row counts) a group."""
+    def _add_group(self, members: list[int], rest: dict[int, list[list[int]]], placed: dict[int, tuple[Region, int]],
+                   device) -> None:
+        """Make ``members`` (adapters of one layout with equal row counts, staged) a group."""
+        members = sorted(members, key=lambda slot: placed[slot][1])  # position order
+        region = placed[members[0]][0]
+        positions = [placed[slot][1] for slot in members]
+        first, count = positions[0], positions[-1] - positions[0] + 1
+        sparse = count - len(members) > max(MAX_GROUP_HOLES, len(members) // 8)
+        if sparse:
+            first, count, rel_list = 0, len(members), list(range(len(members)))
+        else:
+            rel_list = [p - first for p in positions]
         rows = [t for slot in members for start, length, _ in rest[slot] for t in range(start, start + length)]
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        first = members[0]
+        scaling = torch.zeros(count, dtype=torch.float32)
+        scaling[rel_list] = torch.tensor([self.scaling_list[slot] for slot in members])
         self.groups.append(_Group(
-            base=bases[first],
-            stride=len(slots[first].pages) * self.pool.geometry.page_elems,
+            region=region,
+            first=first,
+            count=count,
             size=len(members),
             width=len(rows) // len(members),
-            offsets=dict(slots[first].offsets),
-            scaling=torch.tensor([self.scaling_list[slot] for slot in members], dtype=torch.float32,
-                                 device=device).view(-1, 1, 1),
+            scaling=scaling.view(-1, 1, 1).to(device),
+            rel=None if count == len(members) else torch.tensor(rel_list, dtype=torch.int64, device=device),
+            positions=torch.tensor(positions, dtype=torch.int64, device=device) if sparse else None,
             row_start=rows[0] if contiguous else None,
             rows=None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device),
         ))
@@ -258,8 +292,8 @@ class LoraBatch:
             )
 
     def _layer_buffer(self, layer: int) -> torch.Tensor:
-        """[sum of the slots' pages * page_elems]: every slot's virtual buffer of ``layer``, back to
-        back (slot s at ``slot_base[s]``). Gathered once per layer and reused by its modules."""
+        """[sum of the ungrouped slots' pages * page_elems]: the virtual buffer of ``layer`` of every
+        slot in no group, back to back. Gathered once per layer and reused by its modules."""
         if self._buffer_layer != layer:
             self._buffer = self.pool.layer(layer).index_select(0, self.step_pages).view(-1)
             self._buffer_layer = layer
@@ -281,13 +315,12 @@ class LoraBatch:
             y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
             lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
             return
-        buffer = self._layer_buffer(layer)
-        if meta.rows is not None:
-            self._apply_single_rows(buffer, meta.rows, x, out)
         for group in self.groups:
-            self._apply_group(buffer, group, module, x, out)
+            self._apply_group(layer, group, module, x, out)
+        if meta.rows is not None:
+            self._apply_single_rows(self._layer_buffer(layer), meta.rows, x, out)
         if meta.segments:
-            self._apply_segments(buffer, meta, x, out)
+            self._apply_segments(self._layer_buffer(layer), meta, x, out)
 
     def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, x: torch.Tensor, out: torch.Tensor) -> None:
         """Per-row path: ``delta[t] = sum_j w[t, j] * (A_t[j] . x[t]) * Bt_t[j]`` (fp32)."""
@@ -303,25 +336,41 @@ class LoraBatch:
         else:
             out.index_add_(0, self.single_rows, delta)
 
-    def _apply_group(self, buffer: torch.Tensor, group: _Group, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """A group: A and Bt of its G adapters are strided views; two ``bmm`` over [G, m, .] (fp32)."""
-        a_off, b_off, rank = group.offsets.get(module, (0, 0, 0))
-        if rank == 0:
+    def _apply_group(self, layer: int, group: _Group, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """A group: A and Bt of the staged run of positions are strided views of the region; two
+        ``bmm`` over [count, m, .] (fp32), the members' rows scattered in and their results out."""
+        offsets = group.region.offsets.get(module)
+        if offsets is None:
             return
+        a_off, b_off, rank = offsets
         in_f, out_f = x.shape[1], out.shape[1]
-        size, width = group.size, group.width
-        a = buffer.as_strided((size, rank, in_f), (group.stride, in_f, 1), group.base + a_off)
-        b_t = buffer.as_strided((size, rank, out_f), (group.stride, out_f, 1), group.base + b_off)
+        count, width, rows = group.count, group.width, group.size * group.width
+        stride = group.region.layer_elems
+        weights = group.region.weights[layer]  # [positions, layer_elems]
+        if group.positions is not None:  # sparse: the members' copy, made once for the layer's modules
+            if group.copied is None or group.copied[0] != layer:
+                group.copied = (layer, weights.index_select(0, group.positions))
+            weights = group.copied[1]
+        start = weights.storage_offset() + group.first * stride  # as_strided takes storage offsets
+        a = weights.as_strided((count, rank, in_f), (stride, in_f, 1), start + a_off)
+        b_t = weights.as_strided((count, rank, out_f), (stride, out_f, 1), start + b_off)
         if group.row_start is not None:
-            xs = x[group.row_start : group.row_start + size * width]
+            xs = x[group.row_start : group.row_start + rows]
         else:
             xs = x.index_select(0, group.rows)
-        y = torch.bmm(xs.float().view(size, width, in_f), a.float().transpose(1, 2)) * group.scaling  # [G, m, r]
-        delta = torch.bmm(y, b_t.float()).view(size * width, out_f)  # [G * m, out]
+        xs = xs.float().view(group.size, width, in_f)
+        if group.rel is not None:  # holes in the run: their rows stay zero
+            xs = xs.new_zeros((count, width, in_f)).index_copy_(0, group.rel, xs)
+        y = torch.bmm(xs, a.float().transpose(1, 2))  # [count, m, r]
+        y.mul_(group.scaling)
+        delta = torch.bmm(y, b_t.float())  # [count, m, out]
+        if group.rel is not None:
+            delta = delta.index_select(0, group.rel)
+        delta = delta.view(rows, out_f).to(out.dtype)
         if group.row_start is not None:
-            out[group.row_start : group.row_start + size * width] += delta.to(out.dtype)
+            out[group.row_start : group.row_start + rows].add_(delta)  # in place: no write-back copy
         else:
-            out.index_add_(0, group.rows, delta.to(out.dtype))
+            out.index_add_(0, group.rows, delta)
 
     def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
         """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""
@@ -336,17 +385,13 @@ class LoraBatch:
                 out[rows] += ((y @ b_t.float()) * scaling).to(out.dtype)
 
 
-def _layout_key(adapter: DeviceAdapter) -> tuple:
-    """Adapters with equal keys have the same page count and module offsets and ranks."""
-    return len(adapter.pages), tuple(sorted(adapter.offsets.items()))
-
-
 def chunk_order(adapter: DeviceAdapter | None, rows: int) -> tuple:
     """Sort key for a step's chunks (``rows``: all rows of the chunk's adapter in the step).
 
     Rows without an adapter come first, then adapters by row count, layout and uid: each adapter's
-    rows are adjacent (a run, a segment when long) and each group's rows are one run of the batch.
+    rows are adjacent (a run, a segment when long) and each group's rows are one run of the batch
+    (a group whose staged positions are in the same order reads its input as a slice of ``x``).
     """
     if adapter is None:
         return (0,)
-    return (1, rows, _layout_key(adapter), adapter.ref.uid)
+    return (1, rows, layout_key(adapter), adapter.ref.uid)

@@ -1,0 +1,153 @@
+"""Staged copies of grouped adapters for the gathered (CPU) LoRA path, kept from step to step.
+
+The gathered path computes a group of adapters of one layout with two batched matmuls over strided
+views, which need the adapters' weights at one stride. Their pool pages are scattered, so before
+this module every step copied the distinct adapters' pages of every layer into a step buffer: in
+decode, where every running request has its own adapter, that is every adapter byte copied in every
+step, and then read again by the matmuls (``docs/design.md``, "CPU LoRA routes").
+
+Running requests keep their adapter for many steps, and a step's set of adapters differs from the
+last one's by the few requests that joined or finished. So the grouped adapters are copied once
+into a *region* for their layout, ``[layers, positions, layer_elems]``, where position ``p`` of
+layer ``l`` holds one adapter's virtual buffer of that layer, and they stay there while they keep
+running. A step's group is then a strided view of a run of positions, with no copy; the positions
+in the run that belong to adapters not in the group ("holes") are computed with scaling 0.
+
+A new adapter takes the lowest position that no adapter of the current step holds (overwriting a
+staged adapter that is not running any more). Then the step's adapters are compacted: those at the
+highest positions move into the free positions below until the step's adapters of a layout hold
+positions ``0 .. n-1``. A finished request thus costs one adapter copy, and when all of a layout's
+adapters form one group (decode, one request per adapter), the group's run has no holes. Staged weights are keyed by the adapter's uid, which names
+one immutable set of weights. A region no step has used for ``idle_steps`` steps is freed.
+Memory: a region has as many positions as the most adapters of its layout that one step used, so
+with ``max_num_seqs`` requests there are at most ``max_num_seqs`` copies of the largest adapter per
+layout in use (outside the pool's budget; this path runs where device memory is host RAM).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from inference.adapters.manager import DeviceAdapter
+from inference.page_pool import PagePool
+
+
+@dataclass
+class Region:
+    """Staged adapters of one layout: ``weights[l, p, :]`` is the virtual buffer of layer ``l`` of
+    the adapter at position ``p`` (``layer_elems`` elements, the layout's ``offsets`` into it)."""
+
+    layer_elems: int
+    num_pages: int
+    offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank)
+    weights: torch.Tensor  # [layers, positions, layer_elems]
+    uids: list[str | None]  # the adapter at each position (None: never used)
+    last_step: int = 0
+    where: dict[str, int] = field(default_factory=dict)  # uid -> position
+
+    @property
+    def positions(self) -> int:
+        return len(self.uids)
+
+
+class StagedAdapters:
+    """Regions of staged adapters, one per layout (see the module docstring). Engine thread only."""
+
+    def __init__(self, pool: PagePool, idle_steps: int = 64):
+        if idle_steps < 1:
+            raise ValueError("idle_steps must be >= 1")
+        self.pool = pool
+        self.idle_steps = idle_steps
+        self.regions: dict[tuple, Region] = {}
+        self.step = 0
+        self.copies = 0  # adapters copied in from their pages since start (for tests and profiling)
+        self.moves = 0  # adapters moved within a region since start
+
+    def place(self, adapters: list[DeviceAdapter]) -> list[tuple[Region, int]]:
+        """Stage ``adapters`` (distinct, each resident in the pool) for one step: ``(region,
+        position)`` of each, in order. Adapters already staged keep their position; the others are
+        copied from their pages into free positions. Call once per step, with all its grouped
+        adapters, before any of them is used."""
+        self.step += 1
+        keys = [layout_key(a) for a in adapters]
+        per_layout = Counter(keys)
+        in_use: dict[tuple, set[int]] = {}
+        for adapter, key in zip(adapters, keys):
+            region = self.regions.get(key)
+            if region is None:
+                region = self.regions[key] = self._new_region(adapter, per_layout[key])
+            region.last_step = self.step
+            position = region.where.get(adapter.ref.uid)
+            if position is not None:
+                in_use.setdefault(key, set()).add(position)
+        for adapter, key in zip(adapters, keys):
+            region = self.regions[key]
+            if adapter.ref.uid not in region.where:
+                taken = in_use.setdefault(key, set())
+                position = next((p for p in range(region.positions) if p not in taken), None)
+                if position is None:  # every position holds one of this step's adapters
+                    position = region.positions
+                    self._grow(region, per_layout[key])
+                self._copy_in(region, position, adapter)
+                taken.add(position)
+        for key, taken in in_use.items():
+            self._compact(self.regions[key], taken)
+        for key in [k for k, r in self.regions.items() if self.step - r.last_step >= self.idle_steps]:
+            del self.regions[key]
+        return [(self.regions[key], self.regions[key].where[a.ref.uid]) for a, key in zip(adapters, keys)]
+
+    def _compact(self, region: Region, taken: set[int]) -> None:
+        """Move the step's adapters at the highest positions into the free ones below, until they
+        hold positions ``0 .. len(taken) - 1`` (one copy per move; a run of them has no holes)."""
+        free = sorted(p for p in range(len(taken)) if p not in taken)
+        high = sorted((p for p in taken if p >= len(taken)), reverse=True)
+        for source, target in zip(high, free):
+            uid = region.uids[source]
+            old = region.uids[target]
+            if old is not None:
+                del region.where[old]
+            region.weights[:, target] = region.weights[:, source]
+            region.uids[target], region.uids[source] = uid, None
+            region.where[uid] = target
+            taken.discard(source)
+            taken.add(target)
+            self.moves += 1
+
+    def _new_region(self, adapter: DeviceAdapter, positions: int) -> Region:
+        layer_elems = adapter.ref.layer_elems
+        # zeros, not empty: a position no adapter has used yet may fall inside a group's run
+        weights = torch.zeros((self.pool.tensor.shape[0], positions, layer_elems),
+                              dtype=self.pool.tensor.dtype, device=self.pool.tensor.device)
+        return Region(layer_elems, len(adapter.pages), dict(adapter.offsets), weights, [None] * positions)
+
+    def _grow(self, region: Region, positions: int) -> None:
+        weights = torch.zeros((region.weights.shape[0], positions, region.layer_elems),
+                              dtype=region.weights.dtype, device=region.weights.device)
+        weights[:, : region.positions] = region.weights
+        region.weights = weights
+        region.uids.extend([None] * (positions - region.positions))
+
+    def _copy_in(self, region: Region, position: int, adapter: DeviceAdapter) -> None:
+        old = region.uids[position]
+        if old is not None:
+            del region.where[old]
+        pages = torch.tensor(adapter.pages, dtype=torch.long, device=self.pool.tensor.device)
+        layers = self.pool.tensor.shape[0]
+        packed = self.pool.tensor.index_select(1, pages).view(layers, -1)  # [layers, pages * page_elems]
+        region.weights[:, position] = packed[:, : region.layer_elems]
+        region.uids[position] = adapter.ref.uid
+        region.where[adapter.ref.uid] = position
+        self.copies += 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all regions."""
+        return sum(r.weights.numel() * r.weights.element_size() for r in self.regions.values())
+
+
+def layout_key(adapter: DeviceAdapter) -> tuple:
+    """Adapters with equal keys have the same page count and module offsets and ranks."""
+    return len(adapter.pages), tuple(sorted(adapter.offsets.items()))
