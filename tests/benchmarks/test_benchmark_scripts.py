@@ -30,6 +30,7 @@ def test_adapter_scaling_smoke(tmp_path, monkeypatch):
     assert len({r["output_tokens"] for r in rows.values()}) == 1 and 8 <= rows[0]["output_tokens"] <= 12
     assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
     assert all(len(r["wall_s_all_rounds"]) == 2 and r["wall_s"] in r["wall_s_all_rounds"] for r in rows.values())
+    assert all(len(r["host_misses_all_rounds"]) == 2 and r["host_misses"] in r["host_misses_all_rounds"] for r in rows.values())
     assert list(scratch.iterdir()) == []  # the object store and adapter files are removed
 
 
