@@ -15,14 +15,15 @@ Two paths:
   The step's rows take one of three routes:
 
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
-    adapters of one rank and target set share) and the same number ``m`` of rows in the step. They
-    are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
+    adapters of one rank and target set share) and either at most ``PAD_MAX_ROWS`` rows each in the
+    step (one group per layout, each adapter padded with zero rows to the largest count ``m``) or
+    the same larger number ``m`` of rows. They are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
     where each adapter is copied once and stays while it keeps running, and where the step's
     adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
     module's A of all of them is a strided view ``[G, r, in]`` and Bt one ``[G, r, out]``, and the
     rows cost two batched matmuls (``bmm`` over ``[G, m, .]``) with no copy of any weight. A run
-    that also holds a few adapters of another group (holes) is computed with zero input there; one
-    with more holes has its members copied out once per layer. In decode, where every request has
+    that also holds a few adapters of another group (holes) is computed with zero input there, as
+    are padding rows; a run with more holes has its members copied out once per layer. In decode, where every request has
     its own adapter, all rows are one group: each step reads the running adapters' weights once,
     where it used to copy them into a step buffer first and then read the copy.
   - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
@@ -36,8 +37,8 @@ Two paths:
     ``[1, R] @ [R, out]`` product, with the row's scaling in a rank mask; its cost does not grow
     with the number of adapters.
 
-  Segments and per-row rows read a step buffer: once per layer, the pages of the adapters in no
-  group are copied into one contiguous buffer with a single page-granular ``index_select``, in
+  Segments and per-row rows read a step buffer: once per layer, the pages of their adapters are
+  copied into one contiguous buffer with a single page-granular ``index_select``, in
   which every adapter's virtual buffer is contiguous.
 """
 
@@ -58,6 +59,10 @@ SEGMENT_MIN_ROWS = 32
 # Adapters of one layout with equal row counts are computed as a group (two bmm calls over strided
 # views) when there are at least this many of them; a lone adapter is a segment instead.
 GROUP_MIN_SLOTS = 2
+# Adapters of one layout with at most this many rows in the step are one group, each padded to the
+# group's largest row count (zero rows cost little next to reading the weights); adapters with
+# more rows are grouped by their exact row count.
+PAD_MAX_ROWS = 4
 # A group's run of staged positions is read in place when it holds at most this many (or an
 # eighth of the members) positions of other adapters; otherwise the members are copied out.
 MAX_GROUP_HOLES = 2
@@ -101,25 +106,26 @@ class _Segment:
 
 @dataclass
 class _Group:
-    """``size`` adapters of one layout with ``width`` rows each in the step (``G = size``,
-    ``m = width``; row ``g * m + i`` of the group is adapter g's i-th row), staged at positions
-    ``first + rel[g]`` of ``region``.
+    """Adapters of one layout, staged at positions of ``region``, computed as ``count`` consecutive
+    positions from ``first`` with ``width`` rows each: row ``i`` of the adapter at position
+    ``first + k`` is row ``k * width + i`` of the batched product. ``flat[j]`` is that product row
+    for the group's j-th batch row; product rows no batch row maps to (positions of other adapters,
+    or rows past an adapter's own row count) get zero input and their results are dropped.
 
-    Dense (``positions`` is None): the run of ``count`` positions from ``first`` is read in place;
-    positions in it that hold other adapters (holes) get zero input and their results are dropped.
-    Sparse (too many holes): the members' positions are copied out of the region once per layer.
+    Sparse groups (``positions`` set: their run would hold too many other adapters) copy their
+    members out of the region once per layer and compute those, in position order.
     """
 
     region: Region
     first: int
     count: int
-    size: int
     width: int
-    scaling: torch.Tensor  # [count, 1, 1] fp32: each member's scaling at its position, 0 at holes
-    rel: torch.Tensor | None  # [G] int64 positions - first (None: the run is exactly the members, in order)
+    num_rows: int  # batch rows of the group
+    scaling: torch.Tensor  # [count, 1, 1] fp32: each member's scaling at its position, 0 elsewhere
+    flat: torch.Tensor | None  # [num_rows] int64 product rows (None: product row j is batch row j)
     positions: torch.Tensor | None  # [G] int64 the members' positions when sparse
-    row_start: int | None  # the group's rows are batch rows row_start .. row_start + G*m - 1
-    rows: torch.Tensor | None  # [G * m] int64 batch rows of the group's rows (None: row_start)
+    row_start: int | None  # the group's rows are batch rows row_start .. row_start + num_rows - 1
+    rows: torch.Tensor | None  # [num_rows] int64 batch rows of the group (None: row_start)
     copied: tuple[int, torch.Tensor] | None = None  # sparse: (layer, [G, layer_elems]) last copied
 
 
@@ -195,9 +201,10 @@ class LoraBatch:
         for r in runs:
             if r[1] < SEGMENT_MIN_ROWS:
                 rest.setdefault(r[2], []).append(r)
-        by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step) -> slots
+        by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step, or 0 for a few) -> slots
         for slot, slot_runs in rest.items():
-            by_class.setdefault((layout_key(slots[slot]), sum(r[1] for r in slot_runs)), []).append(slot)
+            rows_in_step = sum(r[1] for r in slot_runs)
+            by_class.setdefault((layout_key(slots[slot]), rows_in_step if rows_in_step > PAD_MAX_ROWS else 0), []).append(slot)
         grouped = [members for members in by_class.values() if len(members) >= GROUP_MIN_SLOTS]
         solo = [slot for members in by_class.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
         per_row_slots: list[int] = []
@@ -212,12 +219,13 @@ class LoraBatch:
         self.groups: list[_Group] = []
         for members in grouped:
             self._add_group(members, rest, placed, device)
-        in_groups = set(grouped_slots)
+        # (an adapter in a group may also have a run long enough to be a segment)
+        buffered = {seg.slot for seg in self.segments} | set(per_row_slots)
         page_elems = self.pool.geometry.page_elems
         bases = [0] * len(slots)
         pages: list[int] = []
         for slot in range(len(slots)):
-            if slot not in in_groups:
+            if slot in buffered:
                 bases[slot] = len(pages) * page_elems
                 pages.extend(slots[slot].pages)
         self.step_pages = torch.tensor(pages, dtype=torch.int64, device=device)
@@ -241,28 +249,31 @@ class LoraBatch:
 
     def _add_group(self, members: list[int], rest: dict[int, list[list[int]]], placed: dict[int, tuple[Region, int]],
                    device) -> None:
-        """Make ``members`` (adapters of one layout with equal row counts, staged) a group."""
+        """Make ``members`` (staged adapters of one layout, with equal row counts or at most
+        ``PAD_MAX_ROWS`` rows each) a group."""
         members = sorted(members, key=lambda slot: placed[slot][1])  # position order
         region = placed[members[0]][0]
         positions = [placed[slot][1] for slot in members]
         first, count = positions[0], positions[-1] - positions[0] + 1
         sparse = count - len(members) > max(MAX_GROUP_HOLES, len(members) // 8)
+        rel = list(range(len(members))) if sparse else [p - first for p in positions]
         if sparse:
-            first, count, rel_list = 0, len(members), list(range(len(members)))
-        else:
-            rel_list = [p - first for p in positions]
-        rows = [t for slot in members for start, length, _ in rest[slot] for t in range(start, start + length)]
+            first, count = 0, len(members)
+        member_rows = [[t for start, length, _ in rest[slot] for t in range(start, start + length)] for slot in members]
+        width = max(len(r) for r in member_rows)
+        rows = [t for r in member_rows for t in r]
+        flat = [k * width + i for k, r in zip(rel, member_rows) for i in range(len(r))]
         contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         scaling = torch.zeros(count, dtype=torch.float32)
-        scaling[rel_list] = torch.tensor([self.scaling_list[slot] for slot in members])
+        scaling[rel] = torch.tensor([self.scaling_list[slot] for slot in members])
         self.groups.append(_Group(
             region=region,
             first=first,
             count=count,
-            size=len(members),
-            width=len(rows) // len(members),
+            width=width,
+            num_rows=len(rows),
             scaling=scaling.view(-1, 1, 1).to(device),
-            rel=None if count == len(members) else torch.tensor(rel_list, dtype=torch.int64, device=device),
+            flat=None if flat == list(range(count * width)) else torch.tensor(flat, dtype=torch.int64, device=device),
             positions=torch.tensor(positions, dtype=torch.int64, device=device) if sparse else None,
             row_start=rows[0] if contiguous else None,
             rows=None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device),
@@ -292,8 +303,9 @@ class LoraBatch:
             )
 
     def _layer_buffer(self, layer: int) -> torch.Tensor:
-        """[sum of the ungrouped slots' pages * page_elems]: the virtual buffer of ``layer`` of every
-        slot in no group, back to back. Gathered once per layer and reused by its modules."""
+        """[sum of the buffered slots' pages * page_elems]: the virtual buffer of ``layer`` of every
+        slot with a segment or per-row rows, back to back. Gathered once per layer and reused by its
+        modules."""
         if self._buffer_layer != layer:
             self._buffer = self.pool.layer(layer).index_select(0, self.step_pages).view(-1)
             self._buffer_layer = layer
@@ -344,7 +356,7 @@ class LoraBatch:
             return
         a_off, b_off, rank = offsets
         in_f, out_f = x.shape[1], out.shape[1]
-        count, width, rows = group.count, group.width, group.size * group.width
+        count, width = group.count, group.width
         stride = group.region.layer_elems
         weights = group.region.weights[layer]  # [positions, layer_elems]
         if group.positions is not None:  # sparse: the members' copy, made once for the layer's modules
@@ -355,20 +367,20 @@ class LoraBatch:
         a = weights.as_strided((count, rank, in_f), (stride, in_f, 1), start + a_off)
         b_t = weights.as_strided((count, rank, out_f), (stride, out_f, 1), start + b_off)
         if group.row_start is not None:
-            xs = x[group.row_start : group.row_start + rows]
+            xs = x[group.row_start : group.row_start + group.num_rows]
         else:
             xs = x.index_select(0, group.rows)
-        xs = xs.float().view(group.size, width, in_f)
-        if group.rel is not None:  # holes in the run: their rows stay zero
-            xs = xs.new_zeros((count, width, in_f)).index_copy_(0, group.rel, xs)
-        y = torch.bmm(xs, a.float().transpose(1, 2))  # [count, m, r]
+        xs = xs.float()
+        if group.flat is not None:  # other adapters' positions and rows past a member's own: zero
+            xs = xs.new_zeros((count * width, in_f)).index_copy_(0, group.flat, xs)
+        y = torch.bmm(xs.view(count, width, in_f), a.float().transpose(1, 2))  # [count, m, r]
         y.mul_(group.scaling)
-        delta = torch.bmm(y, b_t.float())  # [count, m, out]
-        if group.rel is not None:
-            delta = delta.index_select(0, group.rel)
-        delta = delta.view(rows, out_f).to(out.dtype)
+        delta = torch.bmm(y, b_t.float()).view(count * width, out_f)
+        if group.flat is not None:
+            delta = delta.index_select(0, group.flat)
+        delta = delta.to(out.dtype)
         if group.row_start is not None:
-            out[group.row_start : group.row_start + rows].add_(delta)  # in place: no write-back copy
+            out[group.row_start : group.row_start + group.num_rows].add_(delta)  # in place: no write-back copy
         else:
             out.index_add_(0, group.rows, delta)
 

@@ -64,6 +64,9 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
     chunk_slots[-2], chunk_slots[-1] = 4, 5  # the layout twins of both
     if shape == "mixed":
         chunk_slots[3] = chunk_slots[4] = 2
+        # the all-module adapter again, one row: in a group with its twin, and also a segment
+        chunk_slots = [s if s != 5 else 3 for s in chunk_slots[:-1]] + [5]
+        chunk_slots[5] = 1
     if shape == "sorted":  # the engine's order (chunk_order): each group's rows are one run
         chunk_slots = [rng.choice([-1, 2, 3]) for _ in lengths] + [0, 4, 1, 5]
         lengths = [1] * len(chunk_slots)

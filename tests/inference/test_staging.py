@@ -7,7 +7,7 @@ import pytest
 import torch
 from support.adapters import synthetic_adapter
 
-from inference.adapters.lora_batch import LoraBatch
+from inference.adapters.lora_batch import PAD_MAX_ROWS, LoraBatch
 from inference.adapters.peft_checkpoint import load_adapter_dir
 from inference.adapters.staging import StagedAdapters, layout_key
 from inference.engine import LLMEngine
@@ -16,19 +16,21 @@ from inference.engine_config import EngineConfig
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 # Each step: adapter name -> rows in the step ("a*" share one layout, "b*" another; None: rows
-# without an adapter). A request leaving makes a hole, one joining fills it. The last two steps give
-# two of the "a" adapters two rows, picked by their staged positions (``by_position``: the "a"
-# adapters of the last step, lowest position first), so that the two groups of that layout hold
-# each other's adapters: a few (read in place) in step 4, many (copied out) in step 5.
+# without an adapter). A request leaving makes a hole, one joining fills it. Adapters with up to
+# PAD_MAX_ROWS rows are one group per layout (padded to its largest row count: step 6); steps 4
+# and 5 give two "a" adapters more rows, picked by their staged positions (``by_position``: the
+# "a" adapters of the last step, lowest position first), so that the two groups of that layout
+# hold each other's adapters: a few (read in place) in step 4, many (copied out) in step 5.
+WIDE = PAD_MAX_ROWS + 2
 STEPS = [
     lambda by_position: {"a0": 1, "a1": 1, "a2": 1, "a3": 1, "a4": 1, "a5": 1, "b0": 1, "b1": 1, None: 2},
     lambda by_position: {"a0": 1, "a1": 1, "a2": 1, "a3": 1, "a6": 1, "b0": 1, "b1": 1},  # a4, a5 leave; a6 joins
     lambda by_position: {"a0": 1, "a2": 1, "a3": 1, "a6": 1, "b0": 1, "b1": 1, None: 1},  # a1 leaves
     lambda by_position: {"a0": 1, "a2": 1, "a3": 1, "a6": 1, "a7": 1, "a8": 1, "a9": 1, "b0": 1, "b1": 1,
-                         by_position[1]: 2, by_position[3]: 2},
-    lambda by_position: {**{name: 1 for name in by_position}, "b0": 3, "b1": 3, None: 1,
-                         by_position[0]: 2, by_position[-1]: 2},
-    lambda by_position: {"a2": 1, "a3": 1, "a6": 1, "a7": 1, "a8": 1, "a9": 1, "b0": 1, "b1": 1},
+                         by_position[1]: WIDE, by_position[3]: WIDE},
+    lambda by_position: {**{name: 1 for name in by_position}, "b0": WIDE, "b1": WIDE, None: 1,
+                         by_position[0]: WIDE, by_position[-1]: WIDE},
+    lambda by_position: {"a2": 2, "a3": 1, "a6": 1, "a7": 1, "a8": 1, "a9": 1, "b0": 1, "b1": 1},
 ]
 
 
@@ -57,7 +59,7 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
         residents[name] = engine.adapters.resident(ref.uid)
         weights[name] = load_adapter_dir(path, cfg)
     staging = StagedAdapters(engine.pool)
-    kinds = set()
+    kinds, padded = set(), False
     by_position: list[str] = []
     for step, make_counts in enumerate(STEPS):
         counts = make_counts(by_position)
@@ -68,7 +70,8 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
         chunk_slots = [slot_names.index(name) if name is not None else -1 for name, _ in chunks]
         lengths = [n for _, n in chunks]
         batch = LoraBatch(engine.pool, slots, chunk_slots, lengths, use_triton=False, staging=staging)
-        kinds.update("sparse" if g.positions is not None else "holes" if g.rel is not None else "dense" for g in batch.groups)
+        kinds.update("sparse" if g.positions is not None else "gaps" if g.flat is not None else "dense" for g in batch.groups)
+        padded |= any(g.width == 2 for g in batch.groups)  # only a2 has 2 rows (step 6): the others are padded
         region = staging.regions[layout_key(residents["a0"])]
         by_position = sorted((n for n in slot_names if n.startswith("a")), key=lambda n: region.where[residents[n].ref.uid])
         rows = [name for name, n in chunks for _ in range(n)]
@@ -80,8 +83,8 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
             batch.apply(layer, module, x, out)
             torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5,
                                        msg=f"step {step} {module} seed {seed}")
-    # every kind of group ran; a request leaving was compacted; nobody was copied in twice
-    assert kinds == {"dense", "holes", "sparse"}
+    # every kind of group ran (a padded one in step 6); a request leaving was compacted; nobody was copied in twice
+    assert kinds == {"dense", "gaps", "sparse"} and padded
     assert staging.moves >= 1
     assert staging.copies == len(names)
     assert set(staging.regions) and staging.nbytes > 0
