@@ -15,17 +15,18 @@ Two paths:
   The step's rows take one of three routes:
 
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
-    adapters of one rank and target set share) and either at most ``PAD_MAX_ROWS`` rows each in the
-    step (one group per layout, each adapter padded with zero rows to the largest count ``m``) or
-    the same larger number ``m`` of rows. They are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
-    where each adapter is copied once and stays while it keeps running, and where the step's
-    adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
-    module's A of all of them is a strided view ``[G, r, in]`` and Bt one ``[G, r, out]``, and the
-    rows cost two batched matmuls (``bmm`` over ``[G, m, .]``) with no copy of any weight. A run
-    that also holds a few adapters of another group (holes) is computed with zero input there, as
-    are padding rows; a run with more holes has its members copied out once per layer. In decode, where every request has
-    its own adapter, all rows are one group: each step reads the running adapters' weights once,
-    where it used to copy them into a step buffer first and then read the copy.
+    adapters of one rank and target set share) and either at most ``PAD_MAX_ROWS`` rows each in
+    the step (one group per layout, each adapter padded with zero rows to the largest count
+    ``m``) or the same larger number ``m`` of rows. They are read from their layout's region of
+    :class:`~inference.adapters.staging.StagedAdapters`, where each adapter is copied once and
+    stays while it keeps running, and where the step's adapters of a layout hold positions
+    ``0 .. n-1``. A group is then a run of positions: one module's A of all of them is a strided
+    view ``[G, r, in]`` and Bt one ``[G, r, out]``, and the rows cost two batched matmuls (``bmm``
+    over ``[G, m, .]``) with no copy of any weight. A run that also holds a few adapters of
+    another group (holes) is computed with zero input there, as are padding rows; a run with more
+    holes has its members copied out once per layer. In decode, where every request has its own
+    adapter, all rows are one group: each step reads the running adapters' weights once, where it
+    used to copy them into a step buffer first and then read the copy.
   - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
     popular adapter: the engine orders a step's chunks by adapter with :func:`chunk_order`) whose A
     and Bt are plain views; two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always
@@ -38,8 +39,8 @@ Two paths:
     with the number of adapters.
 
   Segments and per-row rows read a step buffer: once per layer, the pages of their adapters are
-  copied into one contiguous buffer with a single page-granular ``index_select``, in
-  which every adapter's virtual buffer is contiguous.
+  copied into one contiguous buffer with a single page-granular ``index_select``, in which every
+  adapter's virtual buffer is contiguous.
 """
 
 from __future__ import annotations
@@ -204,7 +205,8 @@ class LoraBatch:
         by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step, or 0 for a few) -> slots
         for slot, slot_runs in rest.items():
             rows_in_step = sum(r[1] for r in slot_runs)
-            by_class.setdefault((layout_key(slots[slot]), rows_in_step if rows_in_step > PAD_MAX_ROWS else 0), []).append(slot)
+            row_class = rows_in_step if rows_in_step > PAD_MAX_ROWS else 0
+            by_class.setdefault((layout_key(slots[slot]), row_class), []).append(slot)
         grouped = [members for members in by_class.values() if len(members) >= GROUP_MIN_SLOTS]
         solo = [slot for members in by_class.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
         per_row_slots: list[int] = []
@@ -213,7 +215,7 @@ class LoraBatch:
         else:
             per_row_slots = solo
 
-        # groups read their adapters from the staging regions; the step buffer holds the others
+        # groups read their adapters from the staging regions; the step buffer holds the rest
         grouped_slots = [slot for members in grouped for slot in members]
         placed = dict(zip(grouped_slots, staging.place([slots[slot] for slot in grouped_slots])))
         self.groups: list[_Group] = []

@@ -4,21 +4,24 @@ The gathered path computes a group of adapters of one layout with two batched ma
 views, which need the adapters' weights at one stride. Their pool pages are scattered, so before
 this module every step copied the distinct adapters' pages of every layer into a step buffer: in
 decode, where every running request has its own adapter, that is every adapter byte copied in every
-step, and then read again by the matmuls (``docs/design.md``, "CPU LoRA routes").
+step, and then read again by the matmuls (``docs/design.md``, "Adapters").
 
 Running requests keep their adapter for many steps, and a step's set of adapters differs from the
 last one's by the few requests that joined or finished. So the grouped adapters are copied once
 into a *region* for their layout, ``[layers, positions, layer_elems]``, where position ``p`` of
 layer ``l`` holds one adapter's virtual buffer of that layer, and they stay there while they keep
-running. A step's group is then a strided view of a run of positions, with no copy; the positions
-in the run that belong to adapters not in the group ("holes") are computed with scaling 0.
+running. A step's group is then a strided view of a run of positions, with no copy; positions in
+the run that belong to adapters not in the group ("holes") get zero input and their results are
+dropped.
 
 A new adapter takes the lowest position that no adapter of the current step holds (overwriting a
 staged adapter that is not running any more). Then the step's adapters are compacted: those at the
 highest positions move into the free positions below until the step's adapters of a layout hold
 positions ``0 .. n-1``. A finished request thus costs one adapter copy, and when all of a layout's
-adapters form one group (decode, one request per adapter), the group's run has no holes. Staged weights are keyed by the adapter's uid, which names
-one immutable set of weights. A region no step has used for ``idle_steps`` steps is freed.
+adapters form one group (decode, one request per adapter), the group's run has no holes. Staged
+weights are keyed by the adapter's uid, which names one immutable set of weights. A region no step
+has used for ``idle_steps`` steps is freed.
+
 Memory: a region has as many positions as the most adapters of its layout that one step used, so
 with ``max_num_seqs`` requests there are at most ``max_num_seqs`` copies of the largest adapter per
 layout in use (outside the pool's budget; this path runs where device memory is host RAM).
@@ -41,10 +44,9 @@ class Region:
     the adapter at position ``p`` (``layer_elems`` elements, the layout's ``offsets`` into it)."""
 
     layer_elems: int
-    num_pages: int
     offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank)
     weights: torch.Tensor  # [layers, positions, layer_elems]
-    uids: list[str | None]  # the adapter at each position (None: never used)
+    uids: list[str | None]  # the adapter staged at each position (None: none)
     last_step: int = 0
     where: dict[str, int] = field(default_factory=dict)  # uid -> position
 
@@ -121,7 +123,7 @@ class StagedAdapters:
         # zeros, not empty: a position no adapter has used yet may fall inside a group's run
         weights = torch.zeros((self.pool.tensor.shape[0], positions, layer_elems),
                               dtype=self.pool.tensor.dtype, device=self.pool.tensor.device)
-        return Region(layer_elems, len(adapter.pages), dict(adapter.offsets), weights, [None] * positions)
+        return Region(layer_elems, dict(adapter.offsets), weights, [None] * positions)
 
     def _grow(self, region: Region, positions: int) -> None:
         weights = torch.zeros((region.weights.shape[0], positions, region.layer_elems),
