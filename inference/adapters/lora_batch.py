@@ -57,8 +57,9 @@ from kernels.lora import lora_expand, lora_shrink, triton_available
 # A run of at least this many adjacent rows of one adapter is always a segment (two skinny matmuls,
 # about 30-60 us each on a 2-core CPU).
 SEGMENT_MIN_ROWS = 32
-# Adapters of one layout with equal row counts are computed as a group (two bmm calls over strided
-# views) when there are at least this many of them; a lone adapter is a segment instead.
+# Adapters of one layout with equal row counts (or at most PAD_MAX_ROWS rows each) are computed as
+# a group (two bmm calls over strided views) when there are at least this many of them; a lone
+# adapter is a segment instead.
 GROUP_MIN_SLOTS = 2
 # Adapters of one layout with at most this many rows in the step are one group, each padded to the
 # group's largest row count (zero rows cost little next to reading the weights); adapters with

@@ -54,6 +54,14 @@ class Region:
     def positions(self) -> int:
         return len(self.uids)
 
+    def occupy(self, position: int, uid: str) -> None:
+        """Record ``uid`` at ``position`` (whatever was staged there is forgotten)."""
+        old = self.uids[position]
+        if old is not None:
+            del self.where[old]
+        self.uids[position] = uid
+        self.where[uid] = position
+
 
 class StagedAdapters:
     """Regions of staged adapters, one per layout (see the module docstring). Engine thread only."""
@@ -108,12 +116,9 @@ class StagedAdapters:
         high = sorted((p for p in taken if p >= len(taken)), reverse=True)
         for source, target in zip(high, free):
             uid = region.uids[source]
-            old = region.uids[target]
-            if old is not None:
-                del region.where[old]
             region.weights[:, target] = region.weights[:, source]
-            region.uids[target], region.uids[source] = uid, None
-            region.where[uid] = target
+            region.uids[source] = None
+            region.occupy(target, uid)
             taken.discard(source)
             taken.add(target)
             self.moves += 1
@@ -133,15 +138,11 @@ class StagedAdapters:
         region.uids.extend([None] * (positions - region.positions))
 
     def _copy_in(self, region: Region, position: int, adapter: DeviceAdapter) -> None:
-        old = region.uids[position]
-        if old is not None:
-            del region.where[old]
         pages = torch.tensor(adapter.pages, dtype=torch.long, device=self.pool.tensor.device)
         layers = self.pool.tensor.shape[0]
         packed = self.pool.tensor.index_select(1, pages).view(layers, -1)  # [layers, pages * page_elems]
         region.weights[:, position] = packed[:, : region.layer_elems]
-        region.uids[position] = adapter.ref.uid
-        region.where[adapter.ref.uid] = position
+        region.occupy(position, adapter.ref.uid)
         self.copies += 1
 
     @property
