@@ -20,11 +20,13 @@ Two paths:
     ``m``) or the same larger number ``m`` of rows. They are read from their layout's region of
     :class:`~inference.adapters.staging.StagedAdapters`, where each adapter is copied once and
     stays while it keeps running, and where the step's adapters of a layout hold positions
-    ``0 .. n-1``. A group is then a run of positions: one module's A of all of them is a strided
-    view ``[G, r, in]`` and Bt one ``[G, r, out]``, and the rows cost two batched matmuls (``bmm``
-    over ``[G, m, .]``) with no copy of any weight. A run that also holds a few adapters of
-    another group (holes) is computed with zero input there, as are padding rows; a run with more
-    holes has its members copied out once per layer. In decode, where every request has its own
+    ``0 .. n-1``. A group is then a run of positions: one module's A of all of them is a
+    contiguous view ``[G, r, in]`` of the (module-major) region and Bt one ``[G, r, out]``, and the
+    rows cost two batched matmuls (``bmm`` over ``[G, r, m]`` and ``[G, m, .]``) with no copy of
+    any weight. A run that also holds a few adapters of another group (holes) is computed with
+    weight 0 there, as are padding rows; a run with more holes has its members' weights copied
+    out per module. The rows are gathered with an index and their results added back with a slice,
+    a permutation or ``index_add_`` (:class:`_Group`). In decode, where every request has its own
     adapter, all rows are one group: each step reads the running adapters' weights once, where it
     used to copy them into a step buffer first and then read the copy.
   - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
@@ -58,7 +60,7 @@ from kernels.lora import lora_expand, lora_shrink, triton_available
 # about 30-60 us each on a 2-core CPU).
 SEGMENT_MIN_ROWS = 32
 # Adapters of one layout with equal row counts (or at most PAD_MAX_ROWS rows each) are computed as
-# a group (two bmm calls over strided views) when there are at least this many of them; a lone
+# a group (two bmm calls over views of the staged weights) when there are at least this many of them; a lone
 # adapter is a segment instead.
 GROUP_MIN_SLOTS = 2
 # Adapters of one layout with at most this many rows in the step are one group, each padded to the
@@ -109,26 +111,30 @@ class _Segment:
 @dataclass
 class _Group:
     """Adapters of one layout, staged at positions of ``region``, computed as ``count`` consecutive
-    positions from ``first`` with ``width`` rows each: row ``i`` of the adapter at position
-    ``first + k`` is row ``k * width + i`` of the batched product. ``flat[j]`` is that product row
-    for the group's j-th batch row; product rows no batch row maps to (positions of other adapters,
-    or rows past an adapter's own row count) get zero input and their results are dropped.
+    positions from ``first`` with ``width`` rows each: product row ``k * width + i`` is row ``i`` of
+    the adapter at position ``first + k``, and reads batch row ``gather[k * width + i]``.
+
+    Product rows that are no member's rows (padding past an adapter's own row count, and positions
+    of other adapters in the run) read a row of the group and weigh 0 in ``scaling``. Results go
+    back by the cheapest of: a slice (``gather`` is None: product row ``j`` is batch row
+    ``row_start + j``); a permutation (the group's rows are batch rows ``row_start .. row_start +
+    len(scatter) - 1``, each taking product row ``scatter[i]``); or ``index_add_`` at ``gather``
+    (a padding row adds its result, zero, to the row it read).
 
     Sparse groups (``positions`` set: their run would hold too many other adapters) copy their
-    members out of the region once per layer and compute those, in position order.
+    members' weights out of the region for each module and compute those, in position order.
     """
 
     region: Region
     first: int
     count: int
+    members: int  # adapters in the group (count - members: positions of others in the run)
     width: int
-    num_rows: int  # batch rows of the group
-    scaling: torch.Tensor  # [count, 1, 1] fp32: each member's scaling at its position, 0 elsewhere
-    flat: torch.Tensor | None  # [num_rows] int64 product rows (None: product row j is batch row j)
-    positions: torch.Tensor | None  # [G] int64 the members' positions when sparse
-    row_start: int | None  # the group's rows are batch rows row_start .. row_start + num_rows - 1
-    rows: torch.Tensor | None  # [num_rows] int64 batch rows of the group (None: row_start)
-    copied: tuple[int, torch.Tensor] | None = None  # sparse: (layer, [G, layer_elems]) last copied
+    scaling: torch.Tensor  # [count, width, 1] fp32: a member's scaling on its rows, 0 elsewhere
+    gather: torch.Tensor | None  # [count * width] int64 batch row of each product row (None: slice)
+    scatter: torch.Tensor | None  # [rows of the group] int64 product row of each of its batch rows
+    row_start: int | None  # the group's first batch row when its rows are one run of the batch
+    positions: torch.Tensor | None  # [count] int64 the members' positions when sparse
 
 
 class LoraBatch:
@@ -264,22 +270,30 @@ class LoraBatch:
             first, count = 0, len(members)
         member_rows = [[t for start, length, _ in rest[slot] for t in range(start, start + length)] for slot in members]
         width = max(len(r) for r in member_rows)
-        rows = [t for r in member_rows for t in r]
-        flat = [k * width + i for k, r in zip(rel, member_rows) for i in range(len(r))]
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
-        scaling = torch.zeros(count, dtype=torch.float32)
-        scaling[rel] = torch.tensor([self.scaling_list[slot] for slot in members])
+        filler = member_rows[0][0]  # the row holes read
+        gather = [filler] * (count * width)
+        scaling = torch.zeros((count, width, 1), dtype=torch.float32)
+        for k, slot, own in zip(rel, members, member_rows):
+            gather[k * width : (k + 1) * width] = own + [own[0]] * (width - len(own))
+            scaling[k, : len(own)] = self.scaling_list[slot]
+        identity = gather == list(range(gather[0], gather[0] + len(gather)))
+        batch_rows = sorted(t for own in member_rows for t in own)
+        span = batch_rows == list(range(batch_rows[0], batch_rows[0] + len(batch_rows)))
+        scatter = None
+        if span and not identity:  # product row of each batch row
+            product_row = {t: k * width + i for k, own in zip(rel, member_rows) for i, t in enumerate(own)}
+            scatter = torch.tensor([product_row[t] for t in batch_rows], dtype=torch.int64, device=device)
         self.groups.append(_Group(
             region=region,
             first=first,
             count=count,
+            members=len(members),
             width=width,
-            num_rows=len(rows),
-            scaling=scaling.view(-1, 1, 1).to(device),
-            flat=None if flat == list(range(count * width)) else torch.tensor(flat, dtype=torch.int64, device=device),
+            scaling=scaling.to(device),
+            gather=None if identity else torch.tensor(gather, dtype=torch.int64, device=device),
+            scatter=scatter,
+            row_start=batch_rows[0] if span else None,
             positions=torch.tensor(positions, dtype=torch.int64, device=device) if sparse else None,
-            row_start=rows[0] if contiguous else None,
-            rows=None if contiguous else torch.tensor(rows, dtype=torch.int64, device=device),
         ))
 
     def _index_per_row(self, single_slots: list[int], bases: list[int], shapes, device) -> None:
@@ -352,40 +366,31 @@ class LoraBatch:
             out.index_add_(0, self.single_rows, delta)
 
     def _apply_group(self, layer: int, group: _Group, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """A group: A and Bt of the staged run of positions are strided views of the region; two
-        ``bmm`` over [count, m, .] (fp32), the members' rows scattered in and their results out."""
-        offsets = group.region.offsets.get(module)
-        if offsets is None:
+        """A group: A and Bt of the staged run of positions are contiguous views of the region; two
+        ``bmm`` over [count, ., m] and [count, m, .] (fp32), the rows gathered in and added back."""
+        if module not in group.region.offsets:
             return
-        a_off, b_off, rank = offsets
-        in_f, out_f = x.shape[1], out.shape[1]
         count, width = group.count, group.width
-        stride = group.region.layer_elems
-        weights = group.region.weights[layer]  # [positions, layer_elems]
-        if group.positions is not None:  # sparse: the members' copy, made once for the layer's modules
-            if group.copied is None or group.copied[0] != layer:
-                group.copied = (layer, weights.index_select(0, group.positions))
-            weights = group.copied[1]
-        start = weights.storage_offset() + group.first * stride  # as_strided takes storage offsets
-        a = weights.as_strided((count, rank, in_f), (stride, in_f, 1), start + a_off)
-        b_t = weights.as_strided((count, rank, out_f), (stride, out_f, 1), start + b_off)
-        if group.row_start is not None:
-            xs = x[group.row_start : group.row_start + group.num_rows]
+        if group.positions is None:
+            a, b_t = group.region.module_weights(layer, module, group.first, count)
+        else:  # sparse: copy the members out
+            a, b_t = group.region.module_weights(layer, module, 0, group.region.positions)
+            a, b_t = a.index_select(0, group.positions), b_t.index_select(0, group.positions)
+        rows, in_f = count * width, x.shape[1]
+        if group.gather is None:
+            xs = x[group.row_start : group.row_start + rows]
         else:
-            xs = x.index_select(0, group.rows)
-        xs = xs.float()
-        if group.flat is not None:  # other adapters' positions and rows past a member's own: zero
-            xs = xs.new_zeros((count * width, in_f)).index_copy_(0, group.flat, xs)
-        y = torch.bmm(xs.view(count, width, in_f), a.float().transpose(1, 2))  # [count, m, r]
+            xs = x.index_select(0, group.gather)
+        # A @ x^T ([count, r, m]) reads A faster than x @ A^T does (MKL's small batched gemm)
+        y = torch.bmm(a.float(), xs.float().view(count, width, in_f).transpose(1, 2)).transpose(1, 2)
         y.mul_(group.scaling)
-        delta = torch.bmm(y, b_t.float()).view(count * width, out_f)
-        if group.flat is not None:
-            delta = delta.index_select(0, group.flat)
-        delta = delta.to(out.dtype)
-        if group.row_start is not None:
-            out[group.row_start : group.row_start + group.num_rows].add_(delta)  # in place: no write-back copy
+        delta = torch.bmm(y, b_t.float()).view(rows, out.shape[1]).to(out.dtype)
+        if group.gather is None:
+            out[group.row_start : group.row_start + rows].add_(delta)  # in place: no write-back copy
+        elif group.scatter is not None:  # much cheaper than index_add_ into a column slice of out
+            out[group.row_start : group.row_start + len(group.scatter)].add_(delta.index_select(0, group.scatter))
         else:
-            out.index_add_(0, group.rows, delta)
+            out.index_add_(0, group.gather, delta)
 
     def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
         """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""

@@ -1,18 +1,21 @@
 """Staged copies of grouped adapters for the gathered (CPU) LoRA path, kept from step to step.
 
-The gathered path computes a group of adapters of one layout with two batched matmuls over strided
-views, which need the adapters' weights at one stride. Their pool pages are scattered, so before
+The gathered path computes a group of adapters of one layout with two batched matmuls per module,
+which need the adapters' weights side by side. Their pool pages are scattered, so before
 this module every step copied the distinct adapters' pages of every layer into a step buffer: in
 decode, where every running request has its own adapter, that is every adapter byte copied in every
 step, and then read again by the matmuls (``docs/design.md``, "Adapters").
 
 Running requests keep their adapter for many steps, and a step's set of adapters differs from the
 last one's by the few requests that joined or finished. So the grouped adapters are copied once
-into a *region* for their layout, ``[layers, positions, layer_elems]``, where position ``p`` of
-layer ``l`` holds one adapter's virtual buffer of that layer, and they stay there while they keep
-running. A step's group is then a strided view of a run of positions, with no copy; positions in
-the run that belong to adapters not in the group ("holes") get zero input and their results are
-dropped.
+into a *region* for their layout, where each has a *position*, and they stay there while they keep
+running. A region is module-major (:class:`Region`): in each layer, one module's A of all positions
+is one contiguous ``[positions, r, in]`` block, and its Bt one ``[positions, r, out]`` block. A
+step's group is then a run of positions, and its weights of a module are two contiguous slices,
+with no copy; positions in the run that belong to adapters not in the group ("holes") weigh 0.
+(Module-major, with the shrink computed as ``A @ x^T``, the two ``bmm`` calls of a 63-adapter
+group ran about 1.2x faster on a 2-core CPU than over strided views of whole per-position buffers
+with ``x @ A^T``; each change alone gained 2-3%.)
 
 A new adapter takes the lowest position that no adapter of the current step holds (overwriting a
 staged adapter that is not running any more). Then the step's adapters are compacted: those at the
@@ -40,12 +43,18 @@ from inference.page_pool import PagePool
 
 @dataclass
 class Region:
-    """Staged adapters of one layout: ``weights[l, p, :]`` is the virtual buffer of layer ``l`` of
-    the adapter at position ``p`` (``layer_elems`` elements, the layout's ``offsets`` into it)."""
+    """Staged adapters of one layout, module-major: in layer ``l``, the A (and likewise the Bt) of
+    one module of all ``positions`` adapters is one contiguous block ``[positions, r, in]``
+    (``[positions, r, out]``), so a module's weights of a run of positions are one contiguous
+    slice. An adapter's per-layer virtual buffer is a sequence of such pieces (``offsets`` gives
+    where each starts in it, ``layer_elems`` its length); a piece of ``n`` elements at offset
+    ``o`` of the buffer is, for position ``p``, elements ``positions * o + p * n`` onwards of
+    ``weights[l]``."""
 
     layer_elems: int
     offsets: dict[str, tuple[int, int, int]]  # module -> (A offset, Bt offset, rank)
-    weights: torch.Tensor  # [layers, positions, layer_elems]
+    shapes: dict[str, tuple[int, int]]  # module -> (in features, out features)
+    weights: torch.Tensor  # [layers, positions * layer_elems]
     uids: list[str | None]  # the adapter staged at each position (None: none)
     last_step: int = 0
     where: dict[str, int] = field(default_factory=dict)  # uid -> position
@@ -53,6 +62,45 @@ class Region:
     @property
     def positions(self) -> int:
         return len(self.uids)
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """(offset, elements) of every A and Bt in an adapter's per-layer buffer."""
+        out = []
+        for module, (a_off, b_off, rank) in self.offsets.items():
+            in_f, out_f = self.shapes[module]
+            out += [(a_off, rank * in_f), (b_off, rank * out_f)]
+        return out
+
+    def module_weights(self, layer: int, module: str, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views ``A [count, r, in]`` and ``Bt [count, r, out]`` of ``module`` of the adapters at
+        positions ``first .. first + count - 1`` in ``layer`` (contiguous)."""
+        a_off, b_off, rank = self.offsets[module]
+        in_f, out_f = self.shapes[module]
+        weights, p = self.weights[layer], self.positions
+        a = weights[p * a_off + first * rank * in_f :][: count * rank * in_f].view(count, rank, in_f)
+        b_t = weights[p * b_off + first * rank * out_f :][: count * rank * out_f].view(count, rank, out_f)
+        return a, b_t
+
+    def write(self, position: int, packed: torch.Tensor) -> None:
+        """Stage ``packed`` (``[layers, >= layer_elems]``, an adapter's virtual buffers) at ``position``."""
+        for offset, n in self.pieces():
+            start = self.positions * offset + position * n
+            self.weights[:, start : start + n] = packed[:, offset : offset + n]
+
+    def move(self, source: int, target: int) -> None:
+        """Copy the adapter at ``source`` to ``target`` (both positions of this region)."""
+        for offset, n in self.pieces():
+            base = self.positions * offset
+            self.weights[:, base + target * n : base + (target + 1) * n] = \
+                self.weights[:, base + source * n : base + (source + 1) * n]
+
+    def resized(self, positions: int) -> torch.Tensor:
+        """The weights laid out for ``positions >= self.positions`` positions (new ones zero)."""
+        weights = self.weights.new_zeros((self.weights.shape[0], positions * self.layer_elems))
+        for offset, n in self.pieces():
+            old, new = self.positions * offset, positions * offset
+            weights[:, new : new + self.positions * n] = self.weights[:, old : old + self.positions * n]
+        return weights
 
     def occupy(self, position: int, uid: str) -> None:
         """Record ``uid`` at ``position`` (whatever was staged there is forgotten)."""
@@ -116,7 +164,7 @@ class StagedAdapters:
         high = sorted((p for p in taken if p >= len(taken)), reverse=True)
         for source, target in zip(high, free):
             uid = region.uids[source]
-            region.weights[:, target] = region.weights[:, source]
+            region.move(source, target)
             region.uids[source] = None
             region.occupy(target, uid)
             taken.discard(source)
@@ -126,22 +174,18 @@ class StagedAdapters:
     def _new_region(self, adapter: DeviceAdapter, positions: int) -> Region:
         layer_elems = adapter.ref.layer_elems
         # zeros, not empty: a position no adapter has used yet may fall inside a group's run
-        weights = torch.zeros((self.pool.tensor.shape[0], positions, layer_elems),
+        weights = torch.zeros((self.pool.tensor.shape[0], positions * layer_elems),
                               dtype=self.pool.tensor.dtype, device=self.pool.tensor.device)
-        return Region(layer_elems, dict(adapter.offsets), weights, [None] * positions)
+        return Region(layer_elems, dict(adapter.offsets), dict(adapter.shapes), weights, [None] * positions)
 
     def _grow(self, region: Region, positions: int) -> None:
-        weights = torch.zeros((region.weights.shape[0], positions, region.layer_elems),
-                              dtype=region.weights.dtype, device=region.weights.device)
-        weights[:, : region.positions] = region.weights
-        region.weights = weights
+        region.weights = region.resized(positions)
         region.uids.extend([None] * (positions - region.positions))
 
     def _copy_in(self, region: Region, position: int, adapter: DeviceAdapter) -> None:
         pages = torch.tensor(adapter.pages, dtype=torch.long, device=self.pool.tensor.device)
         layers = self.pool.tensor.shape[0]
-        packed = self.pool.tensor.index_select(1, pages).view(layers, -1)  # [layers, pages * page_elems]
-        region.weights[:, position] = packed[:, : region.layer_elems]
+        region.write(position, self.pool.tensor.index_select(1, pages).view(layers, -1))
         region.occupy(position, adapter.ref.uid)
         self.copies += 1
 

@@ -9,6 +9,7 @@ import torch
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
 from inference.adapters.peft_checkpoint import load_adapter_dir
+from inference.adapters.staging import StagedAdapters
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
 from support.adapters import synthetic_adapter
@@ -25,6 +26,7 @@ LENGTHS = {
     "prefill": [3, MIN + 2, 5, 2, 9, 2, 1],
     "sorted": [1] * 6,  # decode rows in the engine's order (chunk_order), twins and random others
     "interleaved": [1] * 5,  # two groups whose rows alternate
+    "permuted": [1] * 5,  # two groups, each one run of rows in another order than it is staged
 }
 # (rank, targets) of the adapters; 0/4 and 1/5 share a layout (a group on the gathered path)
 SPECS = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (16, ("k_proj", "o_proj", "up_proj")),
@@ -74,12 +76,20 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         chunk_slots.sort(key=lambda s: chunk_order(residents[s] if s >= 0 else None, slot_rows[s]))
     if shape == "interleaved":
         chunk_slots = [0, 1, 4, 5, -1]
-    batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton)
+    staging = StagedAdapters(engine.pool)
+    if shape == "permuted":  # a step before this one staged the twins in the order 0, 4 and 1, 5
+        LoraBatch(engine.pool, residents, [0, 4, 1, 5], [1] * 4, use_triton=use_triton, staging=staging)
+        chunk_slots = [-1, 4, 0, 5, 1]
+    batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton, staging=staging)
     assert batch.use_triton == use_triton
-    if variant == "gathered" and shape in ("sorted", "interleaved"):
-        # groups of layout twins with equal row counts; their rows are one run in the engine's order
-        assert batch.groups
-        assert all((g.row_start is not None) == (shape == "sorted") for g in batch.groups)
+    if variant == "gathered" and shape in ("sorted", "interleaved", "permuted"):
+        # groups of layout twins with equal row counts; results go back by a slice when their rows
+        # are in staged order (the engine's order), by a permutation when they are one run, else
+        # by index_add_
+        assert len(batch.groups) == 2
+        routes = {"sorted": "slice", "permuted": "permutation", "interleaved": "index_add"}
+        assert [routes[shape]] * 2 == ["slice" if g.gather is None else "permutation" if g.scatter is not None
+                                        else "index_add" for g in batch.groups]
     elif variant == "gathered-per-row":
         assert not batch.groups and len(batch.single_rows) > 0
     elif variant == "gathered-segments":

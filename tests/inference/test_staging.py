@@ -70,7 +70,7 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
         chunk_slots = [slot_names.index(name) if name is not None else -1 for name, _ in chunks]
         lengths = [n for _, n in chunks]
         batch = LoraBatch(engine.pool, slots, chunk_slots, lengths, use_triton=False, staging=staging)
-        kinds.update("sparse" if g.positions is not None else "gaps" if g.flat is not None else "dense" for g in batch.groups)
+        kinds.update("sparse" if g.positions is not None else "gaps" if g.count > g.members else "dense" for g in batch.groups)
         padded |= any(g.width == 2 for g in batch.groups)  # only a2 has 2 rows (step 6): the others are padded
         region = staging.regions[layout_key(residents["a0"])]
         by_position = sorted((n for n in slot_names if n.startswith("a")), key=lambda n: region.where[residents[n].ref.uid])
@@ -90,6 +90,16 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
     assert set(staging.regions) and staging.nbytes > 0
 
 
+def _assert_staged(region, position: int, adapter, pool) -> None:
+    """The adapter at ``position`` has, in every layer and module, the weights of its pool pages."""
+    for layer in range(pool.tensor.shape[0]):
+        packed = pool.tensor[layer, adapter.pages].reshape(-1)
+        for module, (a_off, b_off, rank) in adapter.offsets.items():
+            a, b_t = region.module_weights(layer, module, position, 1)
+            assert torch.equal(a.reshape(-1), packed[a_off : a_off + a.numel()]) and a.shape[1] == rank
+            assert torch.equal(b_t.reshape(-1), packed[b_off : b_off + b_t.numel()]) and b_t.shape[1] == rank
+
+
 def test_staged_positions_are_kept_and_compacted(tmp_path, tiny_checkpoint):
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=16 << 20))
     adapters = []
@@ -102,21 +112,23 @@ def test_staged_positions_are_kept_and_compacted(tmp_path, tiny_checkpoint):
     first = [p for _, p in staging.place(adapters[:4])]
     assert sorted(first) == [0, 1, 2, 3] and staging.copies == 4
     region = staging.place(adapters[:4])[0][0]
-    # the same weights as in the pool, at every layer
     for adapter, position in zip(adapters[:4], first):
-        pool_bytes = engine.pool.tensor[:, adapter.pages].reshape(engine.pool.tensor.shape[0], -1)
-        assert torch.equal(region.weights[:, position], pool_bytes[:, : region.layer_elems])
+        _assert_staged(region, position, adapter, engine.pool)
     # adapter 1 leaves: the one at the top moves into its place; the others stay where they were
     placed = dict(zip((0, 2, 3), (p for _, p in staging.place([adapters[0], adapters[2], adapters[3]]))))
     assert sorted(placed.values()) == [0, 1, 2] and staging.copies == 4 and staging.moves == 1
     assert placed[0] == first[0]
     moved = next(i for i in (0, 2, 3) if placed[i] != first[i])
     assert first[moved] == 3 and placed[moved] == first[1]
-    assert torch.equal(region.weights[:, placed[moved]],
-                       engine.pool.tensor[:, adapters[moved].pages].reshape(engine.pool.tensor.shape[0], -1)[:, : region.layer_elems])
+    _assert_staged(region, placed[moved], adapters[moved], engine.pool)
     # a new adapter takes the lowest free position and is copied in once
     placed = staging.place([adapters[0], adapters[2], adapters[3], adapters[4]])
     assert sorted(p for _, p in placed) == [0, 1, 2, 3] and staging.copies == 5
+    # five at once: the region grows, and every adapter staged before keeps its weights
+    placed = staging.place(adapters)
+    assert region.positions == 5 and sorted(p for _, p in placed) == [0, 1, 2, 3, 4] and staging.copies == 6
+    for adapter, (_, position) in zip(adapters, placed):
+        _assert_staged(region, position, adapter, engine.pool)
     # a region no step uses for idle_steps steps is freed
     other = synthetic_adapter(tmp_path / "other", engine.model_config, r=3, targets=("k_proj",), alpha=4.0, seed=9)
     ref = engine.adapters.register_dir("other", other)
