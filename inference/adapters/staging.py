@@ -76,9 +76,10 @@ class Region:
         positions ``first .. first + count - 1`` in ``layer`` (contiguous)."""
         a_off, b_off, rank = self.offsets[module]
         in_f, out_f = self.shapes[module]
-        weights, p = self.weights[layer], self.positions
-        a = weights[p * a_off + first * rank * in_f :][: count * rank * in_f].view(count, rank, in_f)
-        b_t = weights[p * b_off + first * rank * out_f :][: count * rank * out_f].view(count, rank, out_f)
+        weights, p = self.weights, self.positions
+        base = weights.storage_offset() + layer * weights.stride(0)  # (as_strided: one op, not four)
+        a = weights.as_strided((count, rank, in_f), (rank * in_f, in_f, 1), base + p * a_off + first * rank * in_f)
+        b_t = weights.as_strided((count, rank, out_f), (rank * out_f, out_f, 1), base + p * b_off + first * rank * out_f)
         return a, b_t
 
     def write(self, position: int, packed: torch.Tensor) -> None:
