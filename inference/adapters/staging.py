@@ -124,6 +124,9 @@ class StagedAdapters:
         self.step = 0
         self.copies = 0  # adapters copied in from their pages since start (for tests and profiling)
         self.moves = 0  # adapters moved within a region since start
+        # bytes held by all regions, kept as a plain int so that a metrics scrape on another thread
+        # can read it while the engine thread changes the regions
+        self.nbytes = 0
 
     def place(self, adapters: list[DeviceAdapter]) -> list[tuple[Region, int]]:
         """Stage ``adapters`` (distinct, each resident in the pool) for one step: ``(region,
@@ -155,7 +158,7 @@ class StagedAdapters:
         for key, taken in in_use.items():
             self._compact(self.regions[key], taken)
         for key in [k for k, r in self.regions.items() if self.step - r.last_step >= self.idle_steps]:
-            del self.regions[key]
+            self.nbytes -= _nbytes(self.regions.pop(key).weights)
         return [(self.regions[key], self.regions[key].where[a.ref.uid]) for a, key in zip(adapters, keys)]
 
     def _compact(self, region: Region, taken: set[int]) -> None:
@@ -177,10 +180,13 @@ class StagedAdapters:
         # zeros, not empty: a position no adapter has used yet may fall inside a group's run
         weights = torch.zeros((self.pool.tensor.shape[0], positions * layer_elems),
                               dtype=self.pool.tensor.dtype, device=self.pool.tensor.device)
+        self.nbytes += _nbytes(weights)
         return Region(layer_elems, dict(adapter.offsets), dict(adapter.shapes), weights, [None] * positions)
 
     def _grow(self, region: Region, positions: int) -> None:
-        region.weights = region.resized(positions)
+        weights = region.resized(positions)
+        self.nbytes += _nbytes(weights) - _nbytes(region.weights)
+        region.weights = weights
         region.uids.extend([None] * (positions - region.positions))
 
     def _copy_in(self, region: Region, position: int, adapter: DeviceAdapter) -> None:
@@ -190,10 +196,9 @@ class StagedAdapters:
         region.occupy(position, adapter.ref.uid)
         self.copies += 1
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes held by all regions."""
-        return sum(r.weights.numel() * r.weights.element_size() for r in self.regions.values())
+
+def _nbytes(weights: torch.Tensor) -> int:
+    return weights.numel() * weights.element_size()
 
 
 def layout_key(adapter: DeviceAdapter) -> tuple:

@@ -3,7 +3,8 @@
 ``InferenceMetrics`` owns one ``CollectorRegistry``: histograms observed as requests and steps
 happen (time to first token, time per output token, end-to-end latency, batch size, adapter load
 latency), and a collector that reads the engine's counters and gauges at scrape time (tokens,
-preemptions, queue lengths, pool pages by kind, adapter cache behaviour per tier).
+preemptions, queue lengths, pool pages by kind, staged adapter bytes, adapter cache behaviour per
+tier).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class EngineCollector(Collector):
         yield pages
         yield _gauge("tailor_pool_pages_total", "Pages in the unified pool.", occupancy.total)
         yield _gauge("tailor_pool_bytes", "Bytes of the unified pool.", occupancy.total * occupancy.page_bytes)
+        yield _gauge("tailor_adapter_staged_bytes",
+                     "Bytes of staged adapter copies outside the pool (the CPU LoRA path's groups).",
+                     engine.staged_adapters.nbytes)
 
         adapters = engine.adapters.stats
         tiers = (("host", adapters.host), ("device", adapters.device))

@@ -29,7 +29,8 @@ COUNTERS = {
 }
 GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
-    "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapters_resident", "tailor_worker_queue_length",
+    "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
+    "tailor_worker_queue_length",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",

@@ -87,7 +87,13 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint):
     assert kinds == {"dense", "gaps", "sparse"} and padded
     assert staging.moves >= 1
     assert staging.copies == len(names)
-    assert set(staging.regions) and staging.nbytes > 0
+    assert set(staging.regions) and staging.nbytes == _region_bytes(staging) > 0
+
+
+def _region_bytes(staging: StagedAdapters) -> int:
+    """Bytes the regions should hold: every position of every layer, one adapter's buffer each."""
+    layers, element_bytes = staging.pool.tensor.shape[0], staging.pool.tensor.element_size()
+    return sum(r.positions * r.layer_elems * layers * element_bytes for r in staging.regions.values())
 
 
 def _assert_staged(region, position: int, adapter, pool) -> None:
@@ -127,6 +133,7 @@ def test_staged_positions_are_kept_and_compacted(tmp_path, tiny_checkpoint):
     # five at once: the region grows, and every adapter staged before keeps its weights
     placed = staging.place(adapters)
     assert region.positions == 5 and sorted(p for _, p in placed) == [0, 1, 2, 3, 4] and staging.copies == 6
+    assert staging.nbytes == _region_bytes(staging)
     for adapter, (_, position) in zip(adapters, placed):
         _assert_staged(region, position, adapter, engine.pool)
     # a region no step uses for idle_steps steps is freed
@@ -135,7 +142,7 @@ def test_staged_positions_are_kept_and_compacted(tmp_path, tiny_checkpoint):
     engine.adapters.admit(ref)
     for _ in range(2):
         staging.place([engine.adapters.resident(ref.uid)])
-    assert len(staging.regions) == 1
+    assert len(staging.regions) == 1 and staging.nbytes == _region_bytes(staging)
 
 
 def test_idle_steps_must_be_positive(tiny_checkpoint):
