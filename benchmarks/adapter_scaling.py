@@ -17,6 +17,8 @@ import argparse
 import datetime as dt
 import json
 import platform
+import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=3,
-                   help="timed rounds over all counts, interleaved; each row is its median-wall run")
+                   help="timed rounds, each over all counts in a shuffled order; each row is its median-wall run")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.repeats < 1:
@@ -87,9 +89,13 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
                  adapters=[None, "adapter-0", None, "adapter-0"] if max(counts) else None)
 
     runs: dict[int, list[dict]] = {count: [] for count in counts}
+    order = random.Random(args.seed)
+    orders = []
     for repeat in range(args.repeats):
-        # rounds interleave the counts, so that a change in background load hits every row alike
-        for count in counts:
+        # every round runs every count, in a shuffled order: a change in background load hits the
+        # rows alike, and no row always runs right after another
+        orders.append(order.sample(counts, len(counts)))
+        for count in orders[-1]:
             run = _timed_run(llm, requests, count, args)
             runs[count].append(run)
             print(f"round {repeat + 1}/{args.repeats}: {count} adapters, {run['wall_s']:.1f} s", flush=True)
@@ -105,13 +111,18 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
 
     one = next((r for r in rows if r["adapters"] == 1), None)
     print(f"\n{'adapters':>8} {'used':>5} {'req/s':>8} {'tok/s':>8} {'wall s':>8} {'steps':>6} {'batch':>6} "
-          f"{'host miss':>9} {'dev load':>8} {'dev evict':>9} {'vs 1':>6}")
+          f"{'host miss':>9} {'dev load':>8} {'dev evict':>9} {'vs 1':>6} {'rounds':>6}")
     for r in rows:
         ratio = r["requests_per_s"] / one["requests_per_s"] if one else float("nan")
         r["ratio_vs_one_adapter"] = ratio
+        # the same round's one-adapter run against this row's, round by round (a paired comparison)
+        per_round = [o / w for o, w in zip(one["wall_s_all_rounds"], r["wall_s_all_rounds"])] if one else []
+        r["ratio_vs_one_adapter_rounds"] = per_round
+        round_median = statistics.median(per_round) if per_round else float("nan")
         print(f"{r['adapters']:>8} {r['distinct_used']:>5} {r['requests_per_s']:>8.3f} {r['tokens_per_s']:>8.1f} "
               f"{r['wall_s']:>8.1f} {r['steps']:>6} {r['mean_batch']:>6.1f} {r['host_misses']:>9} "
-              f"{r['device_loads']:>8} {r['device_evictions']:>9} {ratio:>6.2f}")
+              f"{r['device_loads']:>8} {r['device_evictions']:>9} {ratio:>6.2f} {round_median:>6.2f}")
+    print("vs 1: the rows' median rounds; rounds: the median of the round-by-round ratios")
     report = {
         "benchmark": "adapter_scaling",
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -122,6 +133,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "workload": summarize(requests),
         "register_seconds": register_s,
+        "round_orders": orders,
         "results": rows,
     }
     out = args.out or RESULTS / f"adapter_scaling-{args.device.split(':')[0]}.json"

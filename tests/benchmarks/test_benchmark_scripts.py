@@ -31,6 +31,11 @@ def test_adapter_scaling_smoke(tmp_path, monkeypatch):
     assert rows[1]["distinct_used"] == 1 and rows[0]["distinct_used"] == 0
     assert all(len(r["wall_s_all_rounds"]) == 2 and r["wall_s"] in r["wall_s_all_rounds"] for r in rows.values())
     assert all(len(r["host_misses_all_rounds"]) == 2 and r["host_misses"] in r["host_misses_all_rounds"] for r in rows.values())
+    # every round ran every count once; the paired ratios divide the same round's walls
+    assert len(report["round_orders"]) == 2 and all(sorted(o) == [0, 1, 3] for o in report["round_orders"])
+    for r in rows.values():
+        assert r["ratio_vs_one_adapter_rounds"] == [o / w for o, w in zip(rows[1]["wall_s_all_rounds"],
+                                                                          r["wall_s_all_rounds"])]
     assert list(scratch.iterdir()) == []  # the object store and adapter files are removed
 
 
