@@ -15,9 +15,9 @@ Two paths:
   The step's rows take one of three routes:
 
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
-    adapters of one rank and target set share) and either at most ``PAD_MAX_ROWS`` rows each in
-    the step (one group per layout, each adapter padded with zero rows to the largest count
-    ``m``) or the same larger number ``m`` of rows. They are read from their layout's region of
+    adapters of one rank and target set share): all of them, each padded to the largest row count
+    ``m``, when that at most quadruples their rows (``PAD_MAX_WASTE``); otherwise those with at
+    most ``PAD_MAX_ROWS`` rows each (padded) and those with the same larger number ``m`` of rows. They are read from their layout's region of
     :class:`~inference.adapters.staging.StagedAdapters`, where each adapter is copied once and
     stays while it keeps running, and where the step's adapters of a layout hold positions
     ``0 .. n-1``. A group is then a run of positions: one module's A of all of them is a
@@ -59,13 +59,15 @@ from kernels.lora import lora_expand, lora_shrink, triton_available
 # A run of at least this many adjacent rows of one adapter is always a segment (two skinny matmuls,
 # about 30-60 us each on a 2-core CPU).
 SEGMENT_MIN_ROWS = 32
-# Adapters of one layout with equal row counts (or at most PAD_MAX_ROWS rows each) are computed as
-# a group (two bmm calls over views of the staged weights) when there are at least this many of them; a lone
-# adapter is a segment instead.
+# Adapters of one layout that qualify for a group (below) are computed as one (two bmm calls over
+# views of the staged weights) when there are at least this many of them; a lone adapter is a
+# segment instead.
 GROUP_MIN_SLOTS = 2
-# Adapters of one layout with at most this many rows in the step are one group, each padded to the
-# group's largest row count (zero rows cost little next to reading the weights); adapters with
-# more rows are grouped by their exact row count.
+# The short runs (under SEGMENT_MIN_ROWS rows) of one layout's adapters are one group, each adapter
+# padded to the largest row count, when that makes at most PAD_MAX_WASTE times their rows (padding
+# rows cost little next to the calls of another group or segment). Otherwise adapters with at most
+# PAD_MAX_ROWS such rows are one padded group, and the others are grouped by their exact row count.
+PAD_MAX_WASTE = 4
 PAD_MAX_ROWS = 4
 # A group's run of staged positions is read in place when it holds at most this many (or an
 # eighth of the members) positions of other adapters; otherwise the members are copied out.
@@ -119,7 +121,8 @@ class _Group:
     back by the cheapest of: a slice (``gather`` is None: product row ``j`` is batch row
     ``row_start + j``); a permutation (the group's rows are batch rows ``row_start .. row_start +
     len(scatter) - 1``, each taking product row ``scatter[i]``); or ``index_add_`` at ``gather``
-    (a padding row adds its result, zero, to the row it read).
+    (a padding row adds its result, zero, to the row it read; were that row's input not finite,
+    the row's own result would not be either).
 
     Sparse groups (``positions`` set: their run would hold too many other adapters) copy their
     members' weights out of the region for each module and compute those, in position order.
@@ -209,11 +212,16 @@ class LoraBatch:
         for r in runs:
             if r[1] < SEGMENT_MIN_ROWS:
                 rest.setdefault(r[2], []).append(r)
-        by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step, or 0 for a few) -> slots
+        by_layout: dict[tuple, dict[int, int]] = {}  # layout -> {slot: its rows in the step}
         for slot, slot_runs in rest.items():
-            rows_in_step = sum(r[1] for r in slot_runs)
-            row_class = rows_in_step if rows_in_step > PAD_MAX_ROWS else 0
-            by_class.setdefault((layout_key(slots[slot]), row_class), []).append(slot)
+            by_layout.setdefault(layout_key(slots[slot]), {})[slot] = sum(r[1] for r in slot_runs)
+        by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step, or 0 when padded) -> slots
+        for key, row_counts in by_layout.items():
+            if len(row_counts) * max(row_counts.values()) <= PAD_MAX_WASTE * sum(row_counts.values()):
+                by_class[(key, 0)] = list(row_counts)  # one group, padded to the largest count
+                continue
+            for slot, rows_in_step in row_counts.items():
+                by_class.setdefault((key, rows_in_step if rows_in_step > PAD_MAX_ROWS else 0), []).append(slot)
         grouped = [members for members in by_class.values() if len(members) >= GROUP_MIN_SLOTS]
         solo = [slot for members in by_class.values() if len(members) < GROUP_MIN_SLOTS for slot in members]
         per_row_slots: list[int] = []
@@ -381,7 +389,7 @@ class LoraBatch:
             xs = x[group.row_start : group.row_start + rows]
         else:
             xs = x.index_select(0, group.gather)
-        # A @ x^T ([count, r, m]) reads A faster than x @ A^T does (MKL's small batched gemm)
+        # A @ x^T ([count, r, m]): measured faster on CPU than x @ A^T over the same views
         y = torch.bmm(a.float(), xs.float().view(count, width, in_f).transpose(1, 2)).transpose(1, 2)
         y.mul_(group.scaling)
         delta = torch.bmm(y, b_t.float()).view(rows, out.shape[1]).to(out.dtype)

@@ -78,8 +78,9 @@ class Region:
         in_f, out_f = self.shapes[module]
         weights, p = self.weights, self.positions
         base = weights.storage_offset() + layer * weights.stride(0)  # (as_strided: one op, not four)
-        a = weights.as_strided((count, rank, in_f), (rank * in_f, in_f, 1), base + p * a_off + first * rank * in_f)
-        b_t = weights.as_strided((count, rank, out_f), (rank * out_f, out_f, 1), base + p * b_off + first * rank * out_f)
+        a_start, b_start = base + p * a_off + first * rank * in_f, base + p * b_off + first * rank * out_f
+        a = weights.as_strided((count, rank, in_f), (rank * in_f, in_f, 1), a_start)
+        b_t = weights.as_strided((count, rank, out_f), (rank * out_f, out_f, 1), b_start)
         return a, b_t
 
     def write(self, position: int, packed: torch.Tensor) -> None:

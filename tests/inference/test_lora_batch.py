@@ -27,12 +27,14 @@ LENGTHS = {
     "sorted": [1] * 6,  # decode rows in the engine's order (chunk_order), twins and random others
     "interleaved": [1] * 5,  # two groups whose rows alternate
     "permuted": [1] * 5,  # two groups, each one run of rows in another order than it is staged
+    "widths": [1, 6, 2, 2, 2],  # layout twins with 1 and 6 rows: one group padded to 6, or none
 }
 # (rank, targets) of the adapters; 0/4 and 1/5 share a layout (a group on the gathered path)
 SPECS = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (16, ("k_proj", "o_proj", "up_proj")),
          (1, ("q_proj", "v_proj")), (8, ALL)]
-# the gathered path's routing knobs per variant: (GROUP_MIN_SLOTS, MAX_SOLO_SEGMENTS)
-ROUTES = {"gathered": None, "gathered-per-row": (1 << 30, 0), "gathered-segments": (1 << 30, 1 << 30)}
+# the gathered path's routing knobs per variant: (GROUP_MIN_SLOTS, MAX_SOLO_SEGMENTS, PAD_MAX_WASTE)
+ROUTES = {"gathered": None, "gathered-per-row": (1 << 30, 0, 4), "gathered-segments": (1 << 30, 1 << 30, 4),
+          "gathered-exact": (2, 4, 1)}
 
 
 @pytest.mark.parametrize("variant", [*ROUTES, "triton-interpreted"])
@@ -45,9 +47,10 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
     if use_triton:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     if ROUTES.get(variant):
-        group_min, solo_max = ROUTES[variant]
+        group_min, solo_max, pad_waste = ROUTES[variant]
         monkeypatch.setattr(lora_batch, "GROUP_MIN_SLOTS", group_min)
         monkeypatch.setattr(lora_batch, "MAX_SOLO_SEGMENTS", solo_max)
+        monkeypatch.setattr(lora_batch, "PAD_MAX_WASTE", pad_waste)
     rng = random.Random()
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
@@ -76,6 +79,8 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         chunk_slots.sort(key=lambda s: chunk_order(residents[s] if s >= 0 else None, slot_rows[s]))
     if shape == "interleaved":
         chunk_slots = [0, 1, 4, 5, -1]
+    if shape == "widths":
+        chunk_slots = [0, 4, -1, 1, 5]
     staging = StagedAdapters(engine.pool)
     if shape == "permuted":  # a step before this one staged the twins in the order 0, 4 and 1, 5
         LoraBatch(engine.pool, residents, [0, 4, 1, 5], [1] * 4, use_triton=use_triton, staging=staging)
@@ -90,6 +95,10 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         routes = {"sorted": "slice", "permuted": "permutation", "interleaved": "index_add"}
         assert [routes[shape]] * 2 == ["slice" if g.gather is None else "permutation" if g.scatter is not None
                                         else "index_add" for g in batch.groups]
+    if shape == "widths" and variant in ("gathered", "gathered-exact"):
+        # 2 x 6 product rows for 7 rows is within PAD_MAX_WASTE (4); with 1, the 1-row twin and the
+        # 6-row twin are in different row classes, each alone: segments
+        assert sorted(g.width for g in batch.groups) == ([2, 6] if variant == "gathered" else [2])
     elif variant == "gathered-per-row":
         assert not batch.groups and len(batch.single_rows) > 0
     elif variant == "gathered-segments":
