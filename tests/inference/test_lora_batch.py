@@ -5,6 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
+from support.adapters import synthetic_adapter
 
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
@@ -12,7 +13,6 @@ from inference.adapters.peft_checkpoint import load_adapter_dir
 from inference.adapters.staging import StagedAdapters
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
-from support.adapters import synthetic_adapter
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

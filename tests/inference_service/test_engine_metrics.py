@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from support.adapters import synthetic_adapter
+
 from inference import LLM, SamplingParams
 from inference.service.metrics import InferenceMetrics
-from support.adapters import synthetic_adapter
 
 
 def test_staged_adapter_bytes_are_exported(tmp_path, tiny_checkpoint):
