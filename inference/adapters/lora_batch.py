@@ -16,19 +16,19 @@ Two paths:
 
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
     adapters of one rank and target set share): all of them, each padded to the largest row count
-    ``m``, when that at most quadruples their rows (``PAD_MAX_WASTE``); otherwise those with at
-    most ``PAD_MAX_ROWS`` rows each (padded) and those with the same larger number ``m`` of rows. They are read from their layout's region of
-    :class:`~inference.adapters.staging.StagedAdapters`, where each adapter is copied once and
-    stays while it keeps running, and where the step's adapters of a layout hold positions
-    ``0 .. n-1``. A group is then a run of positions: one module's A of all of them is a
-    contiguous view ``[G, r, in]`` of the (module-major) region and Bt one ``[G, r, out]``, and the
-    rows cost two batched matmuls (``bmm`` over ``[G, r, m]`` and ``[G, m, .]``) with no copy of
-    any weight. A run that also holds a few adapters of another group (holes) is computed with
-    weight 0 there, as are padding rows; a run with more holes has its members' weights copied
-    out per module. The rows are gathered with an index and their results added back with a slice,
-    a permutation or ``index_add_`` (:class:`_Group`). In decode, where every request has its own
-    adapter, all rows are one group: each step reads the running adapters' weights once, where it
-    used to copy them into a step buffer first and then read the copy.
+    ``m``, when that at most quadruples their rows (``PAD_MAX_WASTE``); otherwise those with at most
+    ``PAD_MAX_ROWS`` rows each (padded) and those with the same larger number ``m`` of rows. They
+    are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
+    where each adapter is copied once and stays while it keeps running, and where the step's
+    adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
+    module's A of all of them is a contiguous view ``[G, r, in]`` of the (module-major) region and
+    Bt one ``[G, r, out]``, and the rows cost two batched matmuls (``bmm`` over ``[G, r, m]`` and
+    ``[G, m, .]``) with no copy of any weight. A run that also holds a few adapters of another group
+    (holes) is computed with weight 0 there, as are padding rows; a run with more holes has its
+    members' weights copied out per module. The rows are gathered with an index and their results
+    added back with a slice, a permutation or ``index_add_`` (:class:`_Group`). In decode, where
+    every request has its own adapter, all rows are one group: each step reads the running adapters'
+    weights once, where it used to copy them into a step buffer first and then read the copy.
   - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
     popular adapter: the engine orders a step's chunks by adapter with :func:`chunk_order`) whose A
     and Bt are plain views; two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always

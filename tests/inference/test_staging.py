@@ -73,7 +73,8 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, mon
         chunk_slots = [slot_names.index(name) if name is not None else -1 for name, _ in chunks]
         lengths = [n for _, n in chunks]
         batch = LoraBatch(engine.pool, slots, chunk_slots, lengths, use_triton=False, staging=staging)
-        kinds.update("sparse" if g.positions is not None else "gaps" if g.count > g.members else "dense" for g in batch.groups)
+        kinds.update("sparse" if g.positions is not None else "gaps" if g.count > g.members else "dense"
+                     for g in batch.groups)
         padded |= any(g.width == 2 for g in batch.groups)  # only a2 has 2 rows (step 6): the others are padded
         region = staging.regions[layout_key(residents["a0"])]
         by_position = sorted((n for n in slot_names if n.startswith("a")), key=lambda n: region.where[residents[n].ref.uid])
