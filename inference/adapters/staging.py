@@ -71,14 +71,20 @@ class Region:
             out += [(a_off, rank * in_f), (b_off, rank * out_f)]
         return out
 
+    def piece_start(self, offset: int, n: int, position: int, positions: int | None = None) -> int:
+        """Where in ``weights[l]`` the piece of ``n`` elements at ``offset`` of an adapter's buffer
+        starts for ``position``, in a layout of ``positions`` (default: this region's) positions."""
+        return (self.positions if positions is None else positions) * offset + position * n
+
     def module_weights(self, layer: int, module: str, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Views ``A [count, r, in]`` and ``Bt [count, r, out]`` of ``module`` of the adapters at
         positions ``first .. first + count - 1`` in ``layer`` (contiguous)."""
         a_off, b_off, rank = self.offsets[module]
         in_f, out_f = self.shapes[module]
-        weights, p = self.weights, self.positions
+        weights = self.weights
         base = weights.storage_offset() + layer * weights.stride(0)  # (as_strided: one op, not four)
-        a_start, b_start = base + p * a_off + first * rank * in_f, base + p * b_off + first * rank * out_f
+        a_start = base + self.piece_start(a_off, rank * in_f, first)
+        b_start = base + self.piece_start(b_off, rank * out_f, first)
         a = weights.as_strided((count, rank, in_f), (rank * in_f, in_f, 1), a_start)
         b_t = weights.as_strided((count, rank, out_f), (rank * out_f, out_f, 1), b_start)
         return a, b_t
@@ -86,21 +92,20 @@ class Region:
     def write(self, position: int, packed: torch.Tensor) -> None:
         """Stage ``packed`` (``[layers, >= layer_elems]``, an adapter's virtual buffers) at ``position``."""
         for offset, n in self.pieces():
-            start = self.positions * offset + position * n
+            start = self.piece_start(offset, n, position)
             self.weights[:, start : start + n] = packed[:, offset : offset + n]
 
     def move(self, source: int, target: int) -> None:
         """Copy the adapter at ``source`` to ``target`` (both positions of this region)."""
         for offset, n in self.pieces():
-            base = self.positions * offset
-            self.weights[:, base + target * n : base + (target + 1) * n] = \
-                self.weights[:, base + source * n : base + (source + 1) * n]
+            src, dst = self.piece_start(offset, n, source), self.piece_start(offset, n, target)
+            self.weights[:, dst : dst + n] = self.weights[:, src : src + n]
 
     def resized(self, positions: int) -> torch.Tensor:
         """The weights laid out for ``positions >= self.positions`` positions (new ones zero)."""
         weights = self.weights.new_zeros((self.weights.shape[0], positions * self.layer_elems))
         for offset, n in self.pieces():
-            old, new = self.positions * offset, positions * offset
+            old, new = self.piece_start(offset, n, 0), self.piece_start(offset, n, 0, positions)
             weights[:, new : new + self.positions * n] = self.weights[:, old : old + self.positions * n]
         return weights
 
@@ -159,7 +164,7 @@ class StagedAdapters:
         for key, taken in in_use.items():
             self._compact(self.regions[key], taken)
         for key in [k for k, r in self.regions.items() if self.step - r.last_step >= self.idle_steps]:
-            self.nbytes -= _nbytes(self.regions.pop(key).weights)
+            self.nbytes -= self.regions.pop(key).weights.nbytes
         return [(self.regions[key], self.regions[key].where[a.ref.uid]) for a, key in zip(adapters, keys)]
 
     def _compact(self, region: Region, taken: set[int]) -> None:
@@ -181,12 +186,12 @@ class StagedAdapters:
         # zeros, not empty: a position no adapter has used yet may fall inside a group's run
         weights = torch.zeros((self.pool.tensor.shape[0], positions * layer_elems),
                               dtype=self.pool.tensor.dtype, device=self.pool.tensor.device)
-        self.nbytes += _nbytes(weights)
+        self.nbytes += weights.nbytes
         return Region(layer_elems, dict(adapter.offsets), dict(adapter.shapes), weights, [None] * positions)
 
     def _grow(self, region: Region, positions: int) -> None:
         weights = region.resized(positions)
-        self.nbytes += _nbytes(weights) - _nbytes(region.weights)
+        self.nbytes += weights.nbytes - region.weights.nbytes
         region.weights = weights
         region.uids.extend([None] * (positions - region.positions))
 
@@ -196,10 +201,6 @@ class StagedAdapters:
         region.write(position, self.pool.tensor.index_select(1, pages).view(layers, -1))
         region.occupy(position, adapter.ref.uid)
         self.copies += 1
-
-
-def _nbytes(weights: torch.Tensor) -> int:
-    return weights.numel() * weights.element_size()
 
 
 def layout_key(adapter: DeviceAdapter) -> tuple:
