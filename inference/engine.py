@@ -286,7 +286,10 @@ class LLMEngine:
 
         def key(chunk) -> tuple:
             ref = chunk.request.adapter
-            return chunk_order(None if ref is None else self.adapters.resident(ref.uid), rows[ref.uid] if ref else 0)
+            if ref is None:
+                return chunk_order(None, 0)
+            adapter = self.adapters.resident(ref.uid)
+            return chunk_order(adapter, rows[ref.uid], self.staged_adapters.position(adapter))
 
         plan.chunks.sort(key=key)
 

@@ -50,10 +50,13 @@ class ForwardBatch:
 class LoraApplier(Protocol):
     """Adds adapter deltas to a projection's output in place (implemented by the adapter layer)."""
 
-    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[t] += scale_t * (x[t] @ A_t.T) @ B_t.T`` for the rows that carry an adapter.
+    def apply(self, layer: int, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
+        """``out[t] += scale_t * (x[t] @ A_t.T) @ B_t.T`` for each ``module: out`` of ``outs`` and the
+        rows that carry an adapter targeting it. The modules share the input: the forward pass passes
+        each ``inference.adapters.peft_checkpoint.SHARED_INPUT`` family (q, k, v; gate, up) in one call,
+        in family order.
 
-        x: [N, in_features]; out: [N, out_features] (may be a column slice of a fused output).
+        x: [N, in_features]; each out: [N, out_features] (may be a column slice of a fused output).
         """
 
 
@@ -187,9 +190,8 @@ class LlamaModel:
             x = self._rms_norm(hidden, layer["input_norm"])
             qkv = self._linear(x, layer["qkv"])
             if lora is not None:
-                lora.apply(index, "q_proj", x[:n], qkv[:n, :q_size])
-                lora.apply(index, "k_proj", x[:n], qkv[:n, q_size : q_size + kv_size])
-                lora.apply(index, "v_proj", x[:n], qkv[:n, q_size + kv_size :])
+                lora.apply(index, x[:n], {"q_proj": qkv[:n, :q_size], "k_proj": qkv[:n, q_size : q_size + kv_size],
+                                          "v_proj": qkv[:n, q_size + kv_size :]})
             # RoPE on the query and key heads at once (they are adjacent in the fused output).
             qk = qkv[:, : q_size + kv_size].view(rows, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
             qk = qk * cos + _rotate_half(qk) * sin
@@ -203,17 +205,16 @@ class LlamaModel:
             ).reshape(rows, q_size)
             o = self._linear(attn, layer["o"])
             if lora is not None:
-                lora.apply(index, "o_proj", attn[:n], o[:n])
+                lora.apply(index, attn[:n], {"o_proj": o[:n]})
             hidden = hidden + o
             x = self._rms_norm(hidden, layer["post_norm"])
             gate_up = self._linear(x, layer["gate_up"])
             if lora is not None:
-                lora.apply(index, "gate_proj", x[:n], gate_up[:n, :inter])
-                lora.apply(index, "up_proj", x[:n], gate_up[:n, inter:])
+                lora.apply(index, x[:n], {"gate_proj": gate_up[:n, :inter], "up_proj": gate_up[:n, inter:]})
             mlp_in = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
             down = self._linear(mlp_in, layer["down"])
             if lora is not None:
-                lora.apply(index, "down_proj", mlp_in[:n], down[:n])
+                lora.apply(index, mlp_in[:n], {"down_proj": down[:n]})
             hidden = hidden + down
         last = self._rms_norm(hidden[batch.logits_indices], self.final_norm)
         return self._linear(last, self.lm_head).float().contiguous()

@@ -23,12 +23,17 @@ Two paths:
     adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
     module's A of all of them is a contiguous view ``[G, r, in]`` of the (module-major) region and
     Bt one ``[G, r, out]``, and the rows cost two batched matmuls (``bmm`` over ``[G, r, m]`` and
-    ``[G, m, .]``) with no copy of any weight. A run that also holds a few adapters of another group
-    (holes) is computed with weight 0 there, as are padding rows; a run with more holes has its
-    members' weights copied out per module. The rows are gathered with an index and their results
-    added back with a slice, a permutation or ``index_add_`` (:class:`_Group`). In decode, where
-    every request has its own adapter, all rows are one group: each step reads the running adapters'
-    weights once, where it used to copy them into a step buffer first and then read the copy.
+    ``[G, m, .]``) with no copy of any weight. The modules of one ``apply`` call share their input,
+    and the region keeps the A of q, k and v (gate and up) side by side, so they share one gather of
+    the rows and one shrink over ``[G, r_q + r_k + r_v, in]``; each module's expand reads its
+    columns of the result. A run that also holds a few adapters of another group (holes) is
+    computed with weight 0 there, as are padding rows; a run with more holes has its members'
+    weights copied out. The rows are gathered with an index and their results added back with a
+    slice, a permutation or ``index_add_`` (:class:`_Group`); the engine orders a group's rows by
+    staged position (:func:`chunk_order`), so a decode step with the same adapters as the last one
+    takes the slice. In decode, where every request has its own adapter, all rows are one group:
+    each step reads the running adapters' weights once, where it used to copy them into a step
+    buffer first and then read the copy.
   - a *segment*: a run of adjacent rows of one adapter (a prefill chunk, or the decode rows of a
     popular adapter: the engine orders a step's chunks by adapter with :func:`chunk_order`) whose A
     and Bt are plain views; two matmuls. Runs of at least ``SEGMENT_MIN_ROWS`` rows are always
@@ -75,6 +80,8 @@ MAX_GROUP_HOLES = 2
 # Adapters in no group become segments while there are at most this many of them; more, and their
 # rows take the per-row path, whose cost does not grow with the number of adapters.
 MAX_SOLO_SEGMENTS = 4
+# chunk_order's position for an adapter not staged (after every staged one)
+UNSTAGED = 1 << 62
 
 
 @dataclass
@@ -172,6 +179,7 @@ class LoraBatch:
                 b_offset=torch.tensor([e[1] for e in entries], dtype=torch.int64, device=device),
                 max_rank=max(e[2] for e in entries),
             )
+        self.targeted = {name for name, meta in self.modules.items() if meta.max_rank > 0}
         if use_triton:
             self._init_triton(slots, chunk_slots, chunk_lengths, device)
         else:
@@ -337,27 +345,32 @@ class LoraBatch:
         return self._buffer
 
     # ------------------------------------------------------------------ LoraApplier
-    def apply(self, layer: int, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
-        """``out[t] += scaling[s] * (x[t] @ A_s.T) @ Bt_s`` for rows with an adapter targeting ``module``.
+    def apply(self, layer: int, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
+        """``out[t] += scaling[s] * (x[t] @ A_s.T) @ Bt_s`` for each ``module: out`` of ``outs`` and
+        the rows with an adapter targeting ``module``; the modules share the input ``x``.
 
-        x: [N, in_features]; out: [N, out_features], updated in place (may be a column slice).
+        x: [N, in_features]; each out: [N, out_features], updated in place (may be a column slice).
         """
-        meta = self.modules.get(module)
-        if meta is None or meta.max_rank == 0:
+        live = {module: out for module, out in outs.items() if module in self.targeted}
+        if not live:
             return
         if self.use_triton:
             pool_layer = self.pool.layer(layer)
             rows = dict(row_slot=self.row_slot, seg_start=self.seg_start, seg_slot=self.seg_slot,
                         use_triton=True, max_seg_len=self.max_seg_len)
-            y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
-            lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
+            for module, out in live.items():
+                meta = self.modules[module]
+                y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
+                lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
             return
         for group in self.groups:
-            self._apply_group(layer, group, module, x, out)
-        if meta.rows is not None:
-            self._apply_single_rows(self._layer_buffer(layer), meta.rows, x, out)
-        if meta.segments:
-            self._apply_segments(self._layer_buffer(layer), meta, x, out)
+            self._apply_group(layer, group, x, live)
+        for module, out in live.items():
+            meta = self.modules[module]
+            if meta.rows is not None:
+                self._apply_single_rows(self._layer_buffer(layer), meta.rows, x, out)
+            if meta.segments:
+                self._apply_segments(self._layer_buffer(layer), meta, x, out)
 
     def _apply_single_rows(self, buffer: torch.Tensor, index: _RowIndex, x: torch.Tensor, out: torch.Tensor) -> None:
         """Per-row path: ``delta[t] = sum_j w[t, j] * (A_t[j] . x[t]) * Bt_t[j]`` (fp32)."""
@@ -373,32 +386,45 @@ class LoraBatch:
         else:
             out.index_add_(0, self.single_rows, delta)
 
-    def _apply_group(self, layer: int, group: _Group, module: str, x: torch.Tensor, out: torch.Tensor) -> None:
+    def _apply_group(self, layer: int, group: _Group, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
         """A group: A and Bt of the staged run of positions are contiguous views of the region; two
-        ``bmm`` over [count, ., m] and [count, m, .] (fp32), the rows gathered in and added back."""
-        if module not in group.region.offsets:
+        ``bmm`` over [count, ., m] and [count, m, .] (fp32), the rows gathered in and added back.
+        The modules whose A the region keeps side by side (``SHARED_INPUT``) share one shrink."""
+        region = group.region
+        modules = tuple(module for module in outs if module in region.offsets)
+        if not modules:
             return
         count, width = group.count, group.width
-        if group.positions is None:
-            a, b_t = group.region.module_weights(layer, module, group.first, count)
-        else:  # sparse: copy the members out
-            a, b_t = group.region.module_weights(layer, module, 0, group.region.positions)
-            a, b_t = a.index_select(0, group.positions), b_t.index_select(0, group.positions)
         rows, in_f = count * width, x.shape[1]
         if group.gather is None:
             xs = x[group.row_start : group.row_start + rows]
         else:
             xs = x.index_select(0, group.gather)
-        # A @ x^T ([count, r, m]): measured faster on CPU than x @ A^T over the same views
-        y = torch.bmm(a.float(), xs.float().view(count, width, in_f).transpose(1, 2)).transpose(1, 2)
-        y.mul_(group.scaling)
-        delta = torch.bmm(y, b_t.float()).view(rows, out.shape[1]).to(out.dtype)
-        if group.gather is None:
-            out[group.row_start : group.row_start + rows].add_(delta)  # in place: no write-back copy
-        elif group.scatter is not None:  # much cheaper than index_add_ into a column slice of out
-            out[group.row_start : group.row_start + len(group.scatter)].add_(delta.index_select(0, group.scatter))
-        else:
-            out.index_add_(0, group.gather, delta)
+        xs = xs.float().view(count, width, in_f).transpose(1, 2)  # [count, in, m]
+        for run, where in region.input_runs(modules):
+            if group.positions is None:
+                a = region.run_weights(layer, where, group.first, count)
+            else:  # sparse: copy the members out
+                a = region.run_weights(layer, where, 0, region.positions).index_select(0, group.positions)
+            # A @ x^T ([count, R, m]): measured faster on CPU than x @ A^T over the same views
+            y = torch.bmm(a.float(), xs).transpose(1, 2)  # [count, m, R], R: the run's ranks summed
+            y.mul_(group.scaling)
+            col = 0
+            for module in run:
+                rank = region.offsets[module][2]
+                if group.positions is None:
+                    b_t = region.bt_weights(layer, module, group.first, count)
+                else:
+                    b_t = region.bt_weights(layer, module, 0, region.positions).index_select(0, group.positions)
+                out = outs[module]
+                delta = torch.bmm(y[:, :, col : col + rank], b_t.float()).view(rows, out.shape[1]).to(out.dtype)
+                col += rank
+                if group.gather is None:
+                    out[group.row_start : group.row_start + rows].add_(delta)  # in place: no write-back copy
+                elif group.scatter is not None:  # much cheaper than index_add_ into a column slice of out
+                    out[group.row_start : group.row_start + len(group.scatter)].add_(delta.index_select(0, group.scatter))
+                else:
+                    out.index_add_(0, group.gather, delta)
 
     def _apply_segments(self, buffer: torch.Tensor, meta: _ModuleMeta, x: torch.Tensor, out: torch.Tensor) -> None:
         """Segments: A and Bt are views of the buffer; two matmuls per segment (fp32)."""
@@ -413,13 +439,16 @@ class LoraBatch:
                 out[rows] += ((y @ b_t.float()) * scaling).to(out.dtype)
 
 
-def chunk_order(adapter: DeviceAdapter | None, rows: int) -> tuple:
-    """Sort key for a step's chunks (``rows``: all rows of the chunk's adapter in the step).
+def chunk_order(adapter: DeviceAdapter | None, rows: int, position: int | None = None) -> tuple:
+    """Sort key for a step's chunks (``rows``: all rows of the chunk's adapter in the step;
+    ``position``: where the adapter is staged, if it is).
 
-    Rows without an adapter come first, then adapters by row count, layout and uid: each adapter's
-    rows are adjacent (a run, a segment when long) and each group's rows are one run of the batch
-    (a group whose staged positions are in the same order reads its input as a slice of ``x``).
+    Rows without an adapter come first, then adapters by row count, layout, staged position (the
+    unstaged last) and uid: each adapter's rows are adjacent (a run, a segment when long), each
+    group's rows are one run of the batch, and in decode, where a group's adapters keep their
+    positions from step to step, its rows are in staged order, so the group reads its input as a
+    slice of ``x`` and adds its results back as one.
     """
     if adapter is None:
         return (0,)
-    return (1, rows, layout_key(adapter), adapter.ref.uid)
+    return (1, rows, adapter.layout, UNSTAGED if position is None else position, adapter.ref.uid)

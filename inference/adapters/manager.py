@@ -19,6 +19,7 @@ Everything that mutates device residency runs on the engine thread.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import threading
@@ -62,6 +63,12 @@ class DeviceAdapter:
     running: int = 0
     last_used: float = field(default_factory=time.monotonic)
     ready_event: object | None = None
+
+    @functools.cached_property
+    def layout(self) -> tuple:
+        """Adapters with equal layouts have the same page count and module offsets and ranks (the
+        CPU LoRA path computes such adapters together). Pages and offsets never change once paged in."""
+        return len(self.pages), tuple(sorted(self.offsets.items()))
 
 
 @dataclass

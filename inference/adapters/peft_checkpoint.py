@@ -34,6 +34,9 @@ from inference.openmp_workers import releases_openmp_workers
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The adaptable projections, in the order every per-layer layout uses."""
 
+SHARED_INPUT = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Projections the model computes from one input, each family in one ``LoraApplier.apply`` call."""
+
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from support.adapters import synthetic_adapter
+from support.adapters import apply_calls, synthetic_adapter
 
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
@@ -106,16 +106,21 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         assert sum(s.length for s in batch.segments) == sum(n for s, n in zip(chunk_slots, lengths) if s >= 0)
     rows = [s for s, n in zip(chunk_slots, lengths) for _ in range(n)]
     layer = rng.randrange(cfg.num_layers)
-    for module, (in_f, out_f) in cfg.linear_shapes().items():
-        x = torch.randn(len(rows), in_f)
-        base = torch.randn(len(rows), out_f)
-        out = base.clone()
-        batch.apply(layer, module, x, out)
-        expected = base.double().clone()
-        for t, s in enumerate(rows):
-            if s < 0 or module not in host[s].modules:
-                continue
-            m = host[s].modules[module]
-            expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
-        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{module} seed {seed}")
-        assert not torch.equal(out, base) or all(s < 0 or module not in host[s].modules for s in rows)
+    shapes = cfg.linear_shapes()
+    for calls in apply_calls(shapes, rng):  # the model's calls, then the families split or reordered
+        for call in calls:
+            x = torch.randn(len(rows), shapes[call[0]][0])
+            bases = {module: torch.randn(len(rows), shapes[module][1]) for module in call}
+            outs = {module: base.clone() for module, base in bases.items()}
+            batch.apply(layer, x, outs)
+            for module in call:
+                expected = bases[module].double().clone()
+                for t, s in enumerate(rows):
+                    if s < 0 or module not in host[s].modules:
+                        continue
+                    m = host[s].modules[module]
+                    expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
+                torch.testing.assert_close(outs[module].double(), expected, rtol=1e-5, atol=1e-5,
+                                           msg=f"{call} {module} seed {seed}")
+                assert (not torch.equal(outs[module], bases[module])
+                        or all(s < 0 or module not in host[s].modules for s in rows))

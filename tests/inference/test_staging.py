@@ -5,14 +5,15 @@ import random
 
 import pytest
 import torch
-from support.adapters import synthetic_adapter
+from support.adapters import apply_calls, synthetic_adapter
 
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import PAD_MAX_ROWS, LoraBatch
-from inference.adapters.peft_checkpoint import load_adapter_dir
+from inference.adapters.peft_checkpoint import SHARED_INPUT, load_adapter_dir
 from inference.adapters.staging import StagedAdapters, layout_key
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
+from inference.sampling import SamplingParams
 
 ALL = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -80,13 +81,16 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, mon
         by_position = sorted((n for n in slot_names if n.startswith("a")), key=lambda n: region.where[residents[n].ref.uid])
         rows = [name for name, n in chunks for _ in range(n)]
         layer = rng.randrange(cfg.num_layers)
-        for module, (in_f, out_f) in cfg.linear_shapes().items():
-            x = torch.randn(len(rows), in_f)
-            out = torch.randn(len(rows), out_f)
-            expected = _expected(out, x, rows, weights, module, layer)
-            batch.apply(layer, module, x, out)
-            torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5,
-                                       msg=f"step {step} {module} seed {seed}")
+        shapes = cfg.linear_shapes()
+        for calls in apply_calls(shapes, rng):  # the model's calls, then the families split or reordered
+            for call in calls:
+                x = torch.randn(len(rows), shapes[call[0]][0])
+                outs = {module: torch.randn(len(rows), shapes[module][1]) for module in call}
+                expected = {module: _expected(out, x, rows, weights, module, layer) for module, out in outs.items()}
+                batch.apply(layer, x, outs)
+                for module, out in outs.items():
+                    torch.testing.assert_close(out.double(), expected[module], rtol=1e-5, atol=1e-5,
+                                               msg=f"step {step} {call} {module} seed {seed}")
     # every kind of group ran (a padded one in step 6); a request leaving was compacted; nobody was copied in twice
     assert kinds == {"dense", "gaps", "sparse"} and padded
     assert staging.moves >= 1
@@ -108,13 +112,25 @@ def _assert_staged(region, position: int, adapter, pool) -> None:
             a, b_t = region.module_weights(layer, module, position, 1)
             assert torch.equal(a.reshape(-1), packed[a_off : a_off + a.numel()]) and a.shape[1] == rank
             assert torch.equal(b_t.reshape(-1), packed[b_off : b_off + b_t.numel()]) and b_t.shape[1] == rank
+        # the A of the modules that share an input are side by side: one view of them all, in
+        # family order (another order is two runs)
+        for family in SHARED_INPUT:
+            members = tuple(m for m in family if m in adapter.offsets)
+            if len(members) < 2:
+                continue
+            [(run, where)] = region.input_runs(members)
+            assert run == members and len(region.input_runs(members[::-1])) == len(members)
+            a = region.run_weights(layer, where, position, 1)[0]
+            expected = [packed[adapter.offsets[m][0] :][: adapter.offsets[m][2] * a.shape[1]] for m in members]
+            assert torch.equal(a.reshape(-1), torch.cat(expected))
 
 
 def test_staged_positions_are_kept_and_compacted(tmp_path, tiny_checkpoint):
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=16 << 20))
     adapters = []
     for i in range(5):
-        path = synthetic_adapter(tmp_path / f"a{i}", engine.model_config, r=2, targets=("q_proj",), alpha=4.0, seed=i)
+        path = synthetic_adapter(tmp_path / f"a{i}", engine.model_config, r=2, targets=("q_proj", "k_proj", "v_proj", "down_proj"),
+                                 alpha=4.0, seed=i)
         ref = engine.adapters.register_dir(f"a{i}", path)
         engine.adapters.admit(ref)
         adapters.append(engine.adapters.resident(ref.uid))
@@ -153,3 +169,34 @@ def test_idle_steps_must_be_positive(tiny_checkpoint):
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20))
     with pytest.raises(ValueError, match="idle_steps"):
         StagedAdapters(engine.pool, idle_steps=0)
+
+
+def test_engine_decode_groups_read_their_rows_in_place(tmp_path, tiny_checkpoint):
+    """The engine orders a step's chunks by staged position (``chunk_order``), so in a decode step
+    with the same adapters as the step before, every group's rows are in staged order: its input is
+    a slice of ``x`` and its results go back as one, with no gather and no permutation. Requests of
+    different lengths leave and join, so adapters are placed into freed positions and moved."""
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=16 << 20, max_num_seqs=5))
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    for i in range(9):
+        path = synthetic_adapter(tmp_path / f"a{i}", engine.model_config, r=4, targets=("q_proj", "v_proj"),
+                                 alpha=8.0, seed=seed + i)
+        engine.adapters.register_dir(f"a{i}", path)
+    batches = []
+    make_batch = engine._lora_batch
+    engine._lora_batch = lambda plan: batches.append((make_batch(plan), plan)) or batches[-1][0]
+    for i in range(9):
+        params = SamplingParams(max_tokens=rng.randint(3, 12), temperature=0.0, ignore_eos=True)
+        engine.add(engine.make_request([rng.randrange(1, 50) for _ in range(rng.randint(2, 6))], params,
+                                       adapter_id=f"a{i}"))
+    while engine.has_unfinished():
+        engine.step()
+    steady, previous = 0, None
+    for batch, plan in batches:
+        adapters = {chunk.request.adapter.uid for chunk in plan.chunks}
+        if all(chunk.num_tokens == 1 for chunk in plan.chunks) and adapters == previous and len(adapters) > 1:
+            assert batch.groups and all(group.gather is None for group in batch.groups), f"seed {seed}"
+            steady += 1
+        previous = adapters
+    assert steady >= 5 and engine.staged_adapters.moves + engine.staged_adapters.copies > 9, f"seed {seed}"

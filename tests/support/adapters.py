@@ -27,3 +27,24 @@ def peft_adapter(base_model, out_dir: Path, *, r: int, targets, alpha: float | N
     model.eval()
     model.save_pretrained(str(out_dir))
     return model
+
+
+def apply_calls(shapes: dict[str, tuple[int, int]], rng) -> list[list[tuple[str, ...]]]:
+    """Ways to split the projections ``shapes`` (module -> (in, out) features) into
+    ``LoraApplier.apply`` calls, each call's modules sharing one input: as the model calls them
+    (``SHARED_INPUT`` families in family order, the others alone), every module alone, and the
+    modules of one input width in one call in a random order (families split or out of order)."""
+    from inference.adapters.peft_checkpoint import MODULE_ORDER, SHARED_INPUT
+
+    family_of = {m: family for family in SHARED_INPUT for m in family}
+    model, seen = [], set()
+    for module in MODULE_ORDER:
+        if module in shapes and module not in seen:
+            call = tuple(m for m in family_of.get(module, (module,)) if m in shapes)
+            model.append(call)
+            seen.update(call)
+    by_width: dict[int, list[str]] = {}
+    for module, (in_f, _) in shapes.items():
+        by_width.setdefault(in_f, []).append(module)
+    mixed = [tuple(rng.sample(modules, len(modules))) for modules in by_width.values()]
+    return [model, [(m,) for m in shapes], mixed]
