@@ -90,7 +90,7 @@ class _ModuleMeta:
     a_offset: torch.Tensor  # [S] int64
     b_offset: torch.Tensor  # [S] int64
     max_rank: int
-    rows: "_RowIndex | None" = None
+    rows: _RowIndex | None = None
     # the segments whose adapter targets the module: (rows, A start, Bt start, rank, scaling),
     # starts in elements of the gathered buffer
     segments: list[tuple[slice, int, int, int, float]] = field(default_factory=list)
@@ -356,8 +356,8 @@ class LoraBatch:
             return
         if self.use_triton:
             pool_layer = self.pool.layer(layer)
-            rows = dict(row_slot=self.row_slot, seg_start=self.seg_start, seg_slot=self.seg_slot,
-                        use_triton=True, max_seg_len=self.max_seg_len)
+            rows = {"row_slot": self.row_slot, "seg_start": self.seg_start, "seg_slot": self.seg_slot,
+                    "use_triton": True, "max_seg_len": self.max_seg_len}
             for module, out in live.items():
                 meta = self.modules[module]
                 y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
