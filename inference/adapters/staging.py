@@ -67,7 +67,7 @@ class _Slice:
     cols: int  # in or out features
 
 
-def _blocks(offsets: dict[str, tuple[int, int, int]], shapes: dict[str, tuple[int, int]]) -> list[list[str]]:
+def _blocks(offsets: dict[str, tuple[int, int, int]]) -> list[list[str]]:
     """The region layout of a set of targeted modules, as lists of piece names ("A:module",
     "Bt:module"): the A of each ``SHARED_INPUT`` family's targeted modules in one block, in family
     order; every other A and every Bt a block of its own."""
@@ -113,7 +113,7 @@ class Region:
             piece[f"Bt:{module}"] = (b_off, rank * out_f, rank, out_f)
         self.blocks, self._slices, self._runs = [], {}, {}
         start = 0
-        for names in _blocks(self.offsets, self.shapes):
+        for names in _blocks(self.offsets):
             size = sum(piece[name][1] for name in names)
             within = 0
             for name in names:
@@ -163,7 +163,7 @@ class Region:
                 where = self._slices[f"A:{module}"]
                 if runs:
                     names, last = runs[-1]
-                    if (last.start, last.within + last.rows * last.cols) == (where.start, where.within):
+                    if (last.start, last.within + last.rows * last.cols, last.cols) == (where.start, where.within, where.cols):
                         runs[-1] = (names + (module,), _Slice(last.start, last.size, last.within,
                                                              last.rows + where.rows, last.cols))
                         continue
