@@ -57,7 +57,7 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.adapters.manager import DeviceAdapter
-from inference.adapters.staging import Region, StagedAdapters, layout_key
+from inference.adapters.staging import Region, StagedAdapters
 from inference.page_pool import PagePool
 from kernels.lora import lora_expand, lora_shrink, triton_available
 
@@ -222,7 +222,7 @@ class LoraBatch:
                 rest.setdefault(r[2], []).append(r)
         by_layout: dict[tuple, dict[int, int]] = {}  # layout -> {slot: its rows in the step}
         for slot, slot_runs in rest.items():
-            by_layout.setdefault(layout_key(slots[slot]), {})[slot] = sum(r[1] for r in slot_runs)
+            by_layout.setdefault(slots[slot].layout, {})[slot] = sum(r[1] for r in slot_runs)
         by_class: dict[tuple, list[int]] = {}  # (layout, rows in the step, or 0 when padded) -> slots
         for key, row_counts in by_layout.items():
             if len(row_counts) * max(row_counts.values()) <= PAD_MAX_WASTE * sum(row_counts.values()):

@@ -228,7 +228,7 @@ class StagedAdapters:
         copied from their pages into free positions. Call once per step, with all its grouped
         adapters, before any of them is used."""
         self.step += 1
-        keys = [layout_key(a) for a in adapters]
+        keys = [a.layout for a in adapters]
         per_layout = Counter(keys)
         in_use: dict[tuple, set[int]] = {}
         for adapter, key in zip(adapters, keys):
@@ -294,8 +294,3 @@ class StagedAdapters:
         region.write(position, self.pool.tensor.index_select(1, pages).view(layers, -1))
         region.occupy(position, adapter.ref.uid)
         self.copies += 1
-
-
-def layout_key(adapter: DeviceAdapter) -> tuple:
-    """Adapters with equal keys have the same page count and module offsets and ranks."""
-    return adapter.layout

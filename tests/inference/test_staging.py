@@ -10,7 +10,7 @@ from support.adapters import apply_calls, synthetic_adapter
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import PAD_MAX_ROWS, LoraBatch
 from inference.adapters.peft_checkpoint import SHARED_INPUT, load_adapter_dir
-from inference.adapters.staging import StagedAdapters, layout_key
+from inference.adapters.staging import StagedAdapters
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
 from inference.sampling import SamplingParams
@@ -77,7 +77,7 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, mon
         kinds.update("sparse" if g.positions is not None else "gaps" if g.count > g.members else "dense"
                      for g in batch.groups)
         padded |= any(g.width == 2 for g in batch.groups)  # only a2 has 2 rows (step 6): the others are padded
-        region = staging.regions[layout_key(residents["a0"])]
+        region = staging.regions[residents["a0"].layout]
         by_position = sorted((n for n in slot_names if n.startswith("a")), key=lambda n: region.where[residents[n].ref.uid])
         rows = [name for name, n in chunks for _ in range(n)]
         layer = rng.randrange(cfg.num_layers)
