@@ -15,9 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
+from inference.adapters import staging
 from inference.bundled_model import prepare_bundled_model
 
 pytest_plugins = ["support.service_fixtures"]
+
+@pytest.fixture(autouse=True)
+def _staged_regions_start_as_nan(monkeypatch):
+    """The engine leaves a staging region's new memory unfilled (``staging.unwritten``), because
+    every position is written before any group reads it. Uninitialised memory is often zero, which
+    would hide a read of it; here it is NaN, so any LoRA product that read it would not be finite."""
+
+    def nan_filled(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        return torch.full(shape, float("nan"), dtype=like.dtype, device=like.device)
+
+    monkeypatch.setattr(staging, "unwritten", nan_filled)
+
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
