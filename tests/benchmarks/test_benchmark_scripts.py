@@ -36,6 +36,7 @@ def test_adapter_scaling_smoke(tmp_path, monkeypatch):
     for r in rows.values():
         assert r["ratio_vs_one_adapter_rounds"] == [o / w for o, w in zip(rows[1]["wall_s_all_rounds"],
                                                                           r["wall_s_all_rounds"])]
+        assert r["ratio_vs_one_adapter_best"] == min(rows[1]["wall_s_all_rounds"]) / min(r["wall_s_all_rounds"])
     assert list(scratch.iterdir()) == []  # the object store and adapter files are removed
 
 
