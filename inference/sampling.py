@@ -101,7 +101,7 @@ def sample(
     ``generators[i]`` is the row's own generator (seeded requests) or None (global RNG).
     Logprobs are of the model's distribution before temperature and truncation, as OpenAI reports.
     """
-    rows, vocab = logits.shape
+    rows = logits.shape[0]
     chosen = torch.empty(rows, dtype=torch.long, device=logits.device)
     greedy_rows = [i for i, p in enumerate(params) if p.greedy]
     random_rows = [i for i, p in enumerate(params) if not p.greedy]

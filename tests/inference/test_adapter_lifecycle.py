@@ -8,7 +8,6 @@ import threading
 import time
 
 import pytest
-import torch
 
 from inference import LLM, SamplingParams
 from inference.adapters.object_store import LocalFolderStore

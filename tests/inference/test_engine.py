@@ -9,7 +9,6 @@ import torch
 from conftest import write_tiny_llama
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
-from inference.page_pool import PageKind
 from inference.sampling import SamplingParams
 from support.engine_helpers import prompt_logits, run_to_completion
 from support.hf_reference import hf_greedy, hf_last_logits, load_hf

@@ -1,7 +1,6 @@
 """Greedy tokens and logits of the engine against HF transformers on the bundled SmolLM2-135M (fp32, CPU)."""
 
 import pytest
-import torch
 
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
