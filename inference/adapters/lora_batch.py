@@ -202,6 +202,9 @@ class LoraBatch:
             self.seg_start = torch.tensor(starts, dtype=torch.int32, device=device)
             self.seg_slot = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
             self.max_seg_len = max(chunk_lengths)
+        # the kernels' row arguments, the same for every apply call of the step
+        self.kernel_rows = {"row_slot": self.row_slot, "seg_start": self.seg_start, "seg_slot": self.seg_slot,
+                            "use_triton": True, "max_seg_len": self.max_seg_len}
 
     # ------------------------------------------------------------------ gathered path
     def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device, staging: StagedAdapters) -> None:
@@ -356,8 +359,7 @@ class LoraBatch:
             return
         if self.use_triton:
             pool_layer = self.pool.layer(layer)
-            rows = {"row_slot": self.row_slot, "seg_start": self.seg_start, "seg_slot": self.seg_slot,
-                    "use_triton": True, "max_seg_len": self.max_seg_len}
+            rows = self.kernel_rows
             for module, out in live.items():
                 meta = self.modules[module]
                 y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
