@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 import torch
-from support.adapters import apply_calls, synthetic_adapter
+from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
@@ -114,12 +114,7 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
             outs = {module: base.clone() for module, base in bases.items()}
             batch.apply(layer, x, outs)
             for module in call:
-                expected = bases[module].double().clone()
-                for t, s in enumerate(rows):
-                    if s < 0 or module not in host[s].modules:
-                        continue
-                    m = host[s].modules[module]
-                    expected[t] += host[s].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
+                expected = lora_reference(bases[module], x, [host[s] if s >= 0 else None for s in rows], module, layer)
                 torch.testing.assert_close(outs[module].double(), expected, rtol=1e-5, atol=1e-5,
                                            msg=f"{call} {module} seed {seed}")
                 assert (not torch.equal(outs[module], bases[module])

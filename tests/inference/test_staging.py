@@ -5,7 +5,7 @@ import random
 
 import pytest
 import torch
-from support.adapters import apply_calls, synthetic_adapter
+from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
 from inference.adapters import lora_batch
 from inference.adapters.lora_batch import PAD_MAX_ROWS, LoraBatch
@@ -35,16 +35,6 @@ STEPS = [
                          by_position[0]: WIDE, by_position[-1]: WIDE},
     lambda by_position: {"a2": 2, "a3": 1, "a6": 1, "a7": 1, "a8": 1, "a9": 1, "b0": 1, "b1": 1},
 ]
-
-
-def _expected(out: torch.Tensor, x: torch.Tensor, rows: list, weights: dict, module: str, layer: int) -> torch.Tensor:
-    expected = out.double().clone()
-    for t, name in enumerate(rows):
-        if name is None or module not in weights[name].modules:
-            continue
-        m = weights[name].modules[module]
-        expected[t] += weights[name].scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
-    return expected
 
 
 def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, monkeypatch):
@@ -86,7 +76,8 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, mon
             for call in calls:
                 x = torch.randn(len(rows), shapes[call[0]][0])
                 outs = {module: torch.randn(len(rows), shapes[module][1]) for module in call}
-                expected = {module: _expected(out, x, rows, weights, module, layer) for module, out in outs.items()}
+                expected = {module: lora_reference(out, x, [weights.get(name) for name in rows], module, layer)
+                            for module, out in outs.items()}
                 batch.apply(layer, x, outs)
                 for module, out in outs.items():
                     torch.testing.assert_close(out.double(), expected[module], rtol=1e-5, atol=1e-5,

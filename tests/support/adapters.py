@@ -48,3 +48,16 @@ def apply_calls(shapes: dict[str, tuple[int, int]], rng) -> list[list[tuple[str,
         by_width.setdefault(in_f, []).append(module)
     mixed = [tuple(rng.sample(modules, len(modules))) for modules in by_width.values()]
     return [model, [(m,) for m in shapes], mixed]
+
+
+def lora_reference(out: torch.Tensor, x: torch.Tensor, row_adapters: list, module: str, layer: int) -> torch.Tensor:
+    """float64 reference for one module of a LoRA step: ``out[t] + scaling * (x[t] @ Aᵀ) @ Bᵀ`` with
+    row ``t``'s adapter (a validated host adapter from ``load_adapter_dir``; None, or an adapter not
+    targeting ``module``: the row is ``out[t]``). x: [N, in], out: [N, out]; returns [N, out]."""
+    expected = out.double().clone()
+    for t, adapter in enumerate(row_adapters):
+        if adapter is None or module not in adapter.modules:
+            continue
+        m = adapter.modules[module]
+        expected[t] += adapter.scaling * (x[t].double() @ m.a[layer].double().T) @ m.b_t[layer].double()
+    return expected
