@@ -39,21 +39,14 @@ may be set after triton was imported).
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-try:  # triton is optional (CPU-only installs use the reference ops)
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except Exception:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-    _HAVE_TRITON = False
+from kernels.triton_support import HAVE_TRITON as _HAVE_TRITON
+from kernels.triton_support import interpret_mode as _interpret
+from kernels.triton_support import resolve_use_triton, tl, triton, triton_available
 
 __all__ = [
     "lora_shrink",
@@ -514,15 +507,6 @@ def _expand_prefill_kernel(
 _JIT_CACHE: dict = {}
 
 
-def _interpret() -> bool:
-    if not _HAVE_TRITON:
-        return False
-    try:
-        return bool(triton.knobs.runtime.interpret)
-    except AttributeError:  # older triton without knobs
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-
-
 def _jit(fn: Callable):
     """``triton.jit(fn)``, cached per (kernel, interpreter mode)."""
     key = (fn.__name__, _interpret())
@@ -531,24 +515,6 @@ def _jit(fn: Callable):
         k = triton.jit(fn)
         _JIT_CACHE[key] = k
     return k
-
-
-def triton_available() -> bool:
-    """Whether triton could be imported (the kernels then run on CUDA, or on CPU when interpreted)."""
-    return _HAVE_TRITON
-
-
-def _resolve_use_triton(op: str, use_triton, x: Tensor) -> bool:
-    if use_triton is None:
-        return bool(x.is_cuda and _HAVE_TRITON)
-    if not use_triton:
-        return False
-    if not _HAVE_TRITON:
-        raise ValueError(f"{op}: use_triton=True but triton cannot be imported")
-    if not x.is_cuda and not _interpret():
-        raise ValueError(f"{op}: use_triton=True on {x.device} tensors requires "
-                         f"TRITON_INTERPRET=1 (or use CUDA tensors)")
-    return True
 
 
 def _cast_mode(dtype: torch.dtype) -> int:
@@ -610,7 +576,7 @@ def lora_shrink(x: Tensor, pool_layer: Tensor, adapter_pages: Tensor, a_offset: 
     """
     if not isinstance(x, Tensor) or x.dim() != 2:
         raise ValueError("lora_shrink: x must be a 2-D tensor [T, in_features]")
-    if not _resolve_use_triton("lora_shrink", use_triton, x):
+    if not resolve_use_triton("lora_shrink", x.device, use_triton):
         return lora_shrink_ref(x, pool_layer, adapter_pages, a_offset, ranks, max_rank,
                                row_slot=row_slot, seg_start=seg_start, seg_slot=seg_slot)
     if x.dtype not in _FLOAT_DTYPES:
@@ -672,7 +638,7 @@ def lora_expand(out: Tensor, y: Tensor, pool_layer: Tensor, adapter_pages: Tenso
     and page ids are trusted (the reference ops check them).
     """
     T, OUT, R = _check_expand_shapes("lora_expand", out, y)
-    if not _resolve_use_triton("lora_expand", use_triton, out):
+    if not resolve_use_triton("lora_expand", out.device, use_triton):
         lora_expand_ref(out, y, pool_layer, adapter_pages, b_offset, ranks, scaling,
                         row_slot=row_slot, seg_start=seg_start, seg_slot=seg_slot)
         return

@@ -43,22 +43,15 @@ plan for a batch, built once and shared by every layer's call) and
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-try:  # Triton is optional: the reference path must work without it.
-    import triton
-    import triton.language as tl
-
-    _HAVE_TRITON = True
-except ImportError:  # pragma: no cover - exercised only on machines without triton
-    triton = None  # type: ignore[assignment]
-    tl = None  # type: ignore[assignment]
-    _HAVE_TRITON = False
+from kernels.triton_support import HAVE_TRITON as _HAVE_TRITON
+from kernels.triton_support import interpret_mode as _interpret_mode
+from kernels.triton_support import resolve_use_triton, tl, triton, triton_available
 
 __all__ = [
     "paged_attention",
@@ -634,11 +627,6 @@ if _HAVE_TRITON:
         )
 
 
-def _interpret_mode() -> bool:
-    """True when TRITON_INTERPRET is set (Triton then runs on CPU tensors)."""
-    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "on", "yes")
-
-
 _JIT_CACHE: dict[bool, Any] = {}
 
 
@@ -650,11 +638,6 @@ def _jit_kernel() -> Any:
         kernel = triton.jit(_paged_attention_kernel)
         _JIT_CACHE[mode] = kernel
     return kernel
-
-
-def triton_available() -> bool:
-    """True when the ``triton`` package can be imported."""
-    return _HAVE_TRITON
 
 
 def _next_pow2(n: int) -> int:
@@ -763,21 +746,6 @@ def paged_attention_triton(
 # --------------------------------------------------------------------------
 
 
-def _resolve_use_triton(device: torch.device, use_triton: bool | None) -> bool:
-    """The dispatcher's choice: ``None`` means Triton for CUDA tensors, the reference otherwise;
-    ``True`` is checked (CUDA tensors, or CPU tensors with ``TRITON_INTERPRET=1``)."""
-    if use_triton is None:
-        return device.type == "cuda" and _HAVE_TRITON
-    if use_triton:
-        if not _HAVE_TRITON:
-            raise RuntimeError("use_triton=True but the 'triton' package is not installed")
-        if device.type != "cuda" and not _interpret_mode():
-            raise ValueError(
-                "use_triton=True needs CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors"
-            )
-    return use_triton
-
-
 def plan_paged_attention(
     page_table: Tensor,
     seq_lens: Tensor,
@@ -793,7 +761,7 @@ def plan_paged_attention(
     once instead of once per layer); the Triton path needs none and gets None. Arguments as in
     :func:`plan_paged_attention_ref`; ``use_triton`` as in :func:`paged_attention`.
     """
-    if _resolve_use_triton(page_table.device, use_triton):
+    if resolve_use_triton("paged_attention", page_table.device, use_triton):
         return None
     return plan_paged_attention_ref(
         page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=kv_shape
@@ -842,7 +810,7 @@ def paged_attention(
     Returns:
         ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.
     """
-    if _resolve_use_triton(q.device, use_triton):
+    if resolve_use_triton("paged_attention", q.device, use_triton):
         return paged_attention_triton(
             q, kv, page_table, seq_lens, query_start_loc, scale, max_q_len=max_q_len
         )
