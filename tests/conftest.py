@@ -20,6 +20,7 @@ from inference.bundled_model import prepare_bundled_model
 
 pytest_plugins = ["support.service_fixtures"]
 
+
 @pytest.fixture(autouse=True)
 def _staged_regions_start_as_nan(monkeypatch):
     """The engine leaves a staging region's new memory unfilled (``staging.unwritten``), because
