@@ -191,20 +191,19 @@ class LoraBatch:
         for i, slot in enumerate(slots):
             table[i, : len(slot.pages)] = torch.tensor(slot.pages, dtype=torch.int32)
         self.adapter_pages = table.to(device)
+        # the kernels' row arguments, the same for every apply call of the step: one row per
+        # request (decode variant) or segments of rows (prefill variant)
+        self.kernel_rows = {"row_slot": None, "seg_start": None, "seg_slot": None, "max_seg_len": None,
+                            "use_triton": True}
         if all(n == 1 for n in chunk_lengths):
-            self.row_slot = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
-            self.seg_start = self.seg_slot = self.max_seg_len = None
+            self.kernel_rows["row_slot"] = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
         else:
             starts = [0]
             for n in chunk_lengths:
                 starts.append(starts[-1] + n)
-            self.row_slot = None
-            self.seg_start = torch.tensor(starts, dtype=torch.int32, device=device)
-            self.seg_slot = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
-            self.max_seg_len = max(chunk_lengths)
-        # the kernels' row arguments, the same for every apply call of the step
-        self.kernel_rows = {"row_slot": self.row_slot, "seg_start": self.seg_start, "seg_slot": self.seg_slot,
-                            "use_triton": True, "max_seg_len": self.max_seg_len}
+            self.kernel_rows.update(seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
+                                    seg_slot=torch.tensor(chunk_slots, dtype=torch.int32, device=device),
+                                    max_seg_len=max(chunk_lengths))
 
     # ------------------------------------------------------------------ gathered path
     def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device, staging: StagedAdapters) -> None:
