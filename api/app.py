@@ -17,6 +17,8 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from api import limits
+from api.admission import TenantConcurrencyLimit
+from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.prefetch import prefetch_from_thread
@@ -90,7 +92,8 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
                                       settings.cleanup_interval_s).start()
         token, _new = resolve_operator_token(settings)
         limiter = TenantRateLimiter(settings.rate_limit_per_minute)
-        app.state.tailor = AppState(settings, own_platform, backend, tasks, token, limiter)
+        slots = TenantConcurrencyLimit(settings.max_concurrent_per_tenant)
+        app.state.tailor = AppState(settings, own_platform, backend, tasks, token, limiter, slots)
         try:
             yield
         finally:
@@ -109,6 +112,7 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
         description="Multi-tenant personalization backend: per-user LoRA adapters and chat history on one base model.",
         lifespan=lifespan,
     )
+    install_error_handlers(app)
     for module in (health, tenants, api_keys, users, adapters, chat, openai_compat):
         app.include_router(module.router)
     app.include_router(metrics_router)

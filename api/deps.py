@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session
 
 from api.state import AppState
 from tenants import repositories as repo
+from tenants.db import session_scope
 from tenants.models import ID_LENGTH
 
 AUTH_HEADERS = {"WWW-Authenticate": "Bearer"}
@@ -25,7 +26,9 @@ StateDep = Annotated[AppState, Depends(get_state)]
 
 
 def get_session(state: StateDep) -> Iterator[Session]:
-    """A session per request: committed when the handler returns normally, else rolled back."""
+    """A session per request: committed when the handler returns normally, else rolled back.
+    For short routes only: generation routes open their own short sessions around the
+    generation, never across it."""
     session = state.platform.session_factory()
     try:
         yield session
@@ -57,10 +60,15 @@ def _bearer(credentials: HTTPAuthorizationCredentials | None) -> str:
     return credentials.credentials.strip()
 
 
-def get_caller(request: Request, credentials: BearerDep, state: StateDep, session: SessionDep) -> Caller:
-    """The tenant and scope of the presented API key; 401 when missing, unknown or revoked."""
+def get_caller(request: Request, credentials: BearerDep, state: StateDep) -> Caller:
+    """The tenant and scope of the presented API key; 401 when missing, unknown or revoked.
+
+    The key is looked up in a session of its own, closed before the route runs: a chat route
+    must hold no database connection while its tokens are generated (a flood of chats would
+    otherwise take every pooled connection and stall the other tenants)."""
     token = _bearer(credentials)
-    key = repo.find_api_key(session, token, pepper=state.settings.api_key_pepper.get_secret_value())
+    with session_scope(state.platform.session_factory) as session:
+        key = repo.find_api_key(session, token, pepper=state.settings.api_key_pepper.get_secret_value())
     if key is None:
         raise HTTPException(401, "invalid or revoked API key", headers=AUTH_HEADERS)
     caller = Caller(key.tenant_id, key.scope, key.id)

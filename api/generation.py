@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator
 
-from fastapi import HTTPException
+from fastapi import HTTPException, Request
 
+from api.admission import RETRY_AFTER_S
 from api.metrics import ApiMetrics
 from api.state import AppState
 from inference.service.protocol import GenerateRequest, InferenceError
@@ -19,22 +20,35 @@ def inference_http_error(exc: InferenceError) -> HTTPException:
     return HTTPException(exc.status, detail, headers=headers)
 
 
-async def open_generation(state: AppState, metrics: ApiMetrics, request: GenerateRequest, *, tenant_id: str) -> AsyncIterator[dict]:
-    """Submit ``request``; refusals become HTTPExceptions before any byte of the answer is sent.
-    The tenant's prompt and completion tokens are counted when the generation ends."""
+async def open_generation(state: AppState, http_request: Request, request: GenerateRequest, *,
+                          tenant_id: str) -> AsyncIterator[dict]:
+    """Submit ``request``; refusals become HTTPExceptions before any byte of the answer is sent:
+    429 when the tenant already has its share of generations in flight (``TenantConcurrencyLimit``)
+    or the engine queue is full, 422 or 503 from the engine. The tenant's slot is held until the
+    returned events are closed; its prompt and completion tokens are counted at the end."""
+    slots = state.generation_slots
+    if not slots.try_acquire(tenant_id):
+        http_request.state.reject_reason = "tenant_concurrency"
+        raise HTTPException(429, f"this tenant already has {slots.limit} generations in flight; retry shortly",
+                            headers={"Retry-After": str(RETRY_AFTER_S)})
     try:
         events = await state.inference.start(request)
-    except InferenceError as exc:
-        raise inference_http_error(exc) from None
-    return _CountingEvents(events, metrics, tenant_id)
+    except BaseException as exc:
+        slots.release(tenant_id)
+        if isinstance(exc, InferenceError):
+            raise inference_http_error(exc) from None
+        raise
+    return _TenantEvents(events, http_request.app.state.metrics, tenant_id, lambda: slots.release(tenant_id))
 
 
-class _CountingEvents:
+class _TenantEvents:
     """Passes events through, counting the tenant's tokens at the end; ``aclose`` closes (and so
-    aborts, when unfinished) the generation underneath, even if it was never iterated."""
+    aborts, when unfinished) the generation underneath, even if it was never iterated, and gives
+    the tenant's slot back (once)."""
 
-    def __init__(self, events, metrics: ApiMetrics, tenant_id: str):
+    def __init__(self, events, metrics: ApiMetrics, tenant_id: str, release):
         self._events, self._metrics, self._tenant_id = events, metrics, tenant_id
+        self._release = release
 
     def __aiter__(self):
         return self
@@ -46,7 +60,12 @@ class _CountingEvents:
         return event
 
     async def aclose(self) -> None:
-        await self._events.aclose()
+        try:
+            await self._events.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 async def collect(events: AsyncIterator[dict]) -> tuple[dict, dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from api.admission import TenantConcurrencyLimit
 from api.rate_limit import TenantRateLimiter
 from tenants.platform import Platform
 from tenants.settings import Settings
@@ -24,3 +25,4 @@ class AppState:
     tasks: "TaskQueue"
     operator_token: str
     rate_limiter: TenantRateLimiter
+    generation_slots: TenantConcurrencyLimit

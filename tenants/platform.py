@@ -77,7 +77,7 @@ class Platform:
 
         if settings.database_url is None:
             settings.data_dir.mkdir(parents=True, exist_ok=True)
-        engine = make_engine(settings.resolved_database_url)
+        engine = make_engine(settings.resolved_database_url, **settings.database_engine_options())
         return cls(settings, make_session_factory(engine), store if store is not None else make_object_store(settings))
 
     @cached_property

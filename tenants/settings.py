@@ -50,6 +50,10 @@ class Settings(BaseSettings):
 
     # --- metadata database -------------------------------------------------------------------------
     database_url: str | None = None  # default: sqlite:///<data_dir>/tailor.db
+    db_pool_size: int = Field(10, ge=1)  # connections kept open per process
+    db_max_overflow: int = Field(10, ge=0)  # extra connections under load, closed when idle
+    db_pool_timeout_s: float = Field(5.0, gt=0)  # wait for a free connection, then 503
+    db_connect_timeout_s: float = Field(5.0, gt=0)  # PostgreSQL connect timeout
 
     # --- object store ------------------------------------------------------------------------------
     object_store: Literal["local", "s3"] = "local"
@@ -90,6 +94,7 @@ class Settings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
+    max_concurrent_per_tenant: int = Field(64, ge=0)  # generations in flight per tenant and api process; 0 disables
 
     # --- clean-up -----------------------------------------------------------------------------------
     cleanup_interval_s: float = Field(300.0, ge=0)  # 0 disables the periodic clean-up
@@ -125,6 +130,11 @@ class Settings(BaseSettings):
     @property
     def resolved_database_url(self) -> str:
         return self.database_url or f"sqlite:///{self.data_dir / 'tailor.db'}"
+
+    def database_engine_options(self) -> dict:
+        """Keyword arguments for ``tenants.db.make_engine``: the connection pool's bounds."""
+        return {"pool_size": self.db_pool_size, "max_overflow": self.db_max_overflow,
+                "pool_timeout": self.db_pool_timeout_s, "connect_timeout_s": self.db_connect_timeout_s}
 
     @property
     def resolved_storage_dir(self) -> Path:

@@ -4,12 +4,14 @@ and the user's message history (read in pages, erase)."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.background import BackgroundTask
 
 from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
@@ -22,6 +24,7 @@ from tenants.conversations import ChatContext, erase_history, load_chat_context,
 from tenants.db import session_scope
 from tenants.models import utcnow
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["chat"])
 
 
@@ -78,7 +81,7 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
         top_p=body.top_p,
         seed=body.seed,
     )
-    events = await open_generation(state, http_request.app.state.metrics, request, tenant_id=caller.tenant_id)
+    events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     if not body.stream:
         start, end = await collect(events)
         return await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, end, asked_at, start["messages_used"])
@@ -96,7 +99,13 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
                     yield sse("delta", {"text": event["text"]})
                 elif kind == "end":
                     used = start["messages_used"] if start else 0
-                    answer = await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, event, asked_at, used)
+                    try:
+                        answer = await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, event, asked_at, used)
+                    except SQLAlchemyError as exc:  # the headers are gone: say so in the stream
+                        log.warning("storing the exchange of user %s failed: %s", ctx.user_id, type(exc).__name__)
+                        yield sse("error", {"message": "the answer could not be stored (database unavailable); "
+                                                       "nothing was saved, retry later"})
+                        return
                     yield sse("done", answer.model_dump(mode="json"))
                 else:
                     yield sse("error", {"message": event.get("message", "generation failed")})
