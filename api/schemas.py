@@ -12,7 +12,10 @@ ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request body: unknown fields, wrong JSON types (``"42"`` for a number, ``"yes"`` for a
+    boolean) and non-finite numbers are refused."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # --- tenants and keys -----------------------------------------------------------------------------
@@ -66,7 +69,7 @@ class UserPublic(BaseModel):
 
 
 class AdapterAssignment(StrictBody):
-    adapter_id: str | None = Field(description="a ready adapter of this tenant, or null for the base model")
+    adapter_id: str | None = Field(description="a ready adapter of this tenant, or null for the base model", max_length=64)
 
 
 # --- adapters ---------------------------------------------------------------------------------------

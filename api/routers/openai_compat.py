@@ -9,12 +9,12 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
 from api.deps import ChatDep, SessionDep, StateDep
@@ -29,24 +29,32 @@ router = APIRouter(tags=["openai"])
 BASE_MODEL = "base"
 
 
+OPENAI_TYPES = ConfigDict(strict=True, allow_inf_nan=False)  # like OpenAI: "42" is not a number, "yes" no boolean
+MAX_CONTENT_CHARS = 1_000_000
+# A length bound also makes pydantic check that the text is valid Unicode (a lone surrogate is not)
+Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+
+
 class TextPart(BaseModel):
+    model_config = OPENAI_TYPES
+
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", **OPENAI_TYPES)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: str | None = Field(None, max_length=255)
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
 
 
 class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # unknown OpenAI options are ignored, as OpenAI-compatible servers do
+    model_config = ConfigDict(extra="ignore", **OPENAI_TYPES)  # unknown OpenAI options are ignored, as OpenAI-compatible servers do
 
     model: str = Field(min_length=1, max_length=200)
     messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
@@ -56,7 +64,7 @@ class ChatCompletionRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: str | list[str] | None = None
+    stop: Annotated[str, StringConstraints(max_length=500)] | list[Annotated[str, StringConstraints(max_length=500)]] | None = None
     n: int | None = Field(None, ge=1, le=1)
     user: str | None = Field(None, max_length=255)
 
@@ -102,7 +110,7 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
         seed=body.seed,
         stop=stop,
     )
-    events = await open_generation(state, http_request.app.state.metrics, request, tenant_id=caller.tenant_id)
+    events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         _start, end = await collect(events)

@@ -52,8 +52,8 @@ def render_chat(
         if start not in cache:
             try:
                 cache[start] = tokenizer.apply_chat_template(prefix + messages[start:])
-            except ValueError as exc:
-                raise InferenceError.invalid(str(exc)) from exc
+            except (ValueError, TypeError) as exc:  # TypeError: text the tokenizer cannot encode
+                raise InferenceError.invalid(f"the messages cannot be tokenized: {exc}") from exc
         return cache[start]
 
     last = len(messages) - 1

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SECRET_HEADER = "X-Tailor-Inference-Secret"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MAX_TEXT_CHARS = 4_000_000
 
 
 class AdapterSpec(BaseModel):
@@ -42,7 +43,7 @@ class ChatTurn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: str = Field(max_length=MAX_TEXT_CHARS)  # a bound also makes pydantic refuse lone surrogates
 
 
 class GenerateRequest(BaseModel):
@@ -57,7 +58,7 @@ class GenerateRequest(BaseModel):
 
     request_id: str | None = Field(None, max_length=200)
     messages: list[ChatTurn] = Field(min_length=1)
-    system_prompt: str | None = None
+    system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     history_token_budget: int | None = Field(None, ge=1)
     adapter: AdapterSpec | None = None
     max_tokens: int = Field(256, ge=1)
