@@ -18,18 +18,26 @@ contribution to a projection is ``y += scaling * (x @ a[l].T) @ b_t[l]``.
 from __future__ import annotations
 
 import hashlib
-import json
+import logging
 import math
 import os
 import re
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 
+from inference.adapters.safetensors_header import (  # noqa: F401  (MAX_... re-exported)
+    MAX_SAFETENSORS_HEADER_BYTES,
+    parse_json,
+    read_safetensors_header,
+)
 from inference.model_config import ModelConfig
 from inference.openmp_workers import releases_openmp_workers
+
+log = logging.getLogger(__name__)
 
 MODULE_ORDER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The adaptable projections, in the order every per-layer layout uses."""
@@ -252,6 +260,17 @@ def _suffix_match(names: Iterable[str], path: str) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
 
 
+def _compile(spec: str, field: str, problems: list[str]) -> re.Pattern | None:
+    """Compile a config regex; any failure (syntax, nesting too deep for the parser, a pattern
+    too large) is a problem naming ``field``."""
+    try:
+        return re.compile(spec)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        shown = spec if len(spec) <= 80 else spec[:80] + "..."
+        problems.append(f"{field} regex {shown!r} is invalid: {type(exc).__name__}: {str(exc)[:200]}")
+        return None
+
+
 def _resolve_targets(raw: dict, num_layers: int, problems: list[str]) -> tuple[str, ...] | None:
     """Resolve ``target_modules`` (minus ``exclude_modules``) to a subset of MODULE_ORDER, PEFT-style."""
     spec = raw.get("target_modules")
@@ -262,10 +281,8 @@ def _resolve_targets(raw: dict, num_layers: int, problems: list[str]) -> tuple[s
     if isinstance(spec, str) and spec.lower() == "all-linear":
         matched = set(linear)  # every nn.Linear except the output head (lm_head), as PEFT does
     elif isinstance(spec, str):
-        try:
-            pattern = re.compile(spec)
-        except re.error as exc:
-            problems.append(f"target_modules regex {spec!r} is invalid: {exc}")
+        pattern = _compile(spec, "target_modules", problems)
+        if pattern is None:
             return None
         matched = {p for p in paths if pattern.fullmatch(p)}
         unsupported = sorted(p for p in matched if p not in linear)
@@ -300,11 +317,9 @@ def _resolve_targets(raw: dict, num_layers: int, problems: list[str]) -> tuple[s
     exclude = raw.get("exclude_modules")
     if exclude:
         if isinstance(exclude, str):
-            try:
-                ex_pattern = re.compile(exclude)
+            ex_pattern = _compile(exclude, "exclude_modules", problems)
+            if ex_pattern is not None:
                 matched = {p for p in matched if not ex_pattern.fullmatch(p)}
-            except re.error as exc:
-                problems.append(f"exclude_modules regex {exclude!r} is invalid: {exc}")
         elif isinstance(exclude, list) and all(isinstance(e, str) for e in exclude):
             matched = {p for p in matched if not _suffix_match(exclude, p)}
         else:
@@ -329,10 +344,8 @@ def _resolve_targets(raw: dict, num_layers: int, problems: list[str]) -> tuple[s
 
 def _check_config(config_bytes: bytes, model: ModelConfig, max_rank: int, problems: list[str]) -> _ParsedConfig:
     parsed = _ParsedConfig()
-    try:
-        raw = json.loads(config_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        problems.append(f"{CONFIG_FILE} is not valid JSON: {exc}")
+    raw = parse_json(config_bytes, CONFIG_FILE, problems, allow_bom=True, finite=False)
+    if raw is None:
         return parsed
     if not isinstance(raw, dict):
         problems.append(f"{CONFIG_FILE} must hold a JSON object, got {type(raw).__name__}")
@@ -403,8 +416,12 @@ def _check_config(config_bytes: bytes, model: ModelConfig, max_rank: int, proble
 
 
 def _parse_safetensors(weights_bytes: bytes, problems: list[str]) -> dict[str, torch.Tensor] | None:
+    """The tensors of a safetensors file's bytes: the framing is checked first, by the same
+    hostile-input-safe parser as the upload gate, then the library loads the data."""
     from safetensors.torch import load as load_safetensors
 
+    if read_safetensors_header(weights_bytes, problems) is None:
+        return None
     try:
         tensors = load_safetensors(bytes(weights_bytes))
     except Exception as exc:  # safetensors raises its own error types (and others on odd headers)
@@ -517,76 +534,24 @@ def _expected_shapes(cfg: _ParsedConfig, model: ModelConfig) -> dict[str, tuple[
     return expected
 
 
-_SAFETENSORS_DTYPES = {
-    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-MAX_SAFETENSORS_HEADER_BYTES = 100 << 20
+_PARSE_ERRORS = (ValueError, TypeError, LookupError, OverflowError, RecursionError, re.error)
 
 
-def read_safetensors_header(path: str | Path, problems: list[str]) -> dict[str, torch.Tensor] | None:
-    """The tensors a safetensors file declares, as ``meta`` tensors (no data is read).
-
-    Checks the framing without loading anything: the 8-byte header length, the JSON header, each
-    tensor's byte range against its dtype and shape, and that the file holds exactly the data the
-    header describes (a truncated or padded file is refused). Problems are appended to ``problems``.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        prefix = handle.read(8)
-        if len(prefix) < 8:
-            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: it is only {size} bytes")
-            return None
-        header_len = int.from_bytes(prefix, "little")
-        if header_len > MAX_SAFETENSORS_HEADER_BYTES or 8 + header_len > size:
-            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: header length {header_len} "
-                            f"does not fit the {size}-byte file")
-            return None
-        try:
-            header = json.loads(handle.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: its header is not JSON ({exc})")
-            return None
-    if not isinstance(header, dict):
-        problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: its header is not a JSON object")
-        return None
-    header.pop("__metadata__", None)
-    tensors: dict[str, torch.Tensor] = {}
-    data_len, end_max, bad, past_end = size - 8 - header_len, 0, [], []
-    for name, info in header.items():
-        try:
-            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-            shape = [int(d) for d in info["shape"]]
-            begin, end = (int(o) for o in info["data_offsets"])
-            tensor = torch.empty(shape, dtype=dtype, device="meta")
-        except (KeyError, TypeError, ValueError, RuntimeError):
-            bad.append(name)
-            continue
-        if not 0 <= begin <= end or end - begin != tensor.numel() * tensor.element_size():
-            bad.append(name)
-            continue
-        if end > data_len:
-            past_end.append(name)
-        end_max = max(end_max, end)
-        tensors[name] = tensor
-    if bad:
-        problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: {len(bad)} tensor(s) with an unknown "
-                        f"dtype, a bad shape or a bad byte range: {_name_list(sorted(bad))}")
-        return None
-    if past_end:
-        problems.append(f"{WEIGHTS_FILE} is truncated: {len(past_end)} tensor(s) extend past the end of the "
-                        f"{size}-byte file: {_name_list(sorted(past_end))}")
-        return None
-    if end_max != data_len:
-        problems.append(f"{WEIGHTS_FILE} is truncated or padded: the header describes {end_max} bytes of data, "
-                        f"the file holds {data_len}")
-        return None
-    if not tensors:
-        problems.append(f"{WEIGHTS_FILE} holds no tensors")
-        return None
-    return tensors
+@contextmanager
+def _unparseable_refused() -> Iterator[None]:
+    """The last line of defence: input that makes a parsing step raise anything other than
+    AdapterValidationError is refused with that error (and logged, so that the gap gets a check
+    of its own). User input must never surface as an unexpected exception (an api 500, a crashed
+    validation task)."""
+    try:
+        yield
+    except AdapterValidationError:
+        raise
+    except _PARSE_ERRORS as exc:
+        log.warning("adapter refused on an unexpected %s while parsing it", type(exc).__name__, exc_info=True)
+        raise AdapterValidationError(
+            [f"the adapter could not be parsed ({type(exc).__name__}: {str(exc)[:200]})"]
+        ) from exc
 
 
 @dataclass(frozen=True)
@@ -606,11 +571,12 @@ def check_adapter_header(
     size (the upload path runs it before storing anything). Finiteness is left to the full check.
     Raises :class:`AdapterValidationError` listing every problem."""
     problems: list[str] = []
-    cfg = _check_config(config_bytes, model, max_rank, problems)
-    tensors = read_safetensors_header(weights_path, problems)
-    if tensors is not None:
-        _check_tensors(tensors, _expected_shapes(cfg, model), problems)
-        _check_rank_dims(tensors, cfg, problems)
+    with _unparseable_refused():
+        cfg = _check_config(config_bytes, model, max_rank, problems)
+        tensors = read_safetensors_header(weights_path, problems)
+        if tensors is not None:
+            _check_tensors(tensors, _expected_shapes(cfg, model), problems)
+            _check_rank_dims(tensors, cfg, problems)
     if problems:
         raise AdapterValidationError(problems)
     assert cfg.rank is not None and cfg.lora_alpha is not None and cfg.targets is not None
@@ -628,23 +594,24 @@ def validate_adapter_files(
     targets resolving to whole-model projections, no unsupported PEFT features), the exact key set
     for every layer and target, each tensor's shape ([r, in] for ``lora_A``, [out, r] for
     ``lora_B``), dtype (fp16/bf16/fp32) and finiteness. Raises :class:`AdapterValidationError`
-    listing every problem found.
+    listing every problem found (whatever the bytes are, it raises nothing else).
     """
     if not _is_int(max_rank) or max_rank < 1:
         raise ValueError(f"max_rank must be a positive integer, got {max_rank!r}")
     problems: list[str] = []
-    cfg = _check_config(config_bytes, model, max_rank, problems)
-    tensors = _parse_safetensors(weights_bytes, problems)
     modules: dict[str, LoraModuleWeights] = {}
-    if tensors is not None:
-        expected = _expected_shapes(cfg, model)
-        _check_tensors(tensors, expected, problems)
-        _check_rank_dims(tensors, cfg, problems)
-        if problems:  # still name the non-finite tensors, checking them one by one
-            present = list(tensors) if expected is None else [k for k in expected if k in tensors]
-            _check_finite_each(tensors, present, problems)
-        else:
-            modules = _stack_checked(tensors, model, cfg.targets, problems)
+    with _unparseable_refused():
+        cfg = _check_config(config_bytes, model, max_rank, problems)
+        tensors = _parse_safetensors(weights_bytes, problems)
+        if tensors is not None:
+            expected = _expected_shapes(cfg, model)
+            _check_tensors(tensors, expected, problems)
+            _check_rank_dims(tensors, cfg, problems)
+            if problems:  # still name the non-finite tensors, checking them one by one
+                present = list(tensors) if expected is None else [k for k in expected if k in tensors]
+                _check_finite_each(tensors, present, problems)
+            else:
+                modules = _stack_checked(tensors, model, cfg.targets, problems)
     if problems:
         raise AdapterValidationError(problems)
 
