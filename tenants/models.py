@@ -44,6 +44,7 @@ ADAPTER_STATUSES = ("pending", "ready", "failed", "deleted")
 MESSAGE_ROLES = ("user", "assistant", "system")
 
 ID_LENGTH = 32
+IDEMPOTENCY_KEY_LENGTH = 255
 
 
 def new_id() -> str:
@@ -132,11 +133,16 @@ class User(Base):
 
 
 class Adapter(Base):
-    """A LoRA adapter: tenant-wide (no owner) or a user's personal one."""
+    """A LoRA adapter: tenant-wide (no owner) or a user's personal one.
+
+    ``idempotency_key`` is the client's ``Idempotency-Key`` of the upload that created it (unique
+    per tenant; NULL when none was sent): a retried upload finds this row instead of making another.
+    """
 
     __tablename__ = "adapters"
     __table_args__ = (
         UniqueConstraint("tenant_id", "name", "version"),
+        UniqueConstraint("tenant_id", "idempotency_key"),
         CheckConstraint(_in("status", ADAPTER_STATUSES), name="status"),
         CheckConstraint("version >= 1", name="version_positive"),
         CheckConstraint("rank IS NULL OR rank > 0", name="rank_positive"),
@@ -158,6 +164,7 @@ class Adapter(Base):
     size_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     storage_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
+    idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH), nullable=True)
     created_at: Mapped[datetime] = _created_at()
 
     owner: Mapped[User | None] = relationship(foreign_keys=[owner_user_id])

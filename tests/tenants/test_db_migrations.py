@@ -132,3 +132,65 @@ def test_cli_db_upgrade_and_downgrade(tmp_path, capsys):
     assert cli_main(["db", "downgrade", "--database-url", url]) == 0
     assert set(sa.inspect(sa.create_engine(url)).get_table_names()) <= {"alembic_version"}
     assert "downgraded" in capsys.readouterr().out
+
+
+def _columns(url: str, table: str) -> set[str]:
+    engine = make_engine(url)
+    try:
+        return {c["name"] for c in inspect(engine).get_columns(table)}
+    finally:
+        engine.dispose()
+
+
+def test_idempotency_key_migration_keeps_data_and_constraints(empty_database_url):
+    """0001 -> 0002 on a database with rows: the rows survive (SQLite rebuilds the table), the CHECK
+    and foreign-key rules still hold, (tenant_id, idempotency_key) is unique with NULLs allowed
+    many times; and 0002 -> 0001 drops the column without losing a row."""
+    url = empty_database_url
+    migrate.upgrade(url, "0001_initial")
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as s:
+            tenant = Tenant(name="idem-migration")
+            s.add(tenant)
+            s.flush()
+            user = User(tenant_id=tenant.id, external_id="u")
+            s.add(user)
+            s.flush()
+            s.execute(text("INSERT INTO adapters (id, tenant_id, name, version, status, target_modules, created_at) "
+                           "VALUES ('a1', :t, 'old', 1, 'ready', '[]', CURRENT_TIMESTAMP)"), {"t": tenant.id})
+            s.execute(text("UPDATE users SET current_adapter_id = 'a1' WHERE id = :u"), {"u": user.id})
+            tenant_id, user_id = tenant.id, user.id
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    assert "idempotency_key" in _columns(url, "adapters") and _schema_diff(url) == []
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as s:
+            assert s.get(Adapter, "a1").name == "old" and s.get(User, user_id).current_adapter_id == "a1"
+            for i, key in enumerate(("k1", None, None)):
+                s.add(Adapter(tenant_id=tenant_id, name=f"n{i}", version=1, target_modules=[], idempotency_key=key))
+        with pytest.raises(IntegrityError), session_scope(factory) as s:
+            s.add(Adapter(tenant_id=tenant_id, name="dup", version=1, target_modules=[], idempotency_key="k1"))
+        with pytest.raises(IntegrityError), session_scope(factory) as s:  # the CHECK survived the rebuild
+            s.add(Adapter(tenant_id=tenant_id, name="bad", version=1, status="bogus", target_modules=[]))
+        with session_scope(factory) as s:  # ON DELETE SET NULL from users still points at adapters
+            s.execute(text("DELETE FROM adapters WHERE id = 'a1'"))
+        with session_scope(factory) as s:
+            assert s.get(User, user_id).current_adapter_id is None
+    finally:
+        engine.dispose()
+
+    migrate.downgrade(url, "0001_initial")
+    assert "idempotency_key" not in _columns(url, "adapters")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            count = conn.execute(text("SELECT count(*) FROM adapters WHERE tenant_id = :t"), {"t": tenant_id}).scalar()
+        assert count == 3
+    finally:
+        engine.dispose()
