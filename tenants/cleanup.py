@@ -6,7 +6,11 @@ It repairs what a crash or an outage can leave behind; every step is idempotent:
   queued again after ``requeue_after_s``, and marked ``failed`` after ``give_up_after_s``;
 * ``failed`` and ``deleted`` adapters whose files are still in the store lose them;
 * objects under ``tenants/`` that belong to no adapter row are deleted (uploads insert the row
-  before storing files, so an object without a row is garbage, never an upload in progress).
+  before storing files, so an object without a row is garbage, never an upload in progress: it is
+  what an upload left when the store failed and was still down when the upload tried to remove it);
+* unfinished uploads under ``tenants/`` begun more than ``stale_upload_after_s`` ago are removed:
+  S3 multipart uploads whose abort could not reach the server (they hold their parts' bytes, and
+  are invisible to listings of objects), and temporary files of the local folder store.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
@@ -27,6 +31,7 @@ from tenants.platform import Platform
 log = logging.getLogger(__name__)
 
 STORAGE_ROOT = "tenants"
+STALE_UPLOAD_AFTER_S = 1800.0  # far longer than any upload takes (256 MiB at 1 MB/s: 4.5 minutes)
 
 
 @dataclass
@@ -35,6 +40,7 @@ class CleanupReport:
     timed_out: list[str] = field(default_factory=list)
     files_removed: int = 0
     orphans_removed: int = 0
+    uploads_aborted: int = 0
 
 
 def _aware(moment: datetime) -> datetime:
@@ -88,12 +94,19 @@ def _orphans(platform: Platform, report: CleanupReport) -> None:
             report.orphans_removed += platform.store.delete_prefix(prefix)
 
 
+def _stale_uploads(platform: Platform, report: CleanupReport, now: datetime, stale_upload_after_s: float) -> None:
+    abort_stale = getattr(platform.store, "abort_stale_uploads", None)
+    if abort_stale is not None:  # a BlobStore has it; a bare ObjectStore keeps no unfinished uploads
+        report.uploads_aborted += abort_stale(STORAGE_ROOT, now - timedelta(seconds=stale_upload_after_s))
+
+
 def cleanup_job(
     platform: Platform,
     submit_validation: Callable[[str], None],
     *,
     requeue_after_s: float = 300.0,
     give_up_after_s: float = 3600.0,
+    stale_upload_after_s: float = STALE_UPLOAD_AFTER_S,
     now: datetime | None = None,
 ) -> CleanupReport:
     """One clean-up pass (see the module docstring); returns what it did."""
@@ -102,7 +115,8 @@ def cleanup_job(
     _stale_pending(platform, report, submit_validation, now, requeue_after_s, give_up_after_s)
     _leftover_files(platform, report)
     _orphans(platform, report)
-    if report.requeued or report.timed_out or report.files_removed or report.orphans_removed:
+    _stale_uploads(platform, report, now, stale_upload_after_s)
+    if report.requeued or report.timed_out or report.files_removed or report.orphans_removed or report.uploads_aborted:
         log.info("clean-up: %s", report)
     return report
 

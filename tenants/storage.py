@@ -2,7 +2,8 @@
 
 ``BlobStore`` extends the engine's ``ObjectStore`` (put / get / delete / exists under server-made
 keys) with what the platform needs: streaming a file from disk (multipart when large), deleting
-everything under a prefix, and listing keys. Keys are always checked with ``check_key``: relative,
+everything under a prefix, listing keys, and removing the debris of interrupted uploads (stale S3
+multipart uploads, stale temporary files of the local folder). Keys are always checked with ``check_key``: relative,
 slash-separated ``[A-Za-z0-9._-]`` segments, never ``..``; they come from the server
 (``tenants/{tenant}/adapters/{id}/...``), never from a user.
 
@@ -10,6 +11,10 @@ Errors: a missing key raises ``ObjectNotFoundError`` (from ``get``); an S3 serve
 reached, times out or answers 5xx raises ``StoreUnavailableError`` (transient: the task queue
 retries it); anything else the server refuses (wrong credentials, missing bucket) raises
 ``StoreError``.
+
+A failed multipart upload is aborted at once (best effort, logged); when the server is down at
+that moment the upload stays incomplete on the server (invisible to readers, but holding its parts)
+until ``abort_stale_uploads`` (the clean-up job) finds it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,9 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -32,6 +39,8 @@ log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 16 << 20  # files above this are uploaded in parts
 MULTIPART_CHUNK = 16 << 20  # S3 needs parts of at least 5 MiB (all but the last)
+MULTIPART_THREADS = 4  # parts sent at once (each holds one chunk in memory)
+MAX_ATTEMPTS = 5  # botocore's tries of one request (standard retry mode, backoff with jitter)
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1000 keys a call
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "ServiceUnavailable",
@@ -59,6 +68,10 @@ class BlobStore(ObjectStore, Protocol):
 
     def list_keys(self, prefix: str) -> list[str]:
         """The keys under ``prefix/``, sorted."""
+        ...
+
+    def abort_stale_uploads(self, prefix: str, older_than: datetime) -> int:
+        """Remove unfinished uploads under ``prefix/`` begun before ``older_than``; return how many."""
         ...
 
 
@@ -101,6 +114,23 @@ class LocalBlobStore(LocalFolderStore):
             shutil.rmtree(folder, ignore_errors=True)
         return count
 
+    def abort_stale_uploads(self, prefix: str, older_than: datetime) -> int:
+        """Delete the temporary files under ``prefix`` (a ``put_file`` that a crash interrupted)
+        last written before ``older_than``; return how many."""
+        folder = self._path(prefix)
+        if not folder.is_dir():
+            return 0
+        cutoff = older_than.timestamp()
+        removed = 0
+        for path in folder.rglob(".tmp-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # finished or removed meanwhile
+                continue
+        return removed
+
 
 # --- S3 -----------------------------------------------------------------------------------------
 
@@ -111,6 +141,11 @@ def _client_error_code(exc: Exception) -> tuple[str, int]:
     code = str(response.get("Error", {}).get("Code", ""))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return code, status
+
+
+def _aware(moment: datetime) -> datetime:
+    """A timestamp with a time zone (naive ones are UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -139,18 +174,20 @@ class S3Store:
         *,
         multipart_threshold: int = MULTIPART_THRESHOLD,
         multipart_chunksize: int = MULTIPART_CHUNK,
+        max_attempts: int = MAX_ATTEMPTS,
     ):
         import boto3
-        from boto3.s3.transfer import TransferConfig
         from botocore.config import Config
 
         self.endpoint_url = endpoint_url
         self.bucket = bucket
+        self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
         config = Config(
             region_name=region,
             signature_version="s3v4",
             s3={"addressing_style": "path" if path_style else "auto"},
-            retries={"mode": "standard", "max_attempts": 5},
+            retries={"mode": "standard", "max_attempts": max_attempts},
             connect_timeout=5,
             read_timeout=60,
             # S3-compatible servers differ in their support of the newer default CRC checksums;
@@ -164,12 +201,6 @@ class S3Store:
             aws_access_key_id=access_key_id,
             aws_secret_access_key=secret_access_key,
             config=config,
-        )
-        self._transfer = TransferConfig(
-            multipart_threshold=multipart_threshold,
-            multipart_chunksize=multipart_chunksize,
-            max_concurrency=4,
-            use_threads=True,
         )
         if create_bucket:
             self.ensure_bucket()
@@ -252,11 +283,74 @@ class S3Store:
     # --- BlobStore extras ----------------------------------------------------------------------
 
     def put_file(self, key: str, path: Path) -> None:
-        """Upload the file at ``path`` to ``key``: one PUT when small, a multipart upload (parts
-        sent in parallel, aborted on failure) above the multipart threshold."""
+        """Upload the file at ``path`` to ``key``: one PUT up to the multipart threshold, else a
+        multipart upload (parts sent in parallel) that is aborted if anything fails."""
         check_key(key)
-        with self._errors("upload", key):
-            self._client.upload_file(str(path), self.bucket, key, Config=self._transfer)
+        path = Path(path)
+        size = path.stat().st_size
+        if size <= self.multipart_threshold:
+            with self._errors("put", key), open(path, "rb") as body:
+                self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
+            return
+        with self._errors("create multipart upload", key):
+            upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
+        try:
+            with self._errors("multipart upload", key):
+                parts = self._send_parts(key, path, size, upload_id)
+                self._client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                       MultipartUpload={"Parts": parts})
+        except BaseException:
+            self._abort_upload(key, upload_id)
+            raise
+
+    def _send_parts(self, key: str, path: Path, size: int, upload_id: str) -> list[dict]:
+        """Send every part (MULTIPART_THREADS at a time); on the first failure the parts not yet
+        started are cancelled and the error is raised once the running ones end."""
+        chunk = self.multipart_chunksize
+        numbers = range(1, -(-size // chunk) + 1)
+
+        def send(number: int) -> dict:
+            with open(path, "rb") as handle:
+                handle.seek((number - 1) * chunk)
+                body = handle.read(chunk)
+            response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
+                                                PartNumber=number, Body=body)
+            return {"PartNumber": number, "ETag": response["ETag"]}
+
+        with ThreadPoolExecutor(max_workers=min(MULTIPART_THREADS, len(numbers)),
+                                thread_name_prefix="tailor-s3-part") as pool:
+            futures = [pool.submit(send, n) for n in numbers]
+            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+            for future in pending:
+                future.cancel()
+        return [future.result() for future in futures]  # raises the first failure
+
+    def _abort_upload(self, key: str, upload_id: str) -> None:
+        """Abort a failed multipart upload, best effort: if the server cannot be reached now, the
+        clean-up job's ``abort_stale_uploads`` removes it later."""
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+            log.info("aborted the failed multipart upload %s of %s/%s", upload_id, self.bucket, key)
+        except Exception as exc:
+            log.warning("could not abort the failed multipart upload %s of %s/%s (the clean-up job will): %s",
+                        upload_id, self.bucket, key, exc)
+
+    def abort_stale_uploads(self, prefix: str, older_than: datetime) -> int:
+        """Abort the multipart uploads under ``prefix/`` begun before ``older_than`` (left by a
+        process that died, or by a failure whose abort could not reach the server)."""
+        aborted = 0
+        with self._errors("list multipart uploads", prefix):
+            paginator = self._client.get_paginator("list_multipart_uploads")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{check_key(prefix)}/"):
+                for upload in page.get("Uploads", ()):
+                    if _aware(upload["Initiated"]) >= older_than:
+                        continue
+                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                        UploadId=upload["UploadId"])
+                    log.info("aborted the stale multipart upload %s of %s/%s (begun %s)",
+                             upload["UploadId"], self.bucket, upload["Key"], upload["Initiated"])
+                    aborted += 1
+        return aborted
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:
         paginator = self._client.get_paginator("list_objects_v2")

@@ -101,3 +101,47 @@ def test_the_worker_schedules_the_cleanup_task():
     assert CLEANUP_TASK in app.tasks
     assert app.conf.beat_schedule["tailor-cleanup"] == {"task": CLEANUP_TASK, "schedule": 120}
     assert not make_celery(Settings(task_mode="celery", cleanup_interval_s=0)).conf.beat_schedule
+
+
+def test_cleanup_removes_stale_unfinished_uploads(platform):
+    """A temporary file that an interrupted put_file left (the local store's unfinished upload) is
+    removed once it is older than stale_upload_after_s; a fresh one (an upload in progress) stays."""
+    import os
+    import time
+
+    folder = platform.store.root / "tenants" / "t" / "adapters" / ("e" * 32)
+    folder.mkdir(parents=True)
+    stale, fresh = folder / ".tmp-stale", folder / ".tmp-fresh"
+    stale.write_bytes(b"half")
+    fresh.write_bytes(b"half")
+    old = time.time() - 7200
+    os.utime(stale, (old, old))
+
+    report = cleanup_job(platform, lambda _id: None, stale_upload_after_s=1800)
+
+    assert report.uploads_aborted == 1 and not stale.exists() and fresh.exists()
+
+
+def test_cleanup_aborts_stale_multipart_uploads_on_s3(tmp_path, seaweedfs, s3_bucket):
+    """On S3 an unfinished multipart upload is invisible to object listings; clean-up aborts it
+    once it is old enough, along with the objects that have no row."""
+    from tenants.storage import S3Store
+
+    settings = Settings(data_dir=tmp_path)
+    migrate.upgrade(settings.resolved_database_url)
+    store = S3Store(seaweedfs.endpoint_url, s3_bucket, seaweedfs.region, seaweedfs.access_key_id,
+                    seaweedfs.secret_access_key)
+    p = Platform.from_settings(settings, store=store)
+    try:
+        prefix = adapter_prefix("t" * 32, "f" * 32)
+        store.put(f"{prefix}/adapter_config.json", b"{}")  # what a failed upload could not remove
+        store._client.create_multipart_upload(Bucket=s3_bucket, Key=f"{prefix}/adapter_model.safetensors")
+
+        young = cleanup_job(p, lambda _id: None)  # the upload could still be running: it stays
+        assert young.orphans_removed == 1 and young.uploads_aborted == 0
+        later = cleanup_job(p, lambda _id: None, now=utcnow() + timedelta(hours=1))
+        assert later.uploads_aborted == 1
+        assert store._client.list_multipart_uploads(Bucket=s3_bucket).get("Uploads", []) == []
+        assert store.list_keys("tenants") == []
+    finally:
+        p.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from datetime import datetime, timedelta, timezone
 
 import pytest
 
@@ -105,7 +106,63 @@ def test_invalid_keys_are_refused(store, tmp_path, key):
             operation()
 
 
+def _unfinished_uploads(store) -> list[str]:
+    """The keys of unfinished uploads: S3 multipart uploads, or the local store's temporary files."""
+    if isinstance(store, S3Store):
+        return [u["Key"] for u in store._client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])]
+    return [p.relative_to(store.root).as_posix() for p in store.root.rglob(".tmp-*")]
+
+
+def test_abort_stale_uploads(store):
+    """Unfinished uploads begun before the cut-off are removed; newer ones and objects stay."""
+    done = "tenants/t1/adapters/a1/adapter_model.safetensors"
+    store.put(done, b"done")
+    unfinished = "tenants/t1/adapters/a2/adapter_model.safetensors"
+    if isinstance(store, S3Store):
+        store._client.create_multipart_upload(Bucket=store.bucket, Key=unfinished)
+    else:
+        tmp = store.root / "tenants/t1/adapters/a2/.tmp-interrupted"
+        tmp.parent.mkdir(parents=True)
+        tmp.write_bytes(b"half an upload")
+    assert len(_unfinished_uploads(store)) == 1
+    now = datetime.now(timezone.utc)
+    assert store.abort_stale_uploads("tenants", now - timedelta(hours=1)) == 0
+    assert store.abort_stale_uploads("other", now + timedelta(seconds=5)) == 0
+    assert len(_unfinished_uploads(store)) == 1
+    assert store.abort_stale_uploads("tenants", now + timedelta(seconds=5)) == 1
+    assert _unfinished_uploads(store) == [] and store.get(done) == b"done"
+    assert store.list_keys("tenants/t1/adapters/a2") == []
+
+
 # --- S3 only ------------------------------------------------------------------------------------
+
+
+def test_a_failed_multipart_upload_is_aborted(seaweedfs, s3_bucket, tmp_path):
+    """A part that fails (a 503 injected into part 3: a real server cannot be made to fail one
+    chosen part) ends the upload with StoreUnavailableError and aborts it at once: no object and
+    no unfinished multipart upload remain."""
+    from botocore.exceptions import ClientError
+
+    store = _s3_store(seaweedfs, s3_bucket, multipart_threshold=5 * MiB, multipart_chunksize=5 * MiB, max_attempts=1)
+    real_upload_part = store._client.upload_part
+    sent: list[int] = []
+
+    def failing_part_3(**kwargs):
+        if kwargs["PartNumber"] == 3:
+            raise ClientError({"Error": {"Code": "ServiceUnavailable", "Message": "injected"},
+                               "ResponseMetadata": {"HTTPStatusCode": 503}}, "UploadPart")
+        sent.append(kwargs["PartNumber"])
+        return real_upload_part(**kwargs)
+
+    store._client.upload_part = failing_part_3
+    path = tmp_path / "adapter_model.safetensors"
+    path.write_bytes(os.urandom(14 * MiB))
+    key = "tenants/t1/adapters/fails/adapter_model.safetensors"
+    with pytest.raises(StoreUnavailableError, match="ServiceUnavailable"):
+        store.put_file(key, path)
+    assert 3 not in sent
+    assert _unfinished_uploads(store) == []
+    assert not store.exists(key)
 
 
 def test_wrong_credentials_are_refused(seaweedfs, s3_bucket):
