@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     data_dir: Path = Path("var")
+    drain_timeout_s: float = Field(30.0, ge=0)  # after SIGTERM: in-flight requests may run this long
+    migrate_on_start: bool = True  # the api (and the embedded default) migrate the schema at start
 
     # --- secrets ----------------------------------------------------------------------------------
     operator_token: SecretStr | None = None

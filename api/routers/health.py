@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import asyncio
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import text
 
 from api.deps import StateDep
+from inference.service.shutdown import is_draining
 
 router = APIRouter(tags=["health"])
 
@@ -37,8 +38,11 @@ def _store_ok(state) -> bool:
 
 
 @router.get("/readyz")
-async def readyz(state: StateDep) -> JSONResponse:
-    """200 when the database, the object store and inference all answer; else 503 naming which not."""
+async def readyz(request: Request, state: StateDep) -> JSONResponse:
+    """200 when the database, the object store and inference all answer; else 503 naming which not.
+    While the process drains for shutdown: 503 ``draining`` at once, without probing anything."""
+    if is_draining(request.app):
+        return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
     database, store = await asyncio.gather(asyncio.to_thread(_database_ok, state), asyncio.to_thread(_store_ok, state))
     try:
         inference = bool(await state.inference.is_ready())

@@ -19,10 +19,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-import signal
-import threading
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -32,12 +29,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from inference.service.core import InferenceCore
 from inference.service.protocol import SECRET_HEADER, GenerateRequest, InferenceError, PrefetchRequest
+from inference.service.shutdown import install_drain, is_draining, serve
 
 log = logging.getLogger(__name__)
 
 NDJSON = "application/x-ndjson"
 INTERNAL_PREFIX = "/internal/"
-GRACEFUL_SHUTDOWN_S = 30
+GENERATE_PATH = "/internal/generate"
+DRAINING_BODY = {"detail": ["the inference service is shutting down; retry on another replica"]}
 TERMINAL_EVENTS = ("end", "error")
 
 
@@ -145,12 +144,15 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/readyz")
-    async def readyz() -> JSONResponse:
-        """200 while the engine thread runs, else 503 (no secret needed)."""
-        ready = core.ready()
-        return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+    async def readyz(request: Request) -> JSONResponse:
+        """200 while the engine thread runs and the process is not draining for shutdown, else
+        503 (no secret needed)."""
+        draining = is_draining(request.app)
+        ready = core.ready() and not draining
+        body = {"ready": ready, **({"draining": True} if draining else {})}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
-    @app.post("/internal/generate", response_class=StreamingResponse)
+    @app.post(GENERATE_PATH, response_class=StreamingResponse)
     async def generate(req: GenerateRequest) -> StreamingResponse:
         """Validate and submit ``req``, then stream its events as NDJSON."""
         events = await core.start(req)
@@ -194,10 +196,8 @@ def _object_store(settings):
 
 def run_inference_service(settings) -> None:
     """Load the model, then serve the internal API on ``settings.host:settings.port`` until
-    SIGTERM/SIGINT; in-flight streams get ``GRACEFUL_SHUTDOWN_S`` seconds to finish (the rest are
-    aborted), then the engine stops and the function returns."""
-    import uvicorn
-
+    SIGTERM/SIGINT; then drain (``inference.service.shutdown``: readiness 503, new generations
+    refused, in-flight streams get ``TAILOR_DRAIN_TIMEOUT_S`` seconds), stop the engine and return."""
     from inference.llm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -206,28 +206,12 @@ def run_inference_service(settings) -> None:
     core = InferenceCore(llm)
     try:
         app = create_inference_app(core, settings.inference_secret.get_secret_value())
-        with _signals_end_serving():
-            uvicorn.run(app, host=settings.host, port=settings.port,
-                        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S, log_level="info")
+        drain = install_drain(app, settings.drain_timeout_s, _is_generation, DRAINING_BODY)
+        serve(app, host=settings.host, port=settings.port, drain=drain)
     finally:
         core.close()
+        log.info("engine stopped")
 
 
-@contextmanager
-def _signals_end_serving() -> Iterator[None]:
-    """While uvicorn serves it handles SIGTERM/SIGINT itself (graceful shutdown), then re-raises
-    the signal once it has stopped; catch that re-raise so that the engine is stopped cleanly
-    (``core.close()``) instead of the process dying first."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    received: list[int] = []
-    handled = (signal.SIGTERM, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda sig, _frame: received.append(sig)) for sig in handled}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if received:
-            log.info("stopped on signal %s", signal.Signals(received[0]).name)
+def _is_generation(method: str, path: str) -> bool:
+    return method == "POST" and path == GENERATE_PATH
