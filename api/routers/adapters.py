@@ -1,9 +1,21 @@
 """Adapters of the caller's tenant (admin scope): upload, list, read, delete.
 
 An upload is checked (files, archive safety, config and safetensors header against the base model)
-before anything is stored; then its files are streamed to the object store under a server-made
-key, the row is created ``pending`` and a validation task is queued. The task marks it ``ready``
+before anything is stored; then the row is created ``pending``, its files are streamed to the
+object store under a server-made key and a validation task is queued. The task marks it ``ready``
 or ``failed``; only ready adapters are ever served.
+
+One upload makes at most one row and one set of objects. If the store fails, what was written is
+removed (a multipart upload is aborted by the store layer), the row is deleted and the client gets
+503 with ``Retry-After``; what could not be removed while the store was down is found by the
+clean-up job (objects without a row, stale multipart uploads).
+
+``Idempotency-Key`` (optional, 1-255 printable ASCII characters, scoped to the tenant): a retried
+upload with the same key answers 200 with the row the first one made (header
+``Idempotent-Replayed: true``) and stores nothing; the same key with a different payload (weights
+sha256, name or user) answers 422 naming what differs. The unique constraint on
+``(tenant_id, idempotency_key)`` settles two concurrent uploads with one key: the loser answers
+with the winner's row.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Response, UploadFile
+from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
 from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
@@ -31,7 +43,11 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$"
+IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII
+REPLAYED_HEADER = "Idempotent-Replayed"
+STORE_RETRY_AFTER_S = 10
 _COPY_CHUNK = 1 << 20
+_INSERT_ATTEMPTS = 5
 
 
 def adapter_public(a: Adapter) -> AdapterPublic:
@@ -54,12 +70,37 @@ def _receive(files: list[UploadFile], into: Path) -> list[tuple[str, Path]]:
     return received
 
 
-def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, staged: StagedAdapter) -> Adapter:
-    """A new ``pending`` row for the next version of ``name`` (retrying a lost version race)."""
-    for _attempt in range(5):
+def _same_upload(existing: Adapter, name: str, user_id: str | None, staged: StagedAdapter, key: str) -> None:
+    """Raise 422 unless ``existing`` (the row an earlier upload with ``key`` made) came from the
+    same payload: the same weights (sha256), name and user."""
+    differs = [f"{field} differs (first upload: {then!r}, this one: {now!r})"
+               for field, then, now in (("name", existing.name, name), ("user_id", existing.owner_user_id, user_id),
+                                        ("the weights' sha256", existing.sha256, staged.sha256)) if then != now]
+    if differs:
+        raise HTTPException(422, [f"Idempotency-Key {key!r} was already used for another upload "
+                                  f"(adapter {existing.id}): {d}" for d in differs])
+
+
+def _existing_upload(session, tenant_id: str, key: str | None) -> Adapter | None:
+    if key is None:
+        return None
+    return session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.idempotency_key == key))
+
+
+def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, staged: StagedAdapter,
+                    idempotency_key: str | None = None) -> tuple[Adapter, bool]:
+    """``(row, True)``: a new ``pending`` row for the next version of ``name``; or ``(row, False)``:
+    the row an earlier upload with the same ``idempotency_key`` made. A lost race (the version, or
+    the key: the unique constraints) is retried, and the retry finds the winner's row by its key."""
+    for _attempt in range(_INSERT_ATTEMPTS):
         adapter_id = new_id()
         try:
             with session_scope(state.platform.session_factory) as session:
+                existing = _existing_upload(session, tenant_id, idempotency_key)
+                if existing is not None:
+                    _same_upload(existing, name, user_id, staged, idempotency_key)
+                    session.expunge(existing)
+                    return existing, False
                 if user_id is not None and repo.get_user(session, tenant_id, user_id) is None:
                     raise not_found("user", user_id)
                 latest = session.scalar(
@@ -69,34 +110,39 @@ def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, stage
                     id=adapter_id, tenant_id=tenant_id, owner_user_id=user_id, name=name, version=(latest or 0) + 1,
                     status="pending", rank=staged.rank, target_modules=list(staged.target_modules),
                     size_bytes=staged.size_bytes, sha256=staged.sha256,
-                    storage_key=adapter_prefix(tenant_id, adapter_id),
+                    storage_key=adapter_prefix(tenant_id, adapter_id), idempotency_key=idempotency_key,
                 )
                 session.add(adapter)
                 session.flush()
                 session.expunge(adapter)
-                return adapter
+                return adapter, True
         except IntegrityError:
             continue
     raise HTTPException(409, f"could not allocate a version for adapter {name!r}; retry")
 
 
 def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
-    """Stream both files to the object store; on failure remove what was written and the row."""
+    """Stream both files to the object store. On failure: remove what was written (best effort:
+    the store may be down; the clean-up job removes objects without a row later), delete the row,
+    and answer 503 with Retry-After."""
     store = state.platform.store
     try:
         store.put_file(f"{adapter.storage_key}/{CONFIG_FILE}", staged.config_path)
         store.put_file(f"{adapter.storage_key}/{WEIGHTS_FILE}", staged.weights_path)
     except Exception as exc:
-        log.warning("storing adapter %s failed: %s", adapter.id, exc)
+        log.warning("storing adapter %s (tenant %s) failed, nothing is kept: %s: %s",
+                    adapter.id, adapter.tenant_id, type(exc).__name__, exc)
         try:
             store.delete_prefix(adapter.storage_key)
-        except Exception:
-            log.exception("cleaning up adapter %s after a failed upload failed", adapter.id)
+        except Exception as cleanup_exc:
+            log.warning("removing the objects of failed upload %s failed (the clean-up job will): %s",
+                        adapter.id, cleanup_exc)
         with session_scope(state.platform.session_factory) as session:
             row = session.get(Adapter, adapter.id)
             if row is not None:
                 session.delete(row)
-        raise HTTPException(503, "the object store is unavailable; nothing was stored", headers={"Retry-After": "10"}) from exc
+        raise HTTPException(503, "the object store is unavailable; nothing was stored",
+                            headers={"Retry-After": str(STORE_RETRY_AFTER_S)}) from exc
 
 
 @router.post("/v1/adapters", status_code=202, response_model=AdapterPublic)
@@ -105,9 +151,15 @@ async def upload_adapter(
     state: StateDep,
     name: Annotated[str, Form(pattern=NAME_PATTERN, description="letters, digits, '.', '_', '-'")],
     files: Annotated[list[UploadFile], File(description="adapter_config.json and adapter_model.safetensors, or one .zip/.tar.gz")],
+    response: Response,
     user_id: Annotated[str | None, Form(description="make it this user's personal adapter")] = None,
+    idempotency_key: Annotated[str | None, Header(
+        alias="Idempotency-Key", pattern=IDEMPOTENCY_KEY_PATTERN,
+        description="1-255 printable ASCII characters; a retry with the same key answers 200 with the "
+                    "first upload's adapter")] = None,
 ) -> AdapterPublic:
-    """Upload a PEFT LoRA adapter; answers 202 with status ``pending`` (poll GET /v1/adapters/{id})."""
+    """Upload a PEFT LoRA adapter; answers 202 with status ``pending`` (poll GET /v1/adapters/{id}),
+    or 200 with the existing adapter when the ``Idempotency-Key`` was already used for this upload."""
     if user_id == "":
         user_id = None
     if user_id is not None and not is_id(user_id):
@@ -123,10 +175,16 @@ async def upload_adapter(
             staged = await asyncio.to_thread(stage_upload, received, staging, state.platform.model_config, limits)
         except UploadError as exc:
             raise HTTPException(exc.status, exc.problems) from None
-        adapter = await asyncio.to_thread(_insert_pending, state, caller.tenant_id, name, user_id, staged)
-        await asyncio.to_thread(_store_files, state, adapter, staged)
+        adapter, created = await asyncio.to_thread(_insert_pending, state, caller.tenant_id, name, user_id, staged,
+                                                   idempotency_key)
+        if created:
+            await asyncio.to_thread(_store_files, state, adapter, staged)
     finally:
         await asyncio.to_thread(shutil.rmtree, workdir, True)
+    if not created:
+        response.status_code = 200
+        response.headers[REPLAYED_HEADER] = "true"
+        return adapter_public(adapter)
     state.tasks.submit_validation(adapter.id)
     return adapter_public(adapter)
 
