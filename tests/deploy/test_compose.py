@@ -177,7 +177,7 @@ def test_services_listen_on_all_interfaces_at_the_scraped_ports(services, monkey
     assert targets["worker"] == [f"worker:{worker.worker_metrics_port}"]
 
 
-def test_commands_are_real_cli_commands_and_migrate_before_serving(services):
+def test_commands_are_real_cli_commands_and_the_api_migrates_at_start(services, monkeypatch):
     from api.cli import build_parser
 
     parser = build_parser()
@@ -187,9 +187,10 @@ def test_commands_are_real_cli_commands_and_migrate_before_serving(services):
         assert "tailor " + " ".join(argv) in text, f"{name} runs {text!r}"
         parser.parse_args(argv)
     parser.parse_args(["db", "upgrade"])
-    api = command_text(services["api"])
-    assert re.search(r"tailor db upgrade\s*&&\s*exec tailor serve api", api), \
-        "api: migrate first, then exec the server (so that it gets SIGTERM and drains)"
+    assert services["api"]["command"] == ["tailor", "serve", "api"], \
+        "api: the server itself as the command (exec form), so that it gets SIGTERM and drains"
+    assert settings_for(environment_of(services["api"]), monkeypatch).migrate_on_start, \
+        "api: `tailor serve api` migrates the schema at start (the worker waits for a healthy api)"
 
 
 # --- images and builds ---------------------------------------------------------------------------------
