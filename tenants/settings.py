@@ -3,7 +3,8 @@
 One model serves the three services (api, inference, worker) and the embedded default; each
 service checks the fields it needs with :meth:`Settings.check_for`. Outside development mode
 placeholder secrets are refused: the operator token, the API-key pepper, the inference shared
-secret and S3 credentials must be set to real values.
+secret and S3 credentials must be set to real values, and neither they nor the database password
+may be a published value (a placeholder or an example from ``.env.example``).
 
 Defaults are the embedded default of ``make serve``: SQLite under ``./var``, a local folder as the
 object store, tasks in-process, the engine in-process on the CPU.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
+from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -20,16 +22,37 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 DEV_PEPPER = "tailor-dev-pepper-change-me"
 DEV_INFERENCE_SECRET = "tailor-dev-inference-secret-change-me"
 PLACEHOLDERS = {"", "change-me", "changeme", "secret", "password", "minioadmin", DEV_PEPPER, DEV_INFERENCE_SECRET}
+# Every secret in .env.example contains this marker: those values are published, so never secret.
+EXAMPLE_MARKER = "example-only"
 MIN_SECRET_LENGTH = 16
 
 Service = Literal["api", "inference", "worker", "embedded"]
 
 
+def _is_published(raw: str) -> bool:
+    """A value everyone can read: a known placeholder, a change-me marker, an .env.example value."""
+    lowered = raw.strip().lower()
+    return lowered in PLACEHOLDERS or "change-me" in lowered or EXAMPLE_MARKER in lowered
+
+
 def _is_placeholder(value: SecretStr | None) -> bool:
+    """Missing, published (see ``_is_published``) or shorter than ``MIN_SECRET_LENGTH``."""
     if value is None:
         return True
     raw = value.get_secret_value()
-    return raw.lower() in PLACEHOLDERS or "change-me" in raw.lower() or len(raw) < MIN_SECRET_LENGTH
+    return _is_published(raw) or len(raw) < MIN_SECRET_LENGTH
+
+
+def _url_password_is_published(url: str | None) -> bool:
+    """Whether a database URL carries a published password (no password at all is fine: peer or
+    certificate authentication)."""
+    if not url:
+        return False
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return False
+    return password is not None and _is_published(unquote(password))
 
 
 class Settings(BaseSettings):
@@ -113,7 +136,8 @@ class Settings(BaseSettings):
         problems = []
         if self.mode == "production":
             if _is_placeholder(self.operator_token):
-                problems.append("TAILOR_OPERATOR_TOKEN must be set to a secret of at least 16 characters")
+                problems.append("TAILOR_OPERATOR_TOKEN must be set to a secret of at least 16 characters "
+                                "(not a placeholder or published example)")
             if _is_placeholder(self.api_key_pepper):
                 problems.append("TAILOR_API_KEY_PEPPER is a placeholder; set a random secret of at least 16 characters")
             if self.inference_mode == "remote" and _is_placeholder(self.inference_secret):
@@ -122,6 +146,8 @@ class Settings(BaseSettings):
                 not self.s3_access_key_id or _is_placeholder(self.s3_secret_access_key)
             ):
                 problems.append("TAILOR_S3_ACCESS_KEY_ID and TAILOR_S3_SECRET_ACCESS_KEY must be real credentials")
+            if _url_password_is_published(self.database_url):
+                problems.append("the password in TAILOR_DATABASE_URL is a placeholder or a published example; set a real one")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append("TAILOR_DEFAULT_MAX_TOKENS exceeds TAILOR_MAX_TOKENS_LIMIT")
         if problems:

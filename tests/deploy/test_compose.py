@@ -102,11 +102,15 @@ def test_secrets_have_no_defaults_and_stop_compose_when_missing(example_env):
             load_compose(COMPOSE_FILE, env)
 
 
-def test_env_example_secrets_pass_the_settings_checks(example_env):
-    for name in ("TAILOR_OPERATOR_TOKEN", "TAILOR_API_KEY_PEPPER", "TAILOR_INFERENCE_SECRET", "S3_SECRET_ACCESS_KEY"):
-        from pydantic import SecretStr
+def test_env_example_secrets_are_refused_in_production(example_env, monkeypatch):
+    from pydantic import SecretStr
 
-        assert not _is_placeholder(SecretStr(example_env[name])), f"{name} in .env.example is a placeholder"
+    for name in ("TAILOR_OPERATOR_TOKEN", "TAILOR_API_KEY_PEPPER", "TAILOR_INFERENCE_SECRET", "S3_SECRET_ACCESS_KEY",
+                 "POSTGRES_PASSWORD"):
+        assert _is_placeholder(SecretStr(example_env[name])), f"{name} in .env.example is published, never secret"
+    example_api = environment_of(load_compose(COMPOSE_FILE, example_env)["services"]["api"])
+    with pytest.raises(ValueError, match="TAILOR_OPERATOR_TOKEN"):  # `cp .env.example .env` alone does not start
+        settings_for(example_api, monkeypatch)
     values = [example_env[name] for name in REQUIRED_SECRETS if name != "S3_ACCESS_KEY_ID"]
     assert len(set(values)) == len(values), ".env.example reuses one secret for two purposes"
     assert re.fullmatch(r"[A-Za-z0-9._~-]+", example_env["POSTGRES_PASSWORD"]), \
