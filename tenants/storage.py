@@ -24,13 +24,13 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from inference.adapters.object_store import LocalFolderStore, ObjectNotFoundError, ObjectStore, check_key
+from tenants.s3_multipart import send_parts, stale_uploads
 
 if TYPE_CHECKING:
     from tenants.settings import Settings
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 MULTIPART_THRESHOLD = 16 << 20  # files above this are uploaded in parts
 MULTIPART_CHUNK = 16 << 20  # S3 needs parts of at least 5 MiB (all but the last)
-MULTIPART_THREADS = 4  # parts sent at once (each holds one chunk in memory)
 MAX_ATTEMPTS = 5  # botocore's tries of one request (standard retry mode, backoff with jitter)
 DELETE_BATCH = 1000  # DeleteObjects accepts at most 1000 keys a call
 _NOT_FOUND_CODES = {"NoSuchKey", "404", "NotFound"}
@@ -141,11 +140,6 @@ def _client_error_code(exc: Exception) -> tuple[str, int]:
     code = str(response.get("Error", {}).get("Code", ""))
     status = int(response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0) or 0)
     return code, status
-
-
-def _aware(moment: datetime) -> datetime:
-    """A timestamp with a time zone (naive ones are UTC)."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=timezone.utc)
 
 
 def _is_not_found(exc: Exception) -> bool:
@@ -287,8 +281,7 @@ class S3Store:
         multipart upload (parts sent in parallel) that is aborted if anything fails."""
         check_key(key)
         path = Path(path)
-        size = path.stat().st_size
-        if size <= self.multipart_threshold:
+        if path.stat().st_size <= self.multipart_threshold:
             with self._errors("put", key), open(path, "rb") as body:
                 self._client.put_object(Bucket=self.bucket, Key=key, Body=body)
             return
@@ -296,34 +289,12 @@ class S3Store:
             upload_id = self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"]
         try:
             with self._errors("multipart upload", key):
-                parts = self._send_parts(key, path, size, upload_id)
+                parts = send_parts(self._client, self.bucket, key, path, upload_id, self.multipart_chunksize)
                 self._client.complete_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id,
                                                        MultipartUpload={"Parts": parts})
         except BaseException:
             self._abort_upload(key, upload_id)
             raise
-
-    def _send_parts(self, key: str, path: Path, size: int, upload_id: str) -> list[dict]:
-        """Send every part (MULTIPART_THREADS at a time); on the first failure the parts not yet
-        started are cancelled and the error is raised once the running ones end."""
-        chunk = self.multipart_chunksize
-        numbers = range(1, -(-size // chunk) + 1)
-
-        def send(number: int) -> dict:
-            with open(path, "rb") as handle:
-                handle.seek((number - 1) * chunk)
-                body = handle.read(chunk)
-            response = self._client.upload_part(Bucket=self.bucket, Key=key, UploadId=upload_id,
-                                                PartNumber=number, Body=body)
-            return {"PartNumber": number, "ETag": response["ETag"]}
-
-        with ThreadPoolExecutor(max_workers=min(MULTIPART_THREADS, len(numbers)),
-                                thread_name_prefix="tailor-s3-part") as pool:
-            futures = [pool.submit(send, n) for n in numbers]
-            done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-            for future in pending:
-                future.cancel()
-        return [future.result() for future in futures]  # raises the first failure
 
     def _abort_upload(self, key: str, upload_id: str) -> None:
         """Abort a failed multipart upload, best effort: if the server cannot be reached now, the
@@ -340,16 +311,12 @@ class S3Store:
         process that died, or by a failure whose abort could not reach the server)."""
         aborted = 0
         with self._errors("list multipart uploads", prefix):
-            paginator = self._client.get_paginator("list_multipart_uploads")
-            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{check_key(prefix)}/"):
-                for upload in page.get("Uploads", ()):
-                    if _aware(upload["Initiated"]) >= older_than:
-                        continue
-                    self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
-                                                        UploadId=upload["UploadId"])
-                    log.info("aborted the stale multipart upload %s of %s/%s (begun %s)",
-                             upload["UploadId"], self.bucket, upload["Key"], upload["Initiated"])
-                    aborted += 1
+            for upload in stale_uploads(self._client, self.bucket, f"{check_key(prefix)}/", older_than):
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=upload["Key"],
+                                                    UploadId=upload["UploadId"])
+                log.info("aborted the stale multipart upload %s of %s/%s (begun %s)",
+                         upload["UploadId"], self.bucket, upload["Key"], upload["Initiated"])
+                aborted += 1
         return aborted
 
     def _iter_keys(self, prefix: str) -> Iterator[str]:

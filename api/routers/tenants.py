@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, HTTPException
+from fastapi import APIRouter, Depends, HTTPException, Request
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep, StateDep, require_operator
@@ -17,14 +17,16 @@ def _public(tenant) -> TenantPublic:
 
 
 @router.post("/v1/tenants", status_code=201, response_model=TenantCreated, dependencies=[Depends(require_operator)])
-def create_tenant(body: TenantCreate, session: SessionDep, state: StateDep) -> TenantCreated:
-    """Create a tenant and its first admin key (operator token required). The key is shown once."""
+def create_tenant(body: TenantCreate, session: SessionDep, state: StateDep, request: Request) -> TenantCreated:
+    """Create a tenant and its first admin key (operator token required). The key is shown once.
+    Its name goes into ``tailor_tenant_info`` at once (the dashboards show names)."""
     try:
         with session.begin_nested():
             tenant = repo.create_tenant(session, body.name, body.system_prompt)
     except IntegrityError:
         raise HTTPException(409, f"a tenant named {body.name!r} already exists") from None
     key, secret = repo.create_api_key(session, tenant.id, "admin", pepper=state.settings.api_key_pepper.get_secret_value())
+    request.app.state.metrics.tenant_names.set(tenant.id, tenant.name)
     return TenantCreated(**_public(tenant).model_dump(), api_key=secret, api_key_id=key.id)
 
 

@@ -152,6 +152,7 @@ def test_a_retried_upload_returns_the_first_adapter(client, admin, adapter_dir):
     assert fresh.status_code == 202 and fresh.json()["version"] == 2
 
 
+@pytest.mark.timeout(120)
 def test_concurrent_uploads_with_one_key_make_one_adapter(client, admin, adapter_dir):
     barrier = threading.Barrier(4)
 
@@ -228,6 +229,7 @@ def session_factory(request, tmp_path):
     drop()
 
 
+@pytest.mark.timeout(60)
 def test_concurrent_inserts_with_one_key_make_one_row(session_factory, tmp_path):
     """Eight threads insert the same upload with one key at once: the unique constraint lets one
     win, every other gets the winner's row; another tenant's same key makes its own row."""
@@ -260,6 +262,7 @@ def weed():
         yield server
 
 
+@pytest.mark.timeout(180)
 def test_store_killed_during_a_multipart_upload_leaves_nothing(tmp_path, tiny_checkpoint, tiny_model_config, weed):
     """SIGKILL SeaweedFS after the first part of the weights' multipart upload: 503 JSON with
     Retry-After and no row. After a restart on the same data and ports, the clean-up job removes

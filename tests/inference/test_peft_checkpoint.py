@@ -564,3 +564,36 @@ def test_every_problem_reported_at_once(adapter_copy):
     assert len(err.problems) == 9  # six config problems, then dtype, missing key and NaN
     assert str(err).startswith("invalid LoRA adapter (9 problems):")
     assert isinstance(err, ValueError)
+
+
+# ---------------------------------------------------------------------------------------------
+# Hostile input: refused, never another exception (the loader and the validation job run this)
+# ---------------------------------------------------------------------------------------------
+
+
+def _header_file(header: str, data: bytes = b"") -> bytes:
+    raw = header.encode()
+    return len(raw).to_bytes(8, "little") + raw + data
+
+
+@pytest.mark.parametrize("which, data, fragment", [
+    ("config", b"[" * 100_000 + b"]" * 100_000, "nested"),
+    ("config", b'{"r": 1' + b"0" * 5000 + b"}", "not valid JSON"),
+    ("config", b'{"target_modules": "' + b"(" * 5000 + b'"}', "regex"),
+    ("weights", _header_file("[" * 100_000 + "]" * 100_000), "nested"),
+    ("weights", _header_file('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, Infinity]}}', b"\0" * 4), "JSON"),
+    ("weights", _header_file('{"t": {"dtype": "F32", "shape": [1e400], "data_offsets": [0, 4]}}', b"\0" * 4), "JSON"),
+    ("weights", _header_file('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0.0, 4.0]}}', b"\0" * 4),
+     "bad byte range"),
+    ("weights", _header_file('{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, '
+                             '"u": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', b"\0" * 4), "overlap"),
+], ids=["config deep", "config huge int", "config regex nesting", "header deep", "header infinite offset",
+        "header infinite shape", "header float offsets", "header overlapping"])
+def test_hostile_files_are_refused_by_the_loader(adapter_copy, which, data, fragment):
+    """The engine's loader (``load_adapter_dir``; the validation job calls the same
+    ``validate_adapter_files``) refuses JSON nested past the parser's depth, oversized integers,
+    regexes that break ``re.compile`` and safetensors headers with non-finite or overlapping
+    offsets with AdapterValidationError, not RecursionError/ValueError/OverflowError."""
+    path, model_config = adapter_copy
+    (path / ("adapter_config.json" if which == "config" else "adapter_model.safetensors")).write_bytes(data)
+    refused(path, model_config, fragment)
