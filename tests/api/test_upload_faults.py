@@ -301,7 +301,8 @@ def test_store_killed_during_a_multipart_upload_leaves_nothing(tmp_path, tiny_ch
             admin = create_tenant(client, OPERATOR_TOKEN, "store-faults")[1]
             r = post(client, admin, "killed", adapter_files(big))
             assert r.status_code == 503, r.text
-            assert r.headers["content-type"].startswith("application/json") and "nothing was stored" in r.json()["detail"]
+            assert r.headers["content-type"].startswith("application/json")
+            assert "nothing was stored" in r.json()["detail"]
             assert int(r.headers["Retry-After"]) > 0
             assert parts_sent and rows(client, admin) == []
 
