@@ -1,6 +1,7 @@
-"""The Celery application of the worker service and its one task, ``tailor.validate_adapter``.
+"""The Celery application of the worker service and its tasks, ``tailor.validate_adapter`` and
+``tailor.cleanup``.
 
-Following Celery's own advice the task is thin and idempotent: it calls
+Following Celery's own advice the validation task is thin and idempotent: it calls
 ``tenants.adapter_validation.validate_adapter_job``, which acts only on a pending adapter and flips
 its status with a conditional UPDATE. Because of that the task may run twice, so it is
 acknowledged late (``task_acks_late``: a worker that dies mid-task leaves the message to be
@@ -8,8 +9,14 @@ redelivered) and rejected back to the queue if its worker process is lost. The w
 message at a time (``worker_prefetch_multiplier=1``): validations are long, and prefetched
 messages would wait behind them. Messages are JSON only (no pickle from the broker).
 
-Transient errors (the database or the object store unreachable) are retried with exponential
-backoff and jitter; invalid adapter files are never retried: the job marks them failed itself.
+Redelivery after a crash takes seconds, not an hour: the broker's ``visibility_timeout`` is short
+(``TAILOR_WORKER_VISIBILITY_TIMEOUT_S``) and live workers renew the messages they hold, so that a
+long validation is never redelivered while it runs (``tenants.worker_leases``).
+
+Transient errors (the database or the object store unreachable) are retried inside a time budget
+with capped exponential backoff and jitter (``tenants.retry_policy``); the adapter stays pending
+meanwhile. The budget runs from the chain's first attempt, whose time every retry message carries
+(``first_attempt_at``). Invalid adapter files are never retried: the job marks them failed itself.
 """
 
 from __future__ import annotations
@@ -20,38 +27,27 @@ import time
 
 from celery import Celery, Task
 
+from tenants.retry_policy import RetryPolicy, transient_errors
 from tenants.settings import Settings
 
 log = logging.getLogger(__name__)
 
 VALIDATE_TASK = "tailor.validate_adapter"
+CLEANUP_TASK = "tailor.cleanup"
 QUEUE = "tailor"  # the Redis list the worker consumes (and the queue-length gauge reads)
 ENQUEUED_AT_HEADER = "tailor_enqueued_at"  # unix time at which the task was sent
-MAX_RETRIES = 5
-RETRY_BACKOFF_MAX_S = 120
 
-
-def transient_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions worth retrying: the store or the database unreachable, or a timeout."""
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-    from sqlalchemy.exc import InterfaceError, OperationalError
-
-    from tenants.storage import StoreUnavailableError
-
-    return (
-        StoreUnavailableError,
-        OperationalError,  # the DBAPI's connection errors (psycopg, sqlite "database is locked")
-        InterfaceError,
-        BotoConnectionError,
-        HTTPClientError,
-        ConnectionError,
-        TimeoutError,
-    )
+__all__ = ["CLEANUP_TASK", "QUEUE", "VALIDATE_TASK", "get_platform", "make_celery", "reset_platform",
+           "transient_errors"]
 
 
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app on ``settings.redis_url`` (broker and result backend) with the validation task."""
+    """A Celery app on ``settings.redis_url`` (broker and result backend) with the two tasks.
+
+    The clean-up is not on a Celery beat schedule: each worker's ``CleanupScheduler`` sends it
+    (one worker per interval, see ``tenants.worker_leases``)."""
+    from tenants.worker_leases import transport_options
+
     app = Celery("tailor", broker=settings.redis_url, backend=settings.redis_url)
     app.conf.update(
         task_serializer="json",
@@ -65,24 +61,17 @@ def make_celery(settings: Settings) -> Celery:
         worker_prefetch_multiplier=1,
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=5,
-        # With acks_late, Redis redelivers a message whose worker has not acknowledged it after
-        # the visibility timeout; keep it well above the longest validation.
-        broker_transport_options={"visibility_timeout": 3600},
+        broker_transport_options=transport_options(settings.worker_visibility_timeout_s),
         task_publish_retry=True,
         worker_hijack_root_logger=False,
         enable_utc=True,
     )
-    if settings.cleanup_interval_s > 0:
-        app.conf.beat_schedule = {
-            "tailor-cleanup": {"task": CLEANUP_TASK, "schedule": settings.cleanup_interval_s},
-        }
-    app.tailor_settings = settings  # what the task builds its Platform from
-    _register_validate_task(app)
+    app.tailor_settings = settings  # what the tasks build their Platform from
+    app.tailor_retry = RetryPolicy.from_settings(settings)
+    app.task(name=VALIDATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
+             max_retries=None)(validate_adapter)
     app.task(name=CLEANUP_TASK, bind=True, ignore_result=True)(cleanup)
     return app
-
-
-CLEANUP_TASK = "tailor.cleanup"
 
 
 def cleanup(task: Task) -> dict:
@@ -99,21 +88,7 @@ def cleanup(task: Task) -> dict:
             "files_removed": report.files_removed, "orphans_removed": report.orphans_removed}
 
 
-def _register_validate_task(app: Celery) -> None:
-    app.task(
-        name=VALIDATE_TASK,
-        bind=True,
-        autoretry_for=transient_errors(),
-        retry_backoff=True,
-        retry_backoff_max=RETRY_BACKOFF_MAX_S,
-        retry_jitter=True,
-        max_retries=MAX_RETRIES,
-        acks_late=True,
-        reject_on_worker_lost=True,
-    )(validate_adapter)
-
-
-# --- the task -----------------------------------------------------------------------------------
+# --- the validation task ----------------------------------------------------------------------
 
 _platform = None
 _platform_lock = threading.Lock()
@@ -145,44 +120,68 @@ def reset_platform() -> None:
 
 def _observe_queue_lag(task: Task) -> None:
     """Record enqueue -> start for the first attempt of a task that carries the enqueue time."""
-    from tenants.worker_metrics import QUEUE_LAG
+    from tenants.worker_metrics import observe_queue_lag
 
     enqueued_at = getattr(task.request, ENQUEUED_AT_HEADER, None)
     if enqueued_at is None and isinstance(task.request.headers, dict):
         enqueued_at = task.request.headers.get(ENQUEUED_AT_HEADER)
     if enqueued_at is not None and not task.request.retries:
         try:
-            QUEUE_LAG.observe(max(0.0, time.time() - float(enqueued_at)))
+            observe_queue_lag(time.time() - float(enqueued_at))
         except (TypeError, ValueError):
             log.warning("task %s: bad %s header %r", task.request.id, ENQUEUED_AT_HEADER, enqueued_at)
 
 
-def validate_adapter(task: Task, adapter_id: str) -> str:
+def validate_adapter(task: Task, adapter_id: str, first_attempt_at: float | None = None) -> str:
     """Validate the pending adapter ``adapter_id``; returns ready, failed or skipped.
 
-    Counts the outcome (``error`` when the attempt raises) and times the attempt. Exceptions
-    propagate so that Celery retries the transient ones (``autoretry_for``).
+    Every attempt is counted and timed, whatever raises, from the first line on. A transient
+    error schedules a retry (``task.retry`` raises ``Retry``; outcome ``retry``) while the retry
+    budget lasts; otherwise the adapter is marked failed and the error propagates (``error``).
     """
-    from tenants.adapter_validation import give_up, validate_adapter_job
-    from tenants.worker_metrics import VALIDATION_DURATION, VALIDATIONS
+    from tenants.adapter_validation import validate_adapter_job
+    from tenants.worker_metrics import observe_attempt
 
-    _observe_queue_lag(task)
-    platform = get_platform(task.app.tailor_settings)
     started = time.perf_counter()
+    first_attempt_at = first_attempt_at or time.time()
     try:
+        _observe_queue_lag(task)
+        platform = get_platform(task.app.tailor_settings)
         outcome = validate_adapter_job(platform, adapter_id)
     except Exception as exc:
-        VALIDATIONS.labels(outcome="error").inc()
-        log.warning("validating adapter %s failed (attempt %d)", adapter_id, task.request.retries + 1, exc_info=True)
-        if not isinstance(exc, transient_errors()) or task.request.retries >= MAX_RETRIES:
-            # no retry follows: never leave the adapter pending forever
-            try:
-                give_up(platform, adapter_id, f"validation could not complete: {exc}")
-            except Exception:
-                log.exception("marking adapter %s failed after the last attempt failed", adapter_id)
+        _after_failure(task, adapter_id, exc, first_attempt_at, time.perf_counter() - started)
         raise
-    finally:
-        VALIDATION_DURATION.observe(time.perf_counter() - started)
-    VALIDATIONS.labels(outcome=outcome).inc()
+    observe_attempt(outcome, time.perf_counter() - started)
     log.info("adapter %s: %s", adapter_id, outcome)
     return outcome
+
+
+def _after_failure(task: Task, adapter_id: str, exc: Exception, first_attempt_at: float, seconds: float) -> None:
+    """Retry ``exc`` (raises celery's ``Retry``) or give the adapter up; count the attempt."""
+    from tenants.worker_metrics import observe_attempt
+
+    policy: RetryPolicy = task.app.tailor_retry
+    failures = task.request.retries
+    elapsed = time.time() - first_attempt_at
+    delay = policy.retry_after(exc, failures, elapsed)
+    if delay is not None:
+        observe_attempt("retry", seconds)
+        log.warning("validating adapter %s failed (attempt %d, %.0f s into the %.0f s retry budget), "
+                    "retrying in %.1f s: %s", adapter_id, failures + 1, elapsed, policy.budget_s, delay, exc)
+        raise task.retry(args=[adapter_id], kwargs={"first_attempt_at": first_attempt_at}, countdown=delay,
+                         exc=exc, max_retries=None)
+    observe_attempt("error", seconds)
+    log.error("validating adapter %s failed for good (attempt %d, %.0f s after the first)", adapter_id,
+              failures + 1, elapsed, exc_info=exc)
+    _give_up_quietly(task, adapter_id, policy.give_up_reason(exc, elapsed))
+
+
+def _give_up_quietly(task: Task, adapter_id: str, reason: str) -> None:
+    """Mark the adapter failed (no retry follows: never leave it pending for ever); an outage that
+    prevents even that leaves it to the clean-up job's timeout."""
+    from tenants.adapter_validation import give_up
+
+    try:
+        give_up(get_platform(task.app.tailor_settings), adapter_id, reason)
+    except Exception:
+        log.exception("marking adapter %s failed after the last attempt failed", adapter_id)

@@ -97,6 +97,12 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1)  # 1: Celery's solo pool; more: a thread pool
     worker_metrics_host: str = "127.0.0.1"  # 0.0.0.0 in a container, so that Prometheus can scrape
     worker_metrics_port: int = Field(9101, ge=1, le=65535)
+    # a message a dead worker held is redelivered after this; live workers renew theirs (see tenants.worker_leases)
+    worker_visibility_timeout_s: float = Field(30.0, ge=2)
+    worker_drain_timeout_s: float = Field(50.0, gt=0)  # after SIGTERM: the running task may finish this long
+    validation_retry_budget_s: float = Field(1200.0, gt=0)  # transient errors retried this long, then failed
+    validation_retry_initial_s: float = Field(2.0, gt=0)  # first backoff; doubles per attempt, with jitter
+    validation_retry_max_s: float = Field(120.0, gt=0)  # backoff cap
 
     # --- inference ---------------------------------------------------------------------------------
     inference_mode: Literal["embedded", "remote"] = "embedded"
@@ -150,6 +156,11 @@ class Settings(BaseSettings):
                 problems.append("the password in TAILOR_DATABASE_URL is a placeholder or a published example; set a real one")
         if self.default_max_tokens > self.max_tokens_limit:
             problems.append("TAILOR_DEFAULT_MAX_TOKENS exceeds TAILOR_MAX_TOKENS_LIMIT")
+        if self.validation_retry_initial_s > self.validation_retry_max_s:
+            problems.append("TAILOR_VALIDATION_RETRY_INITIAL_S exceeds TAILOR_VALIDATION_RETRY_MAX_S")
+        if self.validation_retry_budget_s >= self.pending_timeout_s:
+            problems.append("TAILOR_VALIDATION_RETRY_BUDGET_S must be below TAILOR_PENDING_TIMEOUT_S "
+                            "(the clean-up fails adapters still pending then)")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -1,11 +1,15 @@
-"""InProcessTaskQueue runs jobs on a thread pool and never lets a job's exception reach the caller."""
+"""InProcessTaskQueue runs jobs on a thread pool, never lets a job's exception reach the caller,
+retries transient errors within a time budget and records the validation metrics."""
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 
+from tenants.retry_policy import RetryPolicy
 from tenants.settings import Settings
+from tenants.storage import StoreUnavailableError
 from tenants.task_queue import CeleryTaskQueue, InProcessTaskQueue, make_task_queue
 
 
@@ -86,3 +90,105 @@ def test_make_task_queue_follows_the_settings():
     assert isinstance(celery, CeleryTaskQueue)
     assert "tailor.validate_adapter" in celery.app.tasks
     celery.close()
+
+
+# --- retries and metrics (the same policy and metric families as the Celery task) ---------------
+
+def _counts() -> dict[str, float]:
+    from tenants.worker_metrics import OUTCOMES, VALIDATIONS
+
+    return {outcome: VALIDATIONS.labels(outcome=outcome)._value.get() for outcome in OUTCOMES}
+
+
+def _delta(before: dict[str, float]) -> dict[str, float]:
+    return {k: v - before[k] for k, v in _counts().items() if v != before[k]}
+
+
+FAST = RetryPolicy(budget_s=5.0, initial_s=0.05, max_s=0.2)
+
+
+def test_a_transient_error_is_retried_with_backoff_until_it_succeeds():
+    attempts: list[float] = []
+
+    def flaky(adapter_id: str) -> str:
+        attempts.append(time.monotonic())
+        if len(attempts) < 4:
+            raise StoreUnavailableError("S3 is down")
+        return "ready"
+
+    given_up = []
+    queue = InProcessTaskQueue(flaky, retry=FAST, give_up=lambda *args: given_up.append(args))
+    before = _counts()
+    queue.submit_validation("a1")
+    assert queue.wait_idle(10)  # idle only once the retries are done
+    assert len(attempts) == 4 and given_up == []
+    assert _delta(before) == {"retry": 3, "ready": 1}
+    gaps = [b - a for a, b in zip(attempts, attempts[1:])]
+    assert gaps[0] >= 0.025 and gaps[2] >= 0.1  # d/2 .. d with d = 0.05, 0.1, 0.2
+    queue.close()
+
+
+def test_when_the_budget_is_spent_the_adapter_is_given_up():
+    attempts = []
+
+    def down(adapter_id: str) -> str:
+        attempts.append(adapter_id)
+        raise StoreUnavailableError("S3 is down")
+
+    given_up = []
+    queue = InProcessTaskQueue(down, retry=RetryPolicy(budget_s=0.5, initial_s=0.05, max_s=0.1),
+                               give_up=lambda adapter_id, reason: given_up.append((adapter_id, reason)))
+    before = _counts()
+    queue.submit_validation("a1")
+    assert queue.wait_idle(10)
+    assert len(attempts) >= 5  # 0.5 s of attempts 0.05-0.1 s apart
+    assert given_up and given_up[0][0] == "a1" and "S3 is down" in given_up[0][1]
+    delta = _delta(before)
+    assert delta["error"] == 1 and delta["retry"] == len(attempts) - 1
+    queue.close()
+
+
+def test_a_bug_is_not_retried_and_the_adapter_is_given_up():
+    given_up = []
+    queue = InProcessTaskQueue(lambda _id: {}["missing"], retry=FAST,
+                               give_up=lambda adapter_id, reason: given_up.append(adapter_id))
+    before = _counts()
+    queue.submit_validation("a1")
+    assert queue.wait_idle(10)
+    assert given_up == ["a1"] and _delta(before) == {"error": 1}
+    queue.close()
+
+
+def test_close_cancels_scheduled_retries_without_giving_up():
+    given_up = []
+    queue = InProcessTaskQueue(lambda _id: (_ for _ in ()).throw(StoreUnavailableError("down")),
+                               retry=RetryPolicy(budget_s=60, initial_s=30, max_s=30),
+                               give_up=lambda *args: given_up.append(args))
+    queue.submit_validation("a1")
+    deadline = time.monotonic() + 10
+    while not queue._timers and time.monotonic() < deadline:  # the first attempt failed, a retry waits
+        time.sleep(0.01)
+    assert not queue.wait_idle(0.1)
+    started = time.monotonic()
+    queue.close()
+    assert time.monotonic() - started < 5 and queue.wait_idle(1)
+    assert given_up == []  # the adapter stays pending: the clean-up job queues it again
+
+
+def test_queue_lag_and_length_are_recorded():
+    from tenants.worker_metrics import QUEUE_LAG, QUEUE_LENGTH
+
+    release = threading.Event()
+    lags_before = sum(b.get() for b in QUEUE_LAG._buckets)
+    queue = InProcessTaskQueue(lambda _id: release.wait(10) and "ready")
+    for adapter_id in ("a", "b", "c"):
+        queue.submit_validation(adapter_id)
+    deadline = time.monotonic() + 5
+    while QUEUE_LENGTH._value.get() != 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert QUEUE_LENGTH._value.get() == 2  # one runs, two wait
+    release.set()
+    assert queue.wait_idle(10)
+    assert QUEUE_LENGTH._value.get() == 0
+    assert sum(b.get() for b in QUEUE_LAG._buckets) == lags_before + 3
+    queue.close()

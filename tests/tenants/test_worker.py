@@ -3,7 +3,6 @@ over Redis, PostgreSQL and SeaweedFS validates adapters submitted through ``Cele
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from pathlib import Path
@@ -14,14 +13,16 @@ from safetensors.torch import load_file, save_file
 
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference.model_config import ModelConfig
-from tenants import migrate, repositories
+from tenants import migrate
 from tenants.celery_app import make_celery
 from tenants.db import make_engine, make_session_factory, session_scope
 from tenants.models import Adapter
-from tenants.platform import CONFIG_FILE, WEIGHTS_FILE, adapter_prefix
+from tenants.platform import WEIGHTS_FILE
 from tenants.settings import Settings
 from tenants.storage import S3Store
 from tenants.task_queue import CeleryTaskQueue
+
+from support.worker_flows import metric, pending_adapter
 
 WAIT_S = 90  # the worker validates in well under a second; leave room for a loaded CI machine
 
@@ -89,22 +90,6 @@ def adapter_files(tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
     return {"valid": valid, "nan": nan}
 
 
-def pending_adapter(session_factory, store: S3Store, folder: Path) -> tuple[str, str]:
-    """A new tenant with a pending adapter whose two files are in the store: (adapter id, prefix)."""
-    weights = folder / WEIGHTS_FILE
-    with session_scope(session_factory) as session:
-        tenant = repositories.create_tenant(session, f"tenant-{uuid.uuid4().hex[:8]}")
-        adapter = repositories.create_adapter(
-            session, tenant.id, "personal", 1, size_bytes=weights.stat().st_size,
-            sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
-        )
-        adapter.storage_key = adapter_prefix(tenant.id, adapter.id)
-        adapter_id, prefix = adapter.id, adapter.storage_key
-    store.put_file(f"{prefix}/{CONFIG_FILE}", folder / CONFIG_FILE)
-    store.put_file(f"{prefix}/{WEIGHTS_FILE}", weights)
-    return adapter_id, prefix
-
-
 def wait_for_status(session_factory, adapter_id: str, worker, timeout: float = WAIT_S) -> Adapter:
     """Poll the database until the adapter is no longer pending."""
     deadline = time.monotonic() + timeout
@@ -117,17 +102,6 @@ def wait_for_status(session_factory, adapter_id: str, worker, timeout: float = W
         assert worker.process.poll() is None, f"the worker died:\n{worker.log()}"
         time.sleep(0.2)
     raise AssertionError(f"adapter {adapter_id} still pending after {timeout} s:\n{worker.log()}")
-
-
-def metric(text: str, name: str, **labels: str) -> float:
-    """The value of one sample on a /metrics page (0 if absent)."""
-    from prometheus_client.parser import text_string_to_metric_families
-
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
-                return sample.value
-    return 0.0
 
 
 def wait_for_metric(worker, name: str, at_least: float, timeout: float = WAIT_S, **labels: str) -> float:
