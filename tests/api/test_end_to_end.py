@@ -8,7 +8,8 @@ The operator creates two tenants; tenant A uploads a PEFT adapter for a user; it
 user's chat is answered through the adapter (tokens differ from the base model's for the same
 history); the history grows; a streamed reply arrives as SSE; tenant B sees none of it; the
 ``openai`` client works against /v1/chat/completions. In the services shape the inference service
-is then stopped: chat answers 503 with Retry-After and nothing is stored.
+is then killed: chat answers 503 with Retry-After and nothing is stored; once it is restarted
+the api serves again without being touched.
 """
 
 from __future__ import annotations
@@ -160,15 +161,27 @@ def test_services_end_to_end(tmp_path, tiny_checkpoint, tiny_model_config, postg
             ids = run_product_flow(base_url, tiny_model_config, tmp_path)
             assert 'tailor_worker_validations_total{outcome="ready"}' in worker.metrics()
 
-            # inference goes away: 503 with Retry-After, and the history is untouched
-            stop_process(inference)
+            # inference killed: 503 JSON with Retry-After on every generation route, nothing stored
+            inference.kill()
+            inference.wait(10)
             with httpx.Client(base_url=base_url, timeout=30) as client:
                 before = messages(client, ids["chat_key"], ids["alice"])["data"]
-                r = chat(client, ids["chat_key"], ids["alice"], "are you there?")
-                assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.text
+                for r in (chat(client, ids["chat_key"], ids["alice"], "are you there?"),
+                          chat(client, ids["chat_key"], ids["alice"], "are you there?", stream=True),
+                          client.post("/v1/chat/completions", headers=bearer(ids["chat_key"]),
+                                      json={"model": "base", "messages": [{"role": "user", "content": "hi"}]})):
+                    assert r.status_code == 503 and int(r.headers["Retry-After"]) > 0, r.text
+                    assert r.headers["content-type"].startswith("application/json")
                 assert messages(client, ids["chat_key"], ids["alice"])["data"] == before
                 ready = client.get("/readyz")
                 assert ready.status_code == 503 and ready.json()["inference"] == "unavailable"
+
+                # restarted on the same address: the api recovers by itself
+                inference = _start_inference(env, inference_port, log)
+                assert client.get("/readyz").status_code == 200
+                r = chat(client, ids["chat_key"], ids["alice"], "are you back?")
+                assert r.status_code == 200, r.text
+                assert len(messages(client, ids["chat_key"], ids["alice"])["data"]) == len(before) + 2
     except BaseException:
         print(f"--- inference log ---\n{log_tail(log)}")
         raise
