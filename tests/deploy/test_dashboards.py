@@ -6,6 +6,7 @@ services' catalog, and provisioning paths that match the mounts in docker-compos
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -30,7 +31,7 @@ COUNTERS = {
 GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
     "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
-    "tailor_worker_queue_length",
+    "tailor_worker_queue_length", "tailor_tenant_info",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",
@@ -109,15 +110,62 @@ def test_rates_use_the_rate_interval_and_ranges_use_the_range():
             assert "$__rate_interval" in e.raw or "$__range" in e.raw, f"{e.where}: use $__rate_interval: {e.raw}"
 
 
+TENANT_NAMES = "max by (tenant, tenant_name) (tailor_tenant_info)"
+
+
+def _grafana_regex(variable: dict) -> re.Pattern:
+    """A variable's ``/regex/`` in Python syntax (Grafana's named groups are ``(?<name>...)``)."""
+    pattern = variable["regex"]
+    assert pattern.startswith("/") and pattern.endswith("/"), pattern
+    return re.compile(pattern[1:-1].replace("(?<", "(?P<"))
+
+
 def test_tenant_dashboard_has_the_tenant_variable():
     document = json.loads((DASHBOARDS_DIR / "tenants.json").read_text())
     variables = {v["name"]: v for v in document["templating"]["list"]}
     tenant = variables["tenant"]
     query = tenant["query"]["query"] if isinstance(tenant["query"], dict) else tenant["query"]
-    assert query == "label_values(tailor_tenant_requests_total, tenant)"
+    assert query == f"query_result({TENANT_NAMES})"
     assert tenant["type"] == "query" and tenant.get("includeAll") and tenant.get("multi")
     exprs = [t["expr"] for p in iter_panels(document["panels"]) for t in p.get("targets", [])]
     assert exprs and all('tenant=~"$tenant"' in e for e in exprs), "every tenant panel filters on $tenant"
+    for path in DASHBOARD_FILES:
+        if path.name != "tenants.json":
+            assert "$tenant" not in path.read_text(), f"{path.name} uses $tenant but has no such variable"
+
+
+def test_tenant_variable_shows_names_and_selects_ids():
+    """Grafana's query_result lines, as it formats them; the option's text is the name (quotes and
+    braces included), its value the id that the metrics carry."""
+    tenant = {v["name"]: v for v in json.loads((DASHBOARDS_DIR / "tenants.json").read_text())["templating"]["list"]}
+    regex = _grafana_regex(tenant["tenant"])
+    for name in ("acme", 'the "best" {co}', "Zürich AG"):
+        line = f'{{tenant="0b5e7c1d2f",tenant_name="{name}"}} 1 1733300000000'
+        match = regex.search(line)
+        assert match and match.group("value") == "0b5e7c1d2f" and match.group("text") == name, (line, regex)
+
+
+def test_per_tenant_panels_are_labelled_with_tenant_names():
+    document = json.loads((DASHBOARDS_DIR / "tenants.json").read_text())
+    per_tenant = [t for p in iter_panels(document["panels"]) for t in p.get("targets", [])
+                  if "by (tenant" in t["expr"]]
+    assert len(per_tenant) >= 5
+    for target in per_tenant:
+        assert f"* on(tenant) group_left(tenant_name) {TENANT_NAMES}" in target["expr"], target["expr"]
+        assert "{{tenant_name}}" in target["legendFormat"] and "{{tenant}}" not in target["legendFormat"], target
+
+
+def test_quantiles_and_ratios_are_guarded_against_quiet_windows():
+    """histogram_quantile over zero rates and 0/0 ratios are NaN: each quantile keeps only windows
+    with observations, each ratio of rates divides by a denominator filtered ``> 0``, and no bare
+    ``or vector(0)`` adds an unlabelled series beside labelled ones."""
+    for e in dashboard_expressions():
+        if "histogram_quantile(" in e.raw:
+            assert re.search(r"and on\([\w, ]*\) \(sum[^>]*_count\[[^\]]+\]\)\) > 0\)", e.raw), f"{e.where}: {e.raw}"
+        for _, denominator in re.findall(r"(\)) / (.*)", e.raw):
+            if "rate(" in denominator:
+                assert "> 0)" in denominator, f"{e.where}: unguarded ratio of rates: {e.raw}"
+        assert "or vector(" not in e.raw, f"{e.where}: bare `or vector(...)`: use `or on() ...`: {e.raw}"
     for path in DASHBOARD_FILES:
         if path.name != "tenants.json":
             assert "$tenant" not in path.read_text(), f"{path.name} uses $tenant but has no such variable"
@@ -132,7 +180,7 @@ def test_grafana_variables_are_substituted():
     assert tenant_exprs and all('tenant=~"(acme|globex)"' in x for x in tenant_exprs)
     assert any("[1m]" in e.expr for e in expressions) and any("[1h]" in e.expr for e in expressions)
     variables = [e for e in expressions if e.kind == "variable"]
-    assert [v.expr for v in variables] == ["tailor_tenant_requests_total"]
+    assert [v.expr for v in variables] == [TENANT_NAMES]
 
 
 def test_dashboards_and_rules_use_only_exported_metrics():

@@ -7,7 +7,9 @@ evaluates ``docker/prometheus/rules``. Traffic: a tenant, users, an adapter uplo
 validates, chats (the first through the adapter loads it cold in inference; one streamed), OpenAI
 compatible calls, and requests refused with 401, 422 and 404. Then every PromQL expression of
 every dashboard panel, dashboard variable and alert rule (``support.promql``) runs against it:
-each must be valid, each panel and variable query must return data, each rule must evaluate.
+each must be valid, each panel and variable query must return data, each rule must evaluate; the
+tenants dashboard shows the tenant's name. After a few quiet seconds the panels run again over a
+window without traffic: none may show NaN.
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ INFERENCE_SECRET = "prom-inference-secret-0123456789"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 JOBS = ("api", "inference", "worker")
 SCRAPES_AFTER_TRAFFIC_S = 3.0  # rate(...[1m]) needs two samples; the last ones must follow the traffic
+QUIET_WINDOW = "6s"  # the rate window of the quiet check: no chat, upload or validation in it
+QUIET_AFTER_TRAFFIC_S = 8.0  # the quiet check runs this long after the traffic (the window plus scrapes)
+TENANT_NAME = "prom-tenant"
 
 
 def _start_inference(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
@@ -132,7 +137,7 @@ def drive_traffic(base_url: str, model_config: ModelConfig, workdir: Path) -> No
     """Admin calls, an adapter upload validated by the worker, chats (cold adapter load, streamed,
     OpenAI-compatible) and refused requests (401, 422, 404)."""
     with httpx.Client(base_url=base_url, timeout=120) as client:
-        _tenant, admin = create_tenant(client, OPERATOR_TOKEN, "prom-tenant")
+        _tenant, admin = create_tenant(client, OPERATOR_TOKEN, TENANT_NAME)
         chat_key = create_key(client, admin, "chat")
         alice, bob = create_user(client, admin, "alice@prom"), create_user(client, admin, "bob@prom")
 
@@ -201,6 +206,32 @@ def check_expressions(prom: PrometheusServer) -> None:
             print(f"note: {e.source}: {e.where}: NaN for {nan}")
 
 
+def check_tenant_names(prom: PrometheusServer) -> None:
+    """The api exports the tenant's name, and the tenants dashboard's per-tenant panels (joined on
+    ``tailor_tenant_info``) and its variable carry it."""
+    (info,) = prom.query(f'tailor_tenant_info{{tenant_name="{TENANT_NAME}"}}')
+    tenant_id = info["metric"]["tenant"]
+    for e in promql.dashboard_expressions(promql.DASHBOARDS_DIR / "tenants.json"):
+        if "tenant_name" not in e.expr:
+            continue
+        names = {s["metric"].get("tenant_name") for s in prom.query(e.expr)}
+        assert TENANT_NAME in names, f"{e}: no series named {TENANT_NAME!r} ({names})"
+        assert {s["metric"].get("tenant") for s in prom.query(e.expr)} == {tenant_id}, e
+
+
+def check_quiet_window(prom: PrometheusServer) -> None:
+    """In a window without chats, uploads or validations, no panel shows NaN: quantiles of empty
+    histograms and ratios of zero rates give no point (or 0 where 0 is the truth) instead."""
+    nan = []
+    for e in promql.dashboard_expressions(variables={"__rate_interval": QUIET_WINDOW}):
+        if e.kind != "panel":
+            continue
+        for series in prom.query(e.expr):
+            if math.isnan(float(series["value"][1])):
+                nan.append(f"{e.source}: {e.where}: {e.expr}\n    -> NaN for {series['metric']}")
+    assert not nan, f"{len(nan)} panel series show NaN in a quiet window:\n  " + "\n  ".join(nan)
+
+
 @pytest.mark.timeout(300)
 def test_dashboards_and_alerts_against_live_prometheus(tmp_path, tiny_checkpoint, postgres_url, seaweedfs,
                                                        s3_bucket, redis_url, start_worker):
@@ -254,6 +285,11 @@ def test_dashboards_and_alerts_against_live_prometheus(tmp_path, tiny_checkpoint
                 unhealthy = [f"{r['name']}: {r['health']}: {r.get('lastError')}" for r in rules if r["health"] != "ok"]
                 assert not unhealthy, "rules that fail to evaluate:\n  " + "\n  ".join(unhealthy)
                 check_expressions(prom)
+                check_tenant_names(prom)
+                time.sleep(max(0.0, after + QUIET_AFTER_TRAFFIC_S - time.time()))
+                quiet = prom.query(f"sum(increase(tailor_inference_requests_finished_total[{QUIET_WINDOW}]))")
+                assert _finite_values(quiet) == [0.0], f"the quiet window saw requests: {quiet}"
+                check_quiet_window(prom)
                 print(f"traffic {traffic_s:.1f} s, total {time.monotonic() - started:.1f} s, "
                       f"{len(promql.all_expressions())} expressions checked")
     except BaseException:

@@ -153,7 +153,7 @@ def dashboard_expressions(path: Path = DASHBOARDS_DIR,
     found = []
     for file in _paths(Path(path), "*.json"):
         dashboard = json.loads(file.read_text())
-        values = dashboard_variables(dashboard, variables)
+        values = {**(variables or {}), **dashboard_variables(dashboard, variables)}  # builtins may be overridden
         source = _relative(file)
         for var in dashboard.get("templating", {}).get("list", []):
             if var.get("type") != "query":
