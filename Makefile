@@ -1,10 +1,37 @@
 # Two entry points: `make serve` and `make test`. Both create or reuse .venv in the repo root.
+# Besides python3 (with venv) they install what they need: as root with apt-get, the Debian
+# packages (python3-venv; for `make test` also prometheus, whose prometheus and promtool binaries
+# the observability tests run); otherwise they stop at once with one line naming what to install.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tailor-installed
+PROMETHEUS ?= prometheus
+PROMTOOL ?= promtool
+APT_GET ?= apt-get
 
-.PHONY: serve test install prepare bench clean
+.PHONY: serve test install prepare bench clean deps python-deps
+
+# Install Debian packages $(1) as root with apt-get, else stop with the one-line message $(2).
+define apt_or_stop
+	if [ "$$(id -u)" = 0 ] && command -v $(APT_GET) >/dev/null 2>&1; then \
+	  echo "installing the Debian package(s) $(1) with $(APT_GET)"; \
+	  DEBIAN_FRONTEND=noninteractive $(APT_GET) update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends $(1) >/dev/null; \
+	else \
+	  echo "$(2)" >&2; exit 1; \
+	fi
+endef
+
+python-deps:
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "make needs $(PYTHON) (3.10+): install it (Debian: apt-get install python3 python3-venv)" >&2; exit 1; }
+	@test -x $(PY) || $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || \
+	$(call apt_or_stop,python3-venv,make needs the venv module of $(PYTHON): install it (Debian: sudo apt-get install python3-venv) and run make again)
+
+# What `make test` needs outside Python: prometheus and promtool (Debian package prometheus).
+deps: python-deps
+	@command -v $(PROMETHEUS) >/dev/null 2>&1 && command -v $(PROMTOOL) >/dev/null 2>&1 || \
+	$(call apt_or_stop,prometheus,make test needs prometheus and promtool: install the Debian package prometheus (sudo apt-get install prometheus) and run make test again)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,13 +45,14 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-prepare: $(STAMP)
+prepare: python-deps $(STAMP)
 	$(VENV)/bin/tailor models prepare
 
 serve: prepare
 	$(VENV)/bin/tailor serve
 
-test: prepare
+# deps first: a missing tool stops make before the long install
+test: deps prepare
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: prepare
