@@ -28,6 +28,7 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
 
 # Deterministic constraint names: Alembic needs them to drop/alter constraints (SQLite batch mode
 # included), and they keep the migration and the models comparable.
@@ -56,6 +57,20 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+class UtcDateTime(TypeDecorator):
+    """A timestamp with a time zone that always reads back aware (UTC). PostgreSQL keeps the zone;
+    SQLite stores none and hands back naive datetimes, which the API would then send without an
+    offset (not an RFC 3339 ``date-time``)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=timezone.utc)
+        return value
+
+
 def _in(column: str, values: tuple[str, ...]) -> str:
     return f"{column} IN ({', '.join(repr(v) for v in values)})"
 
@@ -69,7 +84,7 @@ def _id_column() -> Mapped[str]:
 
 
 def _created_at() -> Mapped[datetime]:
-    return mapped_column(DateTime(timezone=True), nullable=False, default=utcnow)
+    return mapped_column(UtcDateTime(), nullable=False, default=utcnow)
 
 
 def _tenant_fk() -> Mapped[str]:
@@ -100,7 +115,7 @@ class ApiKey(Base):
     key_hash: Mapped[str] = mapped_column(String(64), nullable=False)
     scope: Mapped[str] = mapped_column(String(16), nullable=False)
     created_at: Mapped[datetime] = _created_at()
-    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
     tenant: Mapped[Tenant] = relationship()
 
