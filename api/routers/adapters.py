@@ -32,6 +32,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.error_responses import errors
 from api.schemas import AdapterList, AdapterPublic
 from tenants import repositories as repo
 from tenants.adapter_uploads import StagedAdapter, UploadError, UploadLimits, stage_upload
@@ -145,7 +146,8 @@ def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
                             headers={"Retry-After": str(STORE_RETRY_AFTER_S)}) from exc
 
 
-@router.post("/v1/adapters", status_code=202, response_model=AdapterPublic)
+@router.post("/v1/adapters", status_code=202, response_model=AdapterPublic,
+             responses=errors(401, 403, 404, 409, 413, 422, 429, 503))
 async def upload_adapter(
     caller: AdminDep,
     state: StateDep,
@@ -189,7 +191,7 @@ async def upload_adapter(
     return adapter_public(adapter)
 
 
-@router.get("/v1/adapters", response_model=AdapterList)
+@router.get("/v1/adapters", response_model=AdapterList, responses=errors(401, 403, 429, 503))
 def list_adapters(
     caller: AdminDep,
     session: SessionDep,
@@ -205,7 +207,7 @@ def list_adapters(
     return AdapterList(data=[adapter_public(a) for a in rows], limit=limit, offset=offset)
 
 
-@router.get("/v1/adapters/{adapter_id}", response_model=AdapterPublic)
+@router.get("/v1/adapters/{adapter_id}", response_model=AdapterPublic, responses=errors(401, 403, 404, 429, 503))
 def get_adapter(adapter_id: str, caller: AdminDep, session: SessionDep) -> AdapterPublic:
     adapter = repo.get_adapter(session, caller.tenant_id, adapter_id) if is_id(adapter_id) else None
     if adapter is None:
@@ -227,7 +229,7 @@ def _mark_deleted(state, tenant_id: str, adapter_id: str) -> Adapter:
         return adapter
 
 
-@router.delete("/v1/adapters/{adapter_id}", status_code=204)
+@router.delete("/v1/adapters/{adapter_id}", status_code=204, responses=errors(401, 403, 404, 429, 503))
 async def delete_adapter(adapter_id: str, caller: AdminDep, state: StateDep) -> Response:
     """Stop serving the adapter at once, wait for its in-flight requests, remove its files."""
     adapter = await asyncio.to_thread(_mark_deleted, state, caller.tenant_id, adapter_id)

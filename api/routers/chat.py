@@ -15,6 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.background import BackgroundTask
 
 from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
+from api.error_responses import errors
 from api.generation import collect, open_generation, sse
 from api.routers.users import load_user
 from api.schemas import ChatRequest, ChatResponse, MessagePage, MessagePublic, Usage
@@ -62,7 +63,8 @@ def _max_tokens(state: AppState, requested: int | None) -> int:
 @router.post(
     "/v1/users/{user_id}/chat",
     response_model=ChatResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"}},
+    responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream is true"},
+               **errors(401, 404, 413, 422, 429, 503)},
 )
 async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep, http_request: Request):
     """Answer the user's message with their recent history as context and their personal adapter
@@ -127,7 +129,7 @@ class _closing:
         await self.agen.aclose()
 
 
-@router.get("/v1/users/{user_id}/messages", response_model=MessagePage)
+@router.get("/v1/users/{user_id}/messages", response_model=MessagePage, responses=errors(401, 404, 429, 503))
 def list_messages(
     user_id: str,
     caller: ChatDep,
@@ -144,7 +146,7 @@ def list_messages(
     return MessagePage(data=[message_public(m) for m in messages], next_before=next_before)
 
 
-@router.delete("/v1/users/{user_id}/messages", status_code=204)
+@router.delete("/v1/users/{user_id}/messages", status_code=204, responses=errors(401, 404, 429, 503))
 def delete_messages(user_id: str, caller: ChatDep, session: SessionDep) -> Response:
     """Erase the user's whole history."""
     load_user(session, caller.tenant_id, user_id)

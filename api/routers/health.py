@@ -37,7 +37,7 @@ def _store_ok(state) -> bool:
         return False
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses={503: {"description": "not ready: names the checks that failed (or draining)"}})
 async def readyz(request: Request, state: StateDep) -> JSONResponse:
     """200 when the database, the object store and inference all answer; else 503 naming which not.
     While the process drains for shutdown: 503 ``draining`` at once, without probing anything."""

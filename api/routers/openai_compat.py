@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from sqlalchemy import select
 
 from api.deps import ChatDep, SessionDep, StateDep
+from api.error_responses import errors
 from api.generation import collect, open_generation
 from api.state import AppState
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
@@ -90,7 +91,7 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_rea
     return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=errors(401, 404, 413, 422, 429, 503))
 async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: StateDep, http_request: Request):
     """Create a chat completion (``stream`` gives OpenAI-style ``chat.completion.chunk`` events
     ending with ``data: [DONE]``)."""
@@ -141,7 +142,7 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
                              background=BackgroundTask(events.aclose))  # also when the body never started
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=errors(401, 429, 503))
 def list_models(caller: ChatDep, session: SessionDep) -> dict:
     """``base`` plus the names of the tenant's ready adapters."""
     names = session.scalars(

@@ -7,6 +7,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.error_responses import errors
 from api.prefetch import prefetch_quietly
 from api.schemas import AdapterAssignment, UserCreate, UserPublic
 from tenants import repositories as repo
@@ -29,7 +30,7 @@ def load_user(session, tenant_id: str, user_id: str) -> User:
     return user
 
 
-@router.post("/v1/users", status_code=201, response_model=UserPublic)
+@router.post("/v1/users", status_code=201, response_model=UserPublic, responses=errors(401, 403, 409, 413, 429, 503))
 def create_user(body: UserCreate, caller: AdminDep, session: SessionDep) -> UserPublic:
     """Register an end user under the tenant's own ``external_id`` (unique per tenant)."""
     try:
@@ -40,7 +41,7 @@ def create_user(body: UserCreate, caller: AdminDep, session: SessionDep) -> User
     return user_public(user)
 
 
-@router.get("/v1/users", response_model=list[UserPublic])
+@router.get("/v1/users", response_model=list[UserPublic], responses=errors(401, 403, 429, 503))
 def list_users(
     caller: AdminDep,
     session: SessionDep,
@@ -55,12 +56,12 @@ def list_users(
     return [user_public(u) for u in users]
 
 
-@router.get("/v1/users/{user_id}", response_model=UserPublic)
+@router.get("/v1/users/{user_id}", response_model=UserPublic, responses=errors(401, 403, 404, 429, 503))
 def get_user(user_id: str, caller: AdminDep, session: SessionDep) -> UserPublic:
     return user_public(load_user(session, caller.tenant_id, user_id))
 
 
-@router.put("/v1/users/{user_id}/adapter", response_model=UserPublic)
+@router.put("/v1/users/{user_id}/adapter", response_model=UserPublic, responses=errors(401, 403, 404, 409, 413, 429, 503))
 def assign_adapter(
     user_id: str, body: AdapterAssignment, caller: AdminDep, session: SessionDep, state: StateDep, background: BackgroundTasks
 ) -> UserPublic:
