@@ -91,6 +91,38 @@ def test_validation_errors_list_every_problem(client, tenant_a):
     assert r.status_code == 422
 
 
+@pytest.mark.parametrize("field,value", [
+    ("seed", "42"), ("stream", "yes"), ("stream", "true"), ("stream", 1), ("max_tokens", "8"),
+    ("temperature", "0.5"), ("top_p", "1"), ("message", 42),
+])
+def test_chat_refuses_loose_types(client, tenant_a, field, value):
+    """Tailor's own request schemas are strict JSON types: a string is no number, a number or
+    "yes" no boolean (the OpenAI-compatible route follows what OpenAI accepts)."""
+    _tenant, admin, chat_key = tenant_a
+    user = client.get("/v1/users", params={"external_id": "validation-user"}, headers=bearer(admin)).json()
+    user_id = user[0]["id"] if user else create_user(client, admin, "validation-user")["id"]
+    before = messages(client, chat_key, user_id)["data"]
+    r = client.post(f"/v1/users/{user_id}/chat", json={"message": "hi", "max_tokens": 2, field: value},
+                    headers=bearer(chat_key))
+    assert r.status_code == 422, r.text
+    assert ["body", field] in [p["loc"] for p in r.json()["detail"]], r.json()
+    assert messages(client, chat_key, user_id)["data"] == before
+
+
+@pytest.mark.parametrize("method,path,body,field", [
+    ("POST", "/v1/users", {"external_id": 42}, "external_id"),
+    ("POST", "/v1/api-keys", {"scope": 1}, "scope"),
+    ("PATCH", "/v1/tenant", {"system_prompt": 5}, "system_prompt"),
+    ("PUT", "/v1/users/{user_id}/adapter", {"adapter_id": 5}, "adapter_id"),
+])
+def test_admin_routes_refuse_loose_types(client, tenant_a, method, path, body, field):
+    _tenant, admin, _chat = tenant_a
+    user = create_user(client, admin, f"loose-{method}-{field}")
+    r = client.request(method, path.replace("{user_id}", user["id"]), json=body, headers=bearer(admin))
+    assert r.status_code == 422, r.text
+    assert ["body", field] in [p["loc"] for p in r.json()["detail"]], r.json()
+
+
 def test_body_limit_answers_413(client, tenant_a, api_settings):
     _tenant, admin, _chat = tenant_a
     big = {"external_id": "x" * (api_settings.max_body_bytes + 10)}
@@ -222,13 +254,23 @@ def test_non_finite_weights_fail_in_validation_and_are_removed(client, tenant_a,
     assert not [k for k in store_keys(client) if r.json()["id"] in k]
 
 
-def test_assignment_needs_a_ready_adapter(client, tenant_a):
+def test_assignment_needs_a_ready_adapter(client, tenant_a, adapter_dir):
     _t, admin, _c = tenant_a
     user = create_user(client, admin, "assign-user")
-    failed = client.get("/v1/adapters", params={"status": "failed"}, headers=bearer(admin)).json()["data"]
-    if failed:
-        r = client.put(f"/v1/users/{user['id']}/adapter", json={"adapter_id": failed[0]["id"]}, headers=bearer(admin))
-        assert r.status_code == 409
+    # an adapter of its own that fails validation (a NaN weight passes the upload's header checks)
+    tensors = load((adapter_dir / "adapter_model.safetensors").read_bytes())
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].clone()
+    tensors[key][0, 0] = float("nan")
+    files = [("files", ("adapter_config.json", (adapter_dir / "adapter_config.json").read_bytes(), "application/json")),
+             ("files", ("adapter_model.safetensors", save(tensors), "application/octet-stream"))]
+    r = upload_adapter(client, admin, "assign-failed", files)
+    assert r.status_code == 202, r.text
+    failed = wait_for_status(client, admin, r.json()["id"])
+    assert failed["status"] == "failed", failed
+    r = client.put(f"/v1/users/{user['id']}/adapter", json={"adapter_id": failed["id"]}, headers=bearer(admin))
+    assert r.status_code == 409, r.text
+    assert client.get(f"/v1/users/{user['id']}", headers=bearer(admin)).json()["current_adapter_id"] is None
     r = client.put(f"/v1/users/{user['id']}/adapter", json={"adapter_id": "0" * 32}, headers=bearer(admin))
     assert r.status_code == 404
 
