@@ -190,6 +190,8 @@ class Settings(BaseSettings):
             problems.append("the api service needs TAILOR_INFERENCE_MODE=remote and TAILOR_INFERENCE_URL")
         if service == "worker" and self.task_mode != "celery":
             problems.append("the worker needs TAILOR_TASK_MODE=celery and TAILOR_REDIS_URL")
+        if service == "inference" and self.mode == "production" and _is_placeholder(self.inference_secret):
+            problems.append("TAILOR_INFERENCE_SECRET is a placeholder; set a random secret of at least 16 characters")
         if service != "embedded" and self.mode == "production" and self.object_store == "local":
             problems.append("separate services need TAILOR_OBJECT_STORE=s3 (a local folder is not shared)")
         if problems:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 from deploy.compose_config import ENV_EXAMPLE, read_env_file
-from pydantic import ValidationError
+from pydantic import SecretStr, ValidationError
 
 from tenants.settings import Settings
 
@@ -115,3 +115,13 @@ def test_development_still_accepts_the_example_values():
     settings = Settings(_env_file=None, operator_token=env["TAILOR_OPERATOR_TOKEN"],
                         database_url=f"postgresql+psycopg://tailor:{env['POSTGRES_PASSWORD']}@postgres:5432/tailor")
     assert settings.mode == "development"
+
+
+def test_the_inference_service_in_production_refuses_the_development_secret():
+    """The inference service authenticates callers with TAILOR_INFERENCE_SECRET whatever its
+    TAILOR_INFERENCE_MODE says; in production it must not run with the published default."""
+    settings = Settings(_env_file=None, mode="production", operator_token=REAL, api_key_pepper=REAL,
+                        object_store="s3", s3_access_key_id="tailor", s3_secret_access_key=REAL + "-s3")
+    with pytest.raises(ValueError, match="TAILOR_INFERENCE_SECRET"):
+        settings.check_for("inference")
+    settings.model_copy(update={"inference_secret": SecretStr(REAL + "-inference")}).check_for("inference")
