@@ -9,9 +9,11 @@ import os
 if not os.environ.get("CUDA_VISIBLE_DEVICES") and not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,6 +21,34 @@ from inference.adapters import staging
 from inference.bundled_model import prepare_bundled_model
 
 pytest_plugins = ["support.service_fixtures"]
+
+
+SEED_VARIABLE = "TAILOR_TEST_SEED"
+
+
+@pytest.fixture(autouse=True)
+def random_seed(request) -> int:
+    """Each test runs on fresh random inputs from a new seed, printed and named in the report of a
+    failed test; ``TAILOR_TEST_SEED=<seed>`` replays one. It seeds Python's ``random``, numpy's and
+    torch's global generators; a test that makes its own generator draws that one's seed from them
+    (``random.Random(random.getrandbits(64))``), so the one seed replays everything."""
+    text = os.environ.get(SEED_VARIABLE, "").strip()
+    seed = int(text) if text else random.SystemRandom().randrange(2**32)
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    request.node.user_properties.append((SEED_VARIABLE, seed))
+    print(f"{SEED_VARIABLE}={seed}")
+    return seed
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    seed = dict(item.user_properties).get(SEED_VARIABLE)
+    if report.failed and seed is not None:
+        report.sections.append(("random seed", f"replay with {SEED_VARIABLE}={seed}"))
 
 
 @pytest.fixture(autouse=True)

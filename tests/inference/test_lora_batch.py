@@ -51,7 +51,7 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         monkeypatch.setattr(lora_batch, "GROUP_MIN_SLOTS", group_min)
         monkeypatch.setattr(lora_batch, "MAX_SOLO_SEGMENTS", solo_max)
         monkeypatch.setattr(lora_batch, "PAD_MAX_WASTE", pad_waste)
-    rng = random.Random()
+    rng = random.Random(random.getrandbits(64))  # from the seed the random_seed fixture prints
     seed = rng.randrange(1 << 30)
     rng.seed(seed)
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20))

@@ -232,7 +232,7 @@ def test_matches_float64_reference(
 @pytest.mark.parametrize("impl", IMPLS)
 def test_random_batch(impl: str, run: int) -> None:
     """Fuzz: a fresh random batch each run; the seed is in the failure message."""
-    seed = random.SystemRandom().randrange(2**31)
+    seed = random.getrandbits(31)  # from the seed the random_seed fixture prints (TAILOR_TEST_SEED replays it)
     rng = random.Random(seed)
     n_seq = rng.randint(1, 5)
     q_lens, ctx_lens = [], []
