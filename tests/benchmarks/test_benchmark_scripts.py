@@ -50,3 +50,18 @@ def test_cpu_gemm_rows_smoke(tmp_path):
     assert [r["padded_rows"] for r in report["results"]] == [2, 2, 3, 8]
     assert all(set(r["ms"]) == {"F.linear", "weight-left", "engine"} and min(r["ms"].values()) > 0
                for r in report["results"])
+
+
+def test_http_path_smoke(tmp_path, tiny_checkpoint):
+    from benchmarks import http_path
+
+    out = tmp_path / "http.json"
+    assert http_path.main(["--model", str(tiny_checkpoint), "--concurrency", "3", "--max-tokens", "2",
+                           "--rounds", "2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    for side in ("http", "inprocess"):
+        runs = report["rounds"][side]
+        assert len(runs) == 2 and all(1 <= r["completion_tokens"] <= 6 and r["wall_s"] > 0 for r in runs)
+        assert all(r["steps"] >= 1 and 1 <= r["mean_batch"] <= 3 for r in runs)
+    rates = {side: [r["completion_tokens"] / r["wall_s"] for r in report["rounds"][side]] for side in ("http", "inprocess")}
+    assert report["ratio_per_round"] == [h / i for h, i in zip(rates["http"], rates["inprocess"])]
