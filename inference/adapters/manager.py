@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 
 from inference.adapters.host_cache import HostAdapterCache, TierStats
-from inference.adapters.object_store import ObjectStore
+from inference.adapters.object_store import ObjectNotFoundError, ObjectStore
 from inference.adapters.peft_checkpoint import (
     MODULE_ORDER,
+    AdapterValidationError,
     LoraAdapterWeights,
     adapter_files_from_dir,
     validate_adapter_files,
@@ -49,6 +50,25 @@ log = logging.getLogger(__name__)
 # A failed fetch fails the requests waiting for it; requests arriving after this many seconds try
 # the object store again (a store outage is usually transient).
 FETCH_RETRY_SECONDS = 10.0
+# Why a fetch from the object store failed (the ``reason`` label of tailor_adapter_fetch_failures_total):
+# missing (no object under the key), checksum (the bytes changed since registration), invalid (the
+# stored files no longer pass validation), unavailable (anything else: the store unreachable, a timeout).
+FETCH_FAILURE_REASONS = ("missing", "checksum", "invalid", "unavailable")
+
+
+class AdapterChecksumError(ValueError):
+    """Stored adapter weights whose sha256 is not the one registered."""
+
+
+def fetch_failure_reason(exc: BaseException) -> str:
+    """The FETCH_FAILURE_REASONS entry for a fetch that raised ``exc``."""
+    if isinstance(exc, ObjectNotFoundError):
+        return "missing"
+    if isinstance(exc, AdapterChecksumError):
+        return "checksum"
+    if isinstance(exc, AdapterValidationError):
+        return "invalid"
+    return "unavailable"
 
 
 @dataclass
@@ -73,9 +93,13 @@ class DeviceAdapter:
 
 @dataclass
 class AdapterStats:
+    """Counters of the adapter tiers. ``fetch_failures`` counts failed reads from the object store
+    by reason, on both paths that read it: a cold registration (``register_stored``, the platform's
+    first use of an adapter) and a re-fetch into host RAM (``ensure_host``)."""
+
     host: TierStats
     device: TierStats = field(default_factory=TierStats)
-    fetch_failures: int = 0
+    fetch_failures: dict[str, int] = field(default_factory=lambda: dict.fromkeys(FETCH_FAILURE_REASONS, 0))
 
 
 def module_layout(ref: AdapterRef, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[int, int, int]]:
@@ -170,10 +194,14 @@ class AdapterManager:
         """Register adapter files that already sit in the object store (the platform uploads them)."""
         _check_adapter_id(adapter_id)
         started = time.monotonic()
-        config_bytes, weights_bytes = self.store.get(config_key), self.store.get(weights_key)
-        weights = validate_adapter_files(config_bytes, weights_bytes, self.model_config, self.max_rank)
-        if sha256 is not None and sha256 != weights.sha256:
-            raise ValueError(f"stored weights have sha256 {weights.sha256}, expected {sha256}")
+        try:
+            config_bytes, weights_bytes = self.store.get(config_key), self.store.get(weights_key)
+            weights = validate_adapter_files(config_bytes, weights_bytes, self.model_config, self.max_rank)
+            if sha256 is not None and sha256 != weights.sha256:
+                raise AdapterChecksumError(f"stored weights have sha256 {weights.sha256}, expected {sha256}")
+        except Exception as exc:
+            self._count_fetch_failure(exc)
+            raise
         version, existing = self.registry.next_version(adapter_id, weights.sha256, new_version)
         if existing is not None:
             return existing
@@ -225,7 +253,7 @@ class AdapterManager:
             config_bytes = self.store.get(ref.config_key)
             weights_bytes = self.store.get(ref.weights_key)
             if hashlib.sha256(weights_bytes).hexdigest() != ref.sha256:
-                raise ValueError("stored adapter weights changed since registration (sha256 mismatch)")
+                raise AdapterChecksumError("stored adapter weights changed since registration (sha256 mismatch)")
             weights = validate_adapter_files(config_bytes, weights_bytes, self.model_config, self.max_rank)
             seconds = time.monotonic() - started
             self.host.put(ref.uid, self._host_copy(weights), load_seconds=seconds)
@@ -234,10 +262,15 @@ class AdapterManager:
             log.warning("fetching adapter %s failed: %s", ref.uid, exc)
             with self._fetch_lock:
                 self._failed[ref.uid] = (f"loading adapter {ref.adapter_id!r} failed: {exc}", time.monotonic())
-            self.stats.fetch_failures += 1
+            self._count_fetch_failure(exc)
         finally:
             with self._fetch_lock:
                 self._fetches.pop(ref.uid, None)
+
+    def _count_fetch_failure(self, exc: BaseException) -> None:
+        reason = fetch_failure_reason(exc)
+        with self._fetch_lock:
+            self.stats.fetch_failures[reason] += 1
 
     def _observe(self, tier: str, seconds: float) -> None:
         for observer in self.latency_observers:

@@ -62,8 +62,13 @@ class EngineCollector(Collector):
             for tier, tier_stats in tiers:
                 family.add_metric([tier], getattr(tier_stats, field))
             yield family
-        yield _counter("tailor_adapter_fetch_failures", "Adapter fetches from the object store that failed.",
-                       adapters.fetch_failures)
+        failures = CounterMetricFamily("tailor_adapter_fetch_failures",
+                                       "Adapter reads from the object store that failed (cold registrations and "
+                                       "re-fetches), by reason: missing, checksum, invalid, unavailable.",
+                                       labels=["reason"])
+        for reason, count in sorted(adapters.fetch_failures.items()):
+            failures.add_metric([reason], count)
+        yield failures
         host, device = engine.adapters.resident_counts()
         resident = GaugeMetricFamily("tailor_adapters_resident", "Adapters resident per tier.", labels=["tier"])
         resident.add_metric(["host"], host)
