@@ -125,3 +125,8 @@ def test_the_required_alerts_exist():
     assert "tailor_adapter_evictions_total" in thrash and "tailor_adapter_loads_total" in thrash
     assert "tailor_worker_queue_length" in exprs["TailorWorkerQueueBacklog"]
     assert "tailor_worker_queue_lag_seconds_bucket" in exprs["TailorWorkerQueueLag"]
+    # outcome="error" counts adapters given up (never retried attempts); retries have their own alert
+    assert 'outcome="error"' in exprs["TailorWorkerValidationErrors"]
+    assert 'outcome="retry"' in exprs["TailorWorkerValidationRetrying"]
+    fetch = exprs["TailorAdapterFetchFailures"]
+    assert "tailor_adapter_fetch_failures_total" in fetch and "reason" in fetch
