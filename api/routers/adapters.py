@@ -187,8 +187,22 @@ async def upload_adapter(
         response.status_code = 200
         response.headers[REPLAYED_HEADER] = "true"
         return adapter_public(adapter)
-    state.tasks.submit_validation(adapter.id)
+    await _queue_validation(state, adapter.id)
     return adapter_public(adapter)
+
+
+QUEUE_TIMEOUT_S = 5.0
+
+
+async def _queue_validation(state, adapter_id: str) -> None:
+    """Queue the validation off the event loop. The upload is stored either way: if the broker is
+    unreachable (or slow past ``QUEUE_TIMEOUT_S``) the adapter stays ``pending`` and the periodic
+    clean-up queues it again after ``TAILOR_PENDING_REQUEUE_S``."""
+    try:
+        await asyncio.wait_for(asyncio.to_thread(state.tasks.submit_validation, adapter_id), QUEUE_TIMEOUT_S)
+    except Exception as exc:  # noqa: BLE001 - any broker failure: the clean-up requeues it
+        log.warning("queueing the validation of adapter %s failed (the clean-up will queue it again): %s",
+                    adapter_id, exc)
 
 
 @router.get("/v1/adapters", response_model=AdapterList, responses=errors(401, 403, 429, 503))

@@ -12,7 +12,9 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,6 +44,8 @@ from tenants.models import Adapter
 from tenants.platform import Platform
 from tenants.settings import Settings
 from tenants.storage import S3Store
+
+from .conftest import embedded_settings
 
 SEED = 4242
 KiB = 1 << 10
@@ -322,3 +326,23 @@ def test_store_killed_during_a_multipart_upload_leaves_nothing(tmp_path, tiny_ch
             assert len(weed.object_keys(bucket)) == 2 and weed.unfinished_uploads(bucket) == []
     finally:
         platform.close()
+
+
+def test_an_unreachable_broker_still_stores_the_upload_pending(tmp_path, tiny_checkpoint, adapter_dir):
+    """Redis down in Celery mode: the upload answers 202 ``pending`` at once (no 500, no blocked
+    event loop); the clean-up queues the validation once the broker is back."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    settings = embedded_settings(tmp_path / "data", tiny_checkpoint, task_mode="celery",
+                                 redis_url=f"redis://127.0.0.1:{dead_port}/0")
+    settings.data_dir.mkdir(parents=True)
+    migrate.upgrade(settings.resolved_database_url)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        _tenant, admin_key = create_tenant(client, OPERATOR_TOKEN, "brokerless")
+        started = time.monotonic()
+        r = post(client, admin_key, "while-redis-is-down", adapter_files(adapter_dir))
+        assert r.status_code == 202, r.text
+        assert time.monotonic() - started < 15
+        assert client.get("/healthz").status_code == 200
+        assert [a["status"] for a in rows(client, admin_key)] == ["pending"]
