@@ -16,7 +16,10 @@ MISSING = {"PROMETHEUS": "tailor-no-such-prometheus", "PROMTOOL": "tailor-no-suc
 
 def _make(*targets: str, timeout_s: float = 30.0, **variables: str) -> subprocess.CompletedProcess:
     args = ["make", "--no-print-directory", "-s", *targets, *(f"{k}={v}" for k, v in variables.items())]
-    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False)
+    # a top-level make, also when the suite itself runs under `make test` (MAKELEVEL would make it
+    # print "make[1]:" and MAKEFLAGS would pass the outer command line's variables down)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKELEVEL", "MAKEFLAGS", "MFLAGS")}
+    return subprocess.run(args, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout_s, check=False, env=env)
 
 
 def test_deps_passes_quietly_when_prometheus_and_promtool_are_there():

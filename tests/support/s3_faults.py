@@ -1,9 +1,11 @@
-"""A SeaweedFS of a test's own, to kill and restart for store-fault tests.
+"""A SeaweedFS of a test's own, to kill, stop, freeze and restart for store-fault tests.
 
 The session's ``seaweedfs`` fixture (``support.service_fixtures``) is shared by other tests and must
 never be killed; ``killable_seaweedfs`` starts a separate ``weed mini`` with the same helpers. Its
 command line (data directory and every port) is fixed at the first start, so ``restart`` brings the
 same server back with the data it had: what an interrupted upload left behind is still there.
+``pause`` freezes it (SIGSTOP: the kernel accepts connections that are never answered, a hung
+store) until ``resume``.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ class KillableSeaweedFS:
         self.process: subprocess.Popen | None = None
         self.log = self.data_dir / "weed.log"
 
-    def start(self, timeout: float = START_TIMEOUT_S) -> None:
-        """Start the server and wait until its S3 API answers."""
+    def start(self, timeout: float = START_TIMEOUT_S) -> KillableSeaweedFS:
+        """Start the server (again) and wait until its S3 API answers."""
         env = {**os.environ, "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY_ID, "AWS_SECRET_ACCESS_KEY": S3_SECRET_ACCESS_KEY}
+        for sock in ("filer.sock", "s3.sock"):  # left behind if the last run did not end cleanly
+            (self.data_dir / sock).unlink(missing_ok=True)
         with open(self.log, "ab") as out:
             self.process = subprocess.Popen(self.command, env=env, stdout=out, stderr=subprocess.STDOUT,
                                             cwd=self.data_dir, start_new_session=True)
@@ -56,6 +60,7 @@ class KillableSeaweedFS:
         except RuntimeError:
             stop_process(self.process)
             raise
+        return self
 
     def kill(self) -> None:
         """SIGKILL the server's process group and wait for it to be gone (the port then refuses)."""
@@ -76,8 +81,18 @@ class KillableSeaweedFS:
                 time.sleep(1.0)
 
     def stop(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL): connections are refused until ``start``."""
         if self.process is not None:
+            self.resume()
             stop_process(self.process)
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): requests hang until ``resume``."""
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)
 
     def unfinished_uploads(self, bucket: str) -> list[str]:
         """The keys of the bucket's multipart uploads that were neither completed nor aborted."""

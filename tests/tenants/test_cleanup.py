@@ -94,15 +94,6 @@ def test_periodic_cleanup_runs_and_survives_failures():
     PeriodicCleanup(job, 0).start().stop()  # 0 disables it
 
 
-def test_the_worker_schedules_the_cleanup_task():
-    from tenants.celery_app import CLEANUP_TASK, make_celery
-
-    app = make_celery(Settings(task_mode="celery", cleanup_interval_s=120))
-    assert CLEANUP_TASK in app.tasks
-    assert app.conf.beat_schedule["tailor-cleanup"] == {"task": CLEANUP_TASK, "schedule": 120}
-    assert not make_celery(Settings(task_mode="celery", cleanup_interval_s=0)).conf.beat_schedule
-
-
 def test_cleanup_removes_stale_unfinished_uploads(platform):
     """A temporary file that an interrupted put_file left (the local store's unfinished upload) is
     removed once it is older than stale_upload_after_s; a fresh one (an upload in progress) stays."""

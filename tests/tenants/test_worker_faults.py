@@ -30,7 +30,8 @@ from tenants.worker_leases import UNACKED_INDEX_KEY
 
 UNACKED_KEY = "unacked"  # kombu's hash of the messages delivered and not acknowledged
 
-from support.faults import ThrowawaySeaweed, session_processes, wait_for
+from support.faults import session_processes, wait_for
+from support.s3_faults import KillableSeaweedFS
 from support.postgres import new_pg_database
 from support.worker_flows import metric, pending_adapter, valid_adapter_dir
 
@@ -40,7 +41,7 @@ REDELIVERY_BOUND_S = 30  # a killed worker's task is done this soon (it was 5 mi
 
 @pytest.fixture(scope="module")
 def weed(tmp_path_factory):
-    server = ThrowawaySeaweed(tmp_path_factory.mktemp("weed")).start()
+    server = KillableSeaweedFS(tmp_path_factory.mktemp("weed")).start()
     yield server
     server.stop()
 
