@@ -422,15 +422,11 @@ def _parse_safetensors(weights_bytes: bytes, problems: list[str]) -> dict[str, t
 
     if read_safetensors_header(weights_bytes, problems) is None:
         return None
-    try:
-        tensors = load_safetensors(bytes(weights_bytes))
+    try:  # the header check above already refused a file without tensors
+        return load_safetensors(bytes(weights_bytes))
     except Exception as exc:  # safetensors raises its own error types (and others on odd headers)
         problems.append(f"{WEIGHTS_FILE} is not a valid safetensors file: {exc}")
         return None
-    if not tensors:
-        problems.append(f"{WEIGHTS_FILE} holds no tensors")
-        return None
-    return tensors
 
 
 def _shape(t: torch.Tensor) -> list[int]:
