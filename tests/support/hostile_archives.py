@@ -4,11 +4,11 @@ streams and safetensors files with arbitrary headers, built from valid adapter b
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import struct
-import tarfile
 import zipfile
+
+from support.platform_flows import tar_bytes, zip_bytes
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
@@ -19,11 +19,7 @@ _ZIP_FIELDS = {"flags": (8, 6, "<H"), "method": (10, 8, "<H"), "crc": (16, 14, "
 
 
 def zip_of(members: dict[str, bytes], compression: int = zipfile.ZIP_DEFLATED) -> bytes:
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
-        for name, data in members.items():
-            zf.writestr(name, data)
-    return buffer.getvalue()
+    return zip_bytes(members, compression)
 
 
 def central_entry(blob: bytes, name: str) -> int:
@@ -60,23 +56,18 @@ def zip_member_data(blob: bytes, name: str) -> int:
 
 def tar_of(members: dict[str, bytes], compression: str = "gz", level: int = 9) -> bytes:
     """A tar of ``members``, compressed by ``compression`` ('' none, 'gz' at ``level``, 'xz', 'bz2')."""
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w") as tf:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
+    raw = tar_bytes(members)
     if compression == "gz":
-        return gzip.compress(raw.getvalue(), compresslevel=level, mtime=0)
+        return gzip.compress(raw, compresslevel=level, mtime=0)
     if compression == "xz":
         import lzma
 
-        return lzma.compress(raw.getvalue())
+        return lzma.compress(raw)
     if compression == "bz2":
         import bz2
 
-        return bz2.compress(raw.getvalue())
-    return raw.getvalue()
+        return bz2.compress(raw)
+    return raw
 
 
 def flipped_weight_bit(config: bytes, weights: bytes) -> bytes:

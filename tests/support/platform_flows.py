@@ -5,6 +5,7 @@ Every function takes an ``httpx.Client`` (FastAPI's TestClient is one) pointed a
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import tarfile
@@ -58,22 +59,27 @@ def adapter_files(adapter_dir: Path) -> list[tuple[str, tuple[str, bytes, str]]]
     ]
 
 
-def zip_bytes(members: dict[str, bytes]) -> bytes:
+def zip_bytes(members: dict[str, bytes], compression: int = zipfile.ZIP_STORED) -> bytes:
     buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w") as zf:
+    with zipfile.ZipFile(buffer, "w", compression=compression) as zf:
         for name, data in members.items():
             zf.writestr(name, data)
     return buffer.getvalue()
 
 
-def tar_gz_bytes(members: dict[str, bytes]) -> bytes:
+def tar_bytes(members: dict[str, bytes]) -> bytes:
+    """An uncompressed tar of ``members``."""
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tf:
+    with tarfile.open(fileobj=buffer, mode="w") as tf:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
     return buffer.getvalue()
+
+
+def tar_gz_bytes(members: dict[str, bytes]) -> bytes:
+    return gzip.compress(tar_bytes(members), mtime=0)
 
 
 def upload_adapter(client: httpx.Client, admin_key: str, name: str, files, user_id: str | None = None) -> httpx.Response:
