@@ -43,7 +43,3 @@ class TenantConcurrencyLimit:
                 self._in_flight[tenant_id] = count
             else:
                 self._in_flight.pop(tenant_id, None)
-
-    def in_flight(self, tenant_id: str) -> int:
-        with self._lock:
-            return self._in_flight.get(tenant_id, 0)
