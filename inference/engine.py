@@ -165,9 +165,10 @@ class LLMEngine:
                 f"beyond the context window of {self.max_model_len} tokens"
             )
         pages = self.pool.geometry.pages_for_tokens(total)
+        ref = None
         if adapter_id is not None:
             try:
-                ref = self.adapters.registry.current(adapter_id)
+                ref = self.adapters.lookup(adapter_id)
                 pages += self.pool.geometry.pages_for_elems(ref.layer_elems)
             except UnknownAdapterError as exc:
                 problems.append(str(exc))
@@ -182,6 +183,7 @@ class LLMEngine:
             prompt_token_ids=list(token_ids),
             params=params,
             adapter_id=adapter_id,
+            adapter=ref,
         )
         if not params.greedy:
             seed = params.seed
@@ -194,8 +196,8 @@ class LLMEngine:
         """Queue a validated request (engine thread only)."""
         if request.request_id in self._requests:
             raise ValueError(f"request id {request.request_id!r} is already in use")
-        if request.adapter_id is not None:
-            request.adapter = self.adapters.registry.acquire(request.adapter_id)
+        if request.adapter is not None:  # the version resolved when the request was made, exactly
+            request.adapter = self.adapters.acquire(request.adapter)
         self._requests[request.request_id] = request
         self.scheduler.add(request)
 
@@ -417,12 +419,7 @@ class LLMEngine:
         self.scheduler.remove(request)
         self._requests.pop(request.request_id, None)
         if request.adapter is not None:
-            ref = request.adapter
-            registry = self.adapters.registry
-            registry.release(ref)
-            if registry.get(ref.adapter_id) is not ref and registry.users(ref.uid) == 0:
-                self.adapters.drop([ref])  # a superseded version's last request: free its pages now
-                self.adapters.forget_version(ref)
+            self.adapters.release(request.adapter)
         self.stats.finished_requests += 1
 
     def _output(self, request: Request, new_ids: list[int], new_logprobs: list) -> RequestOutput:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
+from inference.adapters.registry import AdapterRef
 from inference.sampling import SamplingParams
 
 
@@ -37,7 +37,10 @@ class Request:
     prompt_token_ids: list[int]
     params: SamplingParams
     adapter_id: str | None = None
-    adapter: Any = None  # the AdapterRef held while the request is live (set by the engine)
+    # the adapter version, resolved once when the request is made and counted as in use from
+    # LLMEngine.add until the request finishes; everything below (scheduler, residency, the
+    # step's LoRA mapping) works from this reference, never from adapter_id
+    adapter: AdapterRef | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)

@@ -236,6 +236,26 @@ class AdapterManager:
         modules = {n: replace(m, a=m.a.to(dtype), b_t=m.b_t.to(dtype)) for n, m in weights.modules.items()}
         return replace(weights, modules=modules)
 
+    # ------------------------------------------------------------------ use by requests
+    def lookup(self, adapter_id: str) -> AdapterRef:
+        """The current version of ``adapter_id`` (any thread; counts no user).
+        UnknownAdapterError if none."""
+        return self.registry.current(adapter_id)
+
+    def acquire(self, ref: AdapterRef) -> AdapterRef:
+        """A request admitted with ``ref`` starts using that version (engine thread); returns the
+        version it holds from now on (the current one if ``ref`` was superseded and dropped
+        since :meth:`lookup`). UnknownAdapterError if the adapter was unregistered since."""
+        return self.registry.acquire_ref(ref)
+
+    def release(self, ref: AdapterRef) -> None:
+        """A request that used ``ref`` finished (engine thread). A superseded version's last user
+        frees its device pages and host copy now."""
+        self.registry.release(ref)
+        if self.registry.get(ref.adapter_id) is not ref and self.registry.users(ref.uid) == 0:
+            self.drop([ref])
+            self.forget_version(ref)
+
     # ------------------------------------------------------------------ the fetcher (background)
     def ensure_host(self, ref: AdapterRef) -> bool:
         """True if ``ref`` is in host RAM; otherwise start (or keep) a background fetch."""

@@ -89,14 +89,18 @@ class AdapterRegistry:
             self._users.setdefault(ref.uid, 0)
             return previous
 
-    def acquire(self, adapter_id: str) -> AdapterRef:
-        """Look up the current version and count one more user of it, atomically."""
+    def acquire_ref(self, ref: AdapterRef) -> AdapterRef:
+        """Count one more user of this version and return it. If it was superseded and dropped
+        since it was looked up, the current version is taken instead (as a request made a moment
+        later would have). UnknownAdapterError if the id is gone or being unregistered."""
         with self._cond:
-            ref = self._current.get(adapter_id)
-            if ref is None or adapter_id in self._closing:
-                raise UnknownAdapterError(f"unknown adapter {adapter_id!r}")
-            self._users[ref.uid] += 1
-            return ref
+            if ref.adapter_id in self._closing:
+                raise UnknownAdapterError(f"unknown adapter {ref.adapter_id!r}")
+            held = ref if self._by_uid.get(ref.uid) is ref else self._current.get(ref.adapter_id)
+            if held is None:
+                raise UnknownAdapterError(f"unknown adapter {ref.adapter_id!r}")
+            self._users[held.uid] += 1
+            return held
 
     def release(self, ref: AdapterRef) -> None:
         with self._cond:
