@@ -208,21 +208,7 @@ class EngineLoop:
 
 
 def unregister_adapter(engine: LLMEngine, loop: EngineLoop, adapter_id: str, timeout: float | None = None) -> None:
-    """Hide ``adapter_id`` from new requests, wait for in-flight ones, then drop it from the device
-    and host tiers (on the engine thread) and delete its objects from the store."""
-    registry = engine.adapters.registry
-    refs = registry.begin_unregister(adapter_id)
-    if not registry.wait_idle(refs, timeout):
-        registry.cancel_unregister(adapter_id)
-        raise TimeoutError(f"adapter {adapter_id!r} is still used by in-flight requests")
-    loop.call(lambda e: e.adapters.drop(refs))
-    registry.forget(adapter_id, refs)
-    owned_prefix = engine.adapters.key_prefix + "/"
-    for ref in refs:
-        for key in (ref.config_key, ref.weights_key):
-            if not key.startswith(owned_prefix):
-                continue  # objects the platform stored itself are the platform's to delete
-            try:
-                engine.adapters.store.delete(key)
-            except Exception:
-                log.exception("deleting %s from the object store failed", key)
+    """Hide ``adapter_id`` from new requests, wait for in-flight ones, then delete its objects from
+    the store and drop it from the device and host tiers (on the engine thread). The adapter
+    manager owns these steps (``AdapterManager.unregister``)."""
+    engine.adapters.unregister(adapter_id, lambda fn: loop.call(lambda _engine: fn()), timeout)

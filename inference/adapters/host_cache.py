@@ -1,7 +1,8 @@
-"""The host-RAM tier: an LRU cache of parsed adapter weights under a byte budget.
+"""The host-RAM cache: an LRU of packed adapters under a byte budget.
 
-On CUDA the tensors are pinned so that paging them into the device pool is an asynchronous DMA.
-Thread-safe: the fetcher thread inserts, the engine thread reads.
+An entry is the adapter's packed ``[num_layers, padded_elems]`` tensor in the pool's dtype
+(``inference.adapters.lora_weights.pack_layers``), pinned on CUDA; the budget counts exactly its
+bytes, padding included. Thread-safe: the fetcher threads insert, the engine thread reads.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from inference.adapters.peft_checkpoint import LoraAdapterWeights
+import torch
 
 
 @dataclass
@@ -25,29 +26,30 @@ class TierStats:
 
 
 class HostAdapterCache:
-    """``uid -> LoraAdapterWeights`` with least-recently-used eviction beyond ``budget_bytes``.
+    """``uid -> packed adapter tensor`` with least-recently-used eviction beyond ``budget_bytes``.
 
     An entry larger than the whole budget is still admitted (alone), so any registered adapter
-    can be served; it is the first to go when the next one arrives.
+    can be served; it is the first to go when the next one arrives. An evicted tensor that a
+    device copy still reads stays valid: pinned memory copied with ``non_blocking=True`` is not
+    reused by torch's caching host allocator before that copy has run.
     """
 
-    def __init__(self, budget_bytes: int, pin_memory: bool = False):
+    def __init__(self, budget_bytes: int):
         if budget_bytes < 1:
             raise ValueError("the host adapter cache budget must be positive")
         self.budget_bytes = budget_bytes
-        self.pin_memory = pin_memory
-        self._entries: OrderedDict[str, tuple[LoraAdapterWeights, int]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[torch.Tensor, int]] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
         self.stats = TierStats()
 
     @staticmethod
-    def entry_bytes(weights: LoraAdapterWeights) -> int:
-        return sum(m.a.numel() * m.a.element_size() + m.b_t.numel() * m.b_t.element_size() for m in weights.modules.values())
+    def entry_bytes(packed: torch.Tensor) -> int:
+        return packed.numel() * packed.element_size()
 
-    def get(self, uid: str) -> LoraAdapterWeights | None:
-        """The weights if cached (marks them recently used and counts a hit). Misses are counted
-        by the caller that starts the fetch, once per fetch."""
+    def get(self, uid: str) -> torch.Tensor | None:
+        """The packed adapter if cached (marks it recently used and counts a hit). Misses are
+        counted by the caller that starts the fetch, once per fetch."""
         with self._lock:
             entry = self._entries.get(uid)
             if entry is None:
@@ -60,14 +62,12 @@ class HostAdapterCache:
         with self._lock:
             return uid in self._entries
 
-    def put(self, uid: str, weights: LoraAdapterWeights, load_seconds: float = 0.0) -> None:
-        if self.pin_memory:
-            weights = _pinned(weights)
-        size = self.entry_bytes(weights)
+    def put(self, uid: str, packed: torch.Tensor, load_seconds: float = 0.0) -> None:
+        size = self.entry_bytes(packed)
         with self._lock:
             if uid in self._entries:
                 self._bytes -= self._entries.pop(uid)[1]
-            self._entries[uid] = (weights, size)
+            self._entries[uid] = (packed, size)
             self._bytes += size
             self.stats.loads += 1
             self.stats.load_seconds_sum += load_seconds
@@ -88,12 +88,3 @@ class HostAdapterCache:
 
     def __len__(self) -> int:
         return len(self._entries)
-
-
-def _pinned(weights: LoraAdapterWeights) -> LoraAdapterWeights:
-    from dataclasses import replace
-
-    modules = {
-        name: replace(m, a=m.a.pin_memory(), b_t=m.b_t.pin_memory()) for name, m in weights.modules.items()
-    }
-    return replace(weights, modules=modules)

@@ -108,6 +108,11 @@ class AdapterRegistry:
             if self._users[ref.uid] <= 0:
                 self._cond.notify_all()
 
+    def knows(self, uid: str) -> bool:
+        """True while the version ``uid`` is registered (current or superseded but still used)."""
+        with self._cond:
+            return uid in self._by_uid
+
     def users(self, uid: str) -> int:
         with self._cond:
             return self._users.get(uid, 0)

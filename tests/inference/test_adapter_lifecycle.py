@@ -228,9 +228,9 @@ def test_store_failure_fails_only_that_request(tmp_path, tiny_checkpoint, tiny_c
     engine.add(follow_up)
     final = run_to_completion(engine, timeout_s=30)
     assert final[follow_up.request_id].finish_reason.value == "error"  # within the retry delay: fails fast
-    import inference.adapters.manager as manager_module
+    import inference.adapters.host_tier as host_tier
 
-    monkeypatch.setattr(manager_module, "FETCH_RETRY_SECONDS", 0.0)  # the delay has passed: fetch again
+    monkeypatch.setattr(host_tier, "FETCH_RETRY_SECONDS", 0.0)  # the delay has passed: fetch again
     retry = engine.request_from_ids([5, 6], _greedy(), None, "flaky")
     engine.add(retry)
     final = run_to_completion(engine, timeout_s=30)
@@ -251,7 +251,7 @@ def test_running_adapters_are_never_evicted_under_pressure(tmp_path, tiny_checkp
     def check(e):
         for request in e.scheduler.running:
             assert e.adapters.resident(request.adapter.uid) is not None
-        resident_pages = sum(len(e.adapters.resident(uid).pages) for uid in list(e.adapters._resident))
+        resident_pages = sum(len(e.adapters.resident(uid).pages) for uid in e.adapters.resident_uids())
         assert e.pool.occupancy().adapter == resident_pages
 
     run_to_completion(engine, on_step=check)
