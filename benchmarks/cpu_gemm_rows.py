@@ -1,6 +1,6 @@
 """CPU GEMM time of one decode step's projections against the number of activation rows.
 
-The engine's CPU projections (``inference.model._linear_weight_left``) compute ``x @ W.T`` as
+The engine's CPU projections (``inference.backends.cpu.gemm.linear_weight_left``) compute ``x @ W.T`` as
 ``(W @ x.T).T`` with the rows of ``x`` padded to ``cpu_gemm_rows(rows)``. This script measures why:
 for each row count it times every projection of a Llama-shaped model (random weights, all layers,
 so the weights stream from memory as in a real step) and the LM head in three forms, interleaved
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from benchmarks.decode_step import PRESETS
 from benchmarks.engine_vs_hf import device_name
-from inference.model import _linear_weight_left, cpu_gemm_rows
+from inference.backends.cpu.gemm import cpu_gemm_rows, linear_weight_left
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +78,7 @@ def projection_weights(preset: str, seed: int = 0) -> list[torch.Tensor]:
 FORMS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "F.linear": F.linear,
     "weight-left": lambda x, w: torch.mm(w, x.t()).t(),
-    "engine": _linear_weight_left,
+    "engine": linear_weight_left,
 }
 
 

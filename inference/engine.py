@@ -1,6 +1,12 @@
-"""The engine: one ``step()`` is schedule, run the model, sample, post-process.
+"""The engine: a request's lifecycle, and one ``step()``: schedule, run the model, sample,
+post-process.
 
-``LLMEngine`` is single-threaded and does no I/O in ``step``. Requests are validated by
+``LLMEngine`` owns the page pool, the adapter tiers and the scheduler, and delegates the step's
+forward pass to the :class:`~inference.model_runner.ModelRunner` and the sampled tokens to the
+:class:`~inference.output_processor.OutputProcessor`. The device-specific work lives in the
+backend it picks once at start-up (:func:`inference.backends.select_backend`).
+
+It is single-threaded and does no I/O in ``step``. Requests are validated by
 :meth:`LLMEngine.make_request` (safe to call from any thread, mutates nothing) before they are
 queued, so a bad request is refused with a ValueError and never reaches the loop.
 """
@@ -13,25 +19,25 @@ import shutil
 import tempfile
 import time
 import weakref
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from inference.adapters.lora_batch import LoraBatch, chunk_order
 from inference.adapters.manager import AdapterManager
 from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
-from inference.adapters.staging import StagedAdapters
+from inference.backends import select_backend
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.engine_config import EngineConfig
-from inference.model import ForwardBatch, LlamaModel
+from inference.model import LlamaModel
 from inference.model_config import ModelConfig
+from inference.model_runner import ModelRunner
+from inference.output_processor import OutputProcessor
 from inference.page_pool import PageGeometry, PagePool
-from inference.request import FinishReason, Request, RequestOutput, RequestState, TokenLogprob
+from inference.request import FinishReason, Request, RequestOutput, RequestState
 from inference.sampling import SamplingParams, sample
-from inference.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from inference.scheduler import Scheduler, SchedulerConfig
 from inference.tokenizer import Tokenizer
 from inference.weights import load_weights
 
@@ -84,12 +90,15 @@ class LLMEngine:
             raise ValueError("device 'cuda' requested but CUDA is not available")
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)
+        self.backend = select_backend(self.device, self.config.use_triton)
         weights = load_weights(self.checkpoint_dir, self.model_config, self.device, self.dtype)
-        self.model = LlamaModel(self.model_config, weights, self.device, self.dtype)
+        self.model = LlamaModel(self.model_config, weights, self.device, self.dtype, self.backend)
         del weights
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
         self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
+        if self.config.warm_up_kernels:
+            self.backend.warm_up(self.model_config, self.pool, self.config.max_lora_rank)
         if adapter_store is None:
             store_dir = self.config.adapter_store_dir
             if store_dir is None:  # a private folder, removed with the engine
@@ -104,8 +113,7 @@ class LLMEngine:
             max_rank=self.config.max_lora_rank,
             fetch_threads=self.config.adapter_fetch_threads,
         )
-        # the gathered (CPU) LoRA path's copies of grouped adapters, kept from step to step
-        self.staged_adapters = StagedAdapters(self.pool)
+        self.runner = ModelRunner(self.model, self.pool, self.adapters, self.backend)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters
         )
@@ -113,6 +121,7 @@ class LLMEngine:
         if self.tokenizer.eos_token_id is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
+        self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.stats = EngineStats()
         self.step_observers: list = []  # callables (batch_size: requests, num_tokens: tokens) after each step
         self.last_step_ran = False
@@ -214,7 +223,7 @@ class LLMEngine:
         if request is None:
             return None
         self._finish(request, FinishReason.ABORT)
-        return self._output(request, [], [])
+        return self.outputs.output(request, [], [])
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """Finish every live request with an error (used when a step raised); frees all pages."""
@@ -222,7 +231,7 @@ class LLMEngine:
         for request in list(self._requests.values()):
             request.error = message
             self._finish(request, FinishReason.ERROR)
-            outputs.append(self._output(request, [], []))
+            outputs.append(self.outputs.output(request, [], []))
         return outputs
 
     def has_unfinished(self) -> bool:
@@ -247,76 +256,43 @@ class LLMEngine:
         for request in plan.failed:
             request.error = self.adapters.failure(request.adapter) or "adapter could not be loaded"
             self._finish(request, FinishReason.ERROR)
-            outputs.append(self._output(request, [], []))
-        if not plan.chunks:
-            self._prefetch()
-            return outputs
-        self._order_chunks(plan)
-        batch, sampling_chunks = self._build_batch(plan)
-        lora = self._lora_batch(plan)
-        logits = self.model.forward(batch, self.pool, lora)
-        for chunk in plan.chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
-        prompt_tokens = sum(
-            max(0, min(c.start + c.num_tokens, len(c.request.prompt_token_ids)) - c.start) for c in plan.chunks
-        )
-        self.stats.steps += 1
-        self.stats.prompt_tokens += prompt_tokens
-        self.stats.last_batch_size = len(plan.chunks)
-        self.stats.last_step_tokens = plan.num_tokens
-        self.stats.batch_size_sum += len(plan.chunks)
-        for observer in self.step_observers:
-            observer(len(plan.chunks), plan.num_tokens)
-        if sampling_chunks:
-            requests = [c.request for c in sampling_chunks]
-            result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
-            now = time.monotonic()
-            for i, request in enumerate(requests):
-                top = result.top_logprobs[i] if result.top_logprobs else None
-                outputs.append(self._append_token(request, result.token_ids[i], result.logprobs[i], top, now))
-            self.stats.generation_tokens += len(requests)
+            outputs.append(self.outputs.output(request, [], []))
+        if plan.chunks:
+            logits, sampling_chunks = self.runner.run(plan)
+            for chunk in plan.chunks:
+                chunk.request.num_computed_tokens += chunk.num_tokens
+            self._count_step(plan)
+            if sampling_chunks:
+                outputs.extend(self._sample(logits, [c.request for c in sampling_chunks]))
         self._prefetch()
         return outputs
 
-    def _order_chunks(self, plan: SchedulerOutput) -> None:
-        """Rows of one adapter next to each other, and adapters the CPU LoRA path computes together
-        in one run (``lora_batch.chunk_order``)."""
-        rows: Counter[str] = Counter()
-        for chunk in plan.chunks:
-            if chunk.request.adapter is not None:
-                rows[chunk.request.adapter.uid] += chunk.num_tokens
+    def _count_step(self, plan) -> None:
+        stats = self.stats
+        stats.steps += 1
+        stats.prompt_tokens += sum(
+            max(0, min(c.start + c.num_tokens, len(c.request.prompt_token_ids)) - c.start) for c in plan.chunks
+        )
+        stats.last_batch_size = len(plan.chunks)
+        stats.last_step_tokens = plan.num_tokens
+        stats.batch_size_sum += len(plan.chunks)
+        for observer in self.step_observers:
+            observer(len(plan.chunks), plan.num_tokens)
 
-        def key(chunk) -> tuple:
-            ref = chunk.request.adapter
-            if ref is None:
-                return chunk_order(None, 0)
-            adapter = self.adapters.resident(ref.uid)
-            return chunk_order(adapter, rows[ref.uid], self.staged_adapters.position(adapter))
-
-        plan.chunks.sort(key=key)
-
-    def _lora_batch(self, plan: SchedulerOutput) -> LoraBatch | None:
-        """Slots for the distinct adapters of this step, or None when no row has an adapter."""
-        slot_of: dict[str, int] = {}
-        slots = []
-        chunk_slots = []
-        for chunk in plan.chunks:
-            ref = chunk.request.adapter
-            if ref is None:
-                chunk_slots.append(-1)
-                continue
-            if ref.uid not in slot_of:
-                resident = self.adapters.resident(ref.uid)
-                if resident.ready_event is not None:  # paged in on the side stream
-                    torch.cuda.current_stream(self.device).wait_event(resident.ready_event)
-                    resident.ready_event = None
-                slot_of[ref.uid] = len(slots)
-                slots.append(resident)
-            chunk_slots.append(slot_of[ref.uid])
-        if not slots:
-            return None
-        return LoraBatch(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks], self.config.use_triton,
-                         staging=self.staged_adapters)
+    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
+        """Sample a token for each request (row i of ``logits``) and post-process it."""
+        result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        now = time.monotonic()
+        outputs = []
+        for i, request in enumerate(requests):
+            top = result.top_logprobs[i] if result.top_logprobs else None
+            token = result.token_ids[i]
+            finish = self.outputs.append_token(request, token, result.logprobs[i], top, now)
+            if finish is not None:
+                self._finish(request, finish)
+            outputs.append(self.outputs.output(request, [token], [result.logprobs[i]]))
+        self.stats.generation_tokens += len(requests)
+        return outputs
 
     def _prefetch(self) -> None:
         """Start fetches and page-ins for the adapters of the requests next in line."""
@@ -327,88 +303,6 @@ class LLMEngine:
         if refs:
             reserve = int(self.pool.num_pages * self.config.prefetch_reserve_fraction) + len(self.scheduler.running)
             self.adapters.prefetch(refs, reserve)
-
-    def _build_batch(self, plan: SchedulerOutput) -> tuple[ForwardBatch, list]:
-        page_tokens = self.pool.geometry.page_tokens
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        seq_lens: list[int] = []
-        starts = [0]
-        logits_rows: list[int] = []
-        sampling_chunks = []
-        max_pages = max(len(c.request.kv_pages) for c in plan.chunks)
-        table = torch.zeros((len(plan.chunks), max_pages), dtype=torch.int32)
-        for row, chunk in enumerate(plan.chunks):
-            request = chunk.request
-            end = chunk.start + chunk.num_tokens
-            ids.extend(request.token_at(chunk.start, end))
-            pages = request.kv_pages
-            for pos in range(chunk.start, end):
-                positions.append(pos)
-                slots.append(pages[pos // page_tokens] * page_tokens + pos % page_tokens)
-            table[row, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
-            seq_lens.append(end)
-            starts.append(starts[-1] + chunk.num_tokens)
-            if chunk.samples:
-                logits_rows.append(starts[-1] - 1)
-                sampling_chunks.append(chunk)
-        device = self.device
-        batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),
-            page_table=table.to(device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True),
-            max_q_len=max(c.num_tokens for c in plan.chunks),
-        )
-        return batch, sampling_chunks
-
-    # ------------------------------------------------------------------ post-processing
-    def _append_token(
-        self,
-        request: Request,
-        token_id: int,
-        logprob: float | None,
-        top: list[tuple[int, float]] | None,
-        now: float,
-    ) -> RequestOutput:
-        params = request.params
-        request.output_token_ids.append(token_id)
-        request.output_logprobs.append(logprob)
-        request.output_top_logprobs.append(top)
-        if request.first_token_time is None:
-            request.first_token_time = now
-        finish: FinishReason | None = None
-        is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
-        if is_stop_token:
-            finish = FinishReason.STOP
-        elif len(request.output_token_ids) >= params.max_tokens:
-            finish = FinishReason.LENGTH
-        self._detokenize(request, upto=len(request.output_token_ids) - (1 if is_stop_token else 0), final=finish is not None)
-        if params.stop:
-            search_from = max(0, request.emitted_text_len - max(len(s) for s in params.stop))
-            hits = [i for s in params.stop if (i := request.text.find(s, search_from)) >= 0]
-            if hits:
-                request.text = request.text[: min(hits)]
-                finish = FinishReason.STOP
-        if finish is not None:
-            self._finish(request, finish)
-        return self._output(request, [token_id], [logprob])
-
-    def _detokenize(self, request: Request, upto: int, final: bool) -> None:
-        """Append the text of ``output_token_ids[read_offset:upto]`` to ``request.text``."""
-        ids = request.output_token_ids
-        window = ids[request.prefix_offset : upto]
-        read = request.read_offset - request.prefix_offset
-        if len(window) <= read:
-            return
-        delta = self.tokenizer.decode_window(window, read, request.params.skip_special_tokens, final)
-        if delta:
-            request.text += delta
-            request.prefix_offset, request.read_offset = request.read_offset, upto
 
     def _finish(self, request: Request, reason: FinishReason) -> None:
         if request.finished:
@@ -421,37 +315,3 @@ class LLMEngine:
         if request.adapter is not None:
             self.adapters.release(request.adapter)
         self.stats.finished_requests += 1
-
-    def _output(self, request: Request, new_ids: list[int], new_logprobs: list) -> RequestOutput:
-        text = request.text
-        if not request.finished:
-            # hold back a partial UTF-8 character and any tail that may still grow into a stop string
-            visible = len(text)
-            if text.endswith("\ufffd"):
-                visible = len(text.rstrip("\ufffd"))
-            if request.params.stop:
-                visible = min(visible, len(text) - (max(len(s) for s in request.params.stop) - 1))
-            visible = max(visible, request.emitted_text_len)
-            text = text[:visible]
-        delta = text[request.emitted_text_len :]
-        request.emitted_text_len = len(text)
-        logprobs = None
-        if request.params.logprobs is not None:
-            logprobs = [
-                TokenLogprob(t, lp if lp is not None else float("nan"), tuple(top or ()))
-                for t, lp, top in zip(request.output_token_ids, request.output_logprobs, request.output_top_logprobs)
-            ]
-        return RequestOutput(
-            request_id=request.request_id,
-            prompt_token_ids=request.prompt_token_ids,
-            text=text,
-            token_ids=list(request.output_token_ids),
-            delta_text=delta,
-            new_token_ids=new_ids,
-            finished=request.finished,
-            finish_reason=request.finish_reason,
-            logprobs=logprobs,
-            error=request.error,
-            adapter_id=request.adapter_id,
-            num_preemptions=request.num_preemptions,
-        )

@@ -21,7 +21,9 @@ class EngineConfig:
     * ``max_num_seqs`` / ``max_num_batched_tokens``: per-step batch limits.
     * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
     * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
-    * ``use_triton``: None picks Triton kernels on CUDA and torch reference ops on CPU.
+    * ``use_triton``: picks the backend (``inference/backends``): None means the Triton backend on
+      CUDA and the CPU backend's torch ops on CPU. ``warm_up_kernels``: compile every kernel
+      variant at start-up (Triton backend on CUDA; a no-op elsewhere).
     * Adapters: ``max_lora_rank`` (ranks 1..max accepted), ``host_adapter_bytes`` (host-RAM
       cache budget), ``adapter_store_dir`` (local object-store folder; None = a temporary one),
       ``prefetch_reserve_fraction`` (pool share kept free when paging in queued requests'
@@ -39,6 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 4096
     use_triton: bool | None = None
+    warm_up_kernels: bool = True
     max_lora_rank: int = 128
     host_adapter_bytes: int = 4 << 30
     adapter_store_dir: str | None = None

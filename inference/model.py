@@ -1,5 +1,7 @@
 """A Llama-family decoder that reads and writes its KV cache through the unified page pool.
 
+The model is written once; what depends on the device (attention over the pages, the LoRA
+computation, the dense projections' form) comes from its :class:`~inference.backends.Backend`.
 The forward pass runs on a *flattened* batch: the new tokens of every scheduled sequence are
 concatenated (prefill chunks and single decode tokens alike), so one call serves a mixed batch.
 RMSNorm, RoPE (default, linear, llama3), grouped-query attention and SwiGLU follow the Hugging Face
@@ -9,55 +11,19 @@ Llama implementation's arithmetic (norms and RoPE tables in fp32) so that greedy
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
+from inference.backends import Backend, StepLora, select_backend
+from inference.forward_batch import ForwardBatch
 from inference.model_config import ModelConfig, RopeConfig
 from inference.page_pool import PagePool
-from kernels.paged_attention import paged_attention, plan_paged_attention, write_kv
+
+__all__ = ["ATTENTION_MODULES", "MLP_MODULES", "ForwardBatch", "LlamaModel", "rope_inv_freq"]
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-
-
-@dataclass
-class ForwardBatch:
-    """Device tensors describing one engine step.
-
-    N = new tokens in the step, B = sequences, S = rows whose logits are wanted.
-
-    * ``input_ids``: [N] int64 token ids; ``positions``: [N] int64 absolute positions.
-    * ``slot_mapping``: [N] int64 flat KV slot (``page_id * page_tokens + offset``) for each new token.
-    * ``page_table``: [B, max_pages] int32 KV page ids per sequence (padded with 0).
-    * ``seq_lens``: [B] int32 context length after this step; ``query_start_loc``: [B+1] int32.
-    * ``logits_indices``: [S] int64 rows of the flattened batch to project to logits.
-    * ``max_q_len``: host int, the longest new-token run of any sequence.
-    """
-
-    input_ids: torch.Tensor
-    positions: torch.Tensor
-    slot_mapping: torch.Tensor
-    page_table: torch.Tensor
-    seq_lens: torch.Tensor
-    query_start_loc: torch.Tensor
-    logits_indices: torch.Tensor
-    max_q_len: int
-
-
-class LoraApplier(Protocol):
-    """Adds adapter deltas to a projection's output in place (implemented by the adapter layer)."""
-
-    def apply(self, layer: int, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
-        """``out[t] += scale_t * (x[t] @ A_t.T) @ B_t.T`` for each ``module: out`` of ``outs`` and the
-        rows that carry an adapter targeting it. The modules share the input: the forward pass passes
-        each ``inference.adapters.peft_checkpoint.SHARED_INPUT`` family (q, k, v; gate, up) in one call,
-        in family order.
-
-        x: [N, in_features]; each out: [N, out_features] (may be a column slice of a fused output).
-        """
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -79,42 +45,6 @@ def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
     return inv_freq
 
 
-def cpu_gemm_rows(rows: int) -> int:
-    """Rows to give MKL's fp32 GEMM on CPU for ``rows`` activation rows (the rest zero padding).
-
-    The GEMM's speed depends on the row count far more than on the work (measured on the CI
-    machine for 30 layers of SmolLM2 plus its LM head: ``python -m benchmarks.cpu_gemm_rows``,
-    docs/benchmarks.md): 15 rows take 1.8x as long as 16, 47 rows 1.3x as long as 48, one row
-    3x as long as two (a single row takes a slow matrix-vector path). So one row becomes two, and
-    counts 3-7 past a multiple of 8 are rounded up to the next one; 1 or 2 past one measured
-    faster unpadded, as did 2-5 rows.
-    """
-    if rows == 1:
-        return 2
-    if rows <= 5 or rows % 8 in (1, 2):
-        return rows
-    return -(-rows // 8) * 8
-
-
-def _linear_weight_left(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weight.T`` computed as ``(weight @ x.T).T``; returns a [N, out] *transposed view*.
-
-    The CPU path of every projection. MKL's sgemm runs this form 8-40% faster than ``F.linear``
-    at the engine's batch sizes (the large operand is then the left one), and faster still with
-    the rows padded to :func:`cpu_gemm_rows` (the forward pads its rows once, so this pads only
-    when called on its own) and ``x`` row-major (a column-major ``x``, which the previous
-    projection's transposed output is, is up to 2x slower below 16 rows). Consumers must accept a
-    non-contiguous result. See docs/design.md.
-    """
-    n = x.shape[0]
-    rows = cpu_gemm_rows(n)
-    if rows != n:
-        x = F.pad(x, (0, 0, 0, rows - n))  # a new row-major tensor
-    elif n < 16 and not x.is_contiguous():
-        x = x.contiguous()
-    return torch.mm(weight, x.t()).t()[:n]
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -123,8 +53,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class LlamaModel:
     """Weights plus the forward pass. Not an ``nn.Module``: inference only, no autograd."""
 
-    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+    def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
+                 backend: Backend | None = None):
         self.config = config
+        self.backend = backend if backend is not None else select_backend(device)
         self.device = device
         self.dtype = dtype
         self.embed = weights["model.embed_tokens.weight"]
@@ -147,7 +79,7 @@ class LlamaModel:
                 }
             )
         self.inv_freq = rope_inv_freq(config.rope, config.head_dim).to(device)
-        self._linear = _linear_weight_left if device.type == "cpu" else F.linear
+        self._linear = self.backend.linear
         self.scale = config.head_dim**-0.5
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -164,57 +96,59 @@ class LlamaModel:
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: PagePool, lora: LoraApplier | None = None) -> torch.Tensor:
+    def forward(self, batch: ForwardBatch, pool: PagePool, lora: StepLora | None = None) -> torch.Tensor:
         """Run one step; write the new tokens' K/V into their pages; return fp32 logits [S, vocab]."""
         cfg = self.config
+        attention = self.backend.attention
         n = batch.input_ids.shape[0]
-        q_size, kv_size = cfg.q_size, cfg.kv_size
-        inter = cfg.intermediate_size
-        input_ids, positions = batch.input_ids, batch.positions
-        rows = n
-        if self._linear is _linear_weight_left:
-            # Pad the rows once to the GEMM's fast count (padding rows: token 0 at position 0;
-            # attention leaves rows past query_start_loc zero, and they write no K/V) rather
-            # than in each of the step's projections.
-            rows = cpu_gemm_rows(n)
-            input_ids = F.pad(input_ids, (0, rows - n))
-            positions = F.pad(positions, (0, rows - n))
+        # The backend may run the dense ops on more rows than tokens (padding rows: token 0 at
+        # position 0; attention leaves them zero and they write no K/V).
+        rows = self.backend.batch_rows(n)
+        input_ids = F.pad(batch.input_ids, (0, rows - n)) if rows != n else batch.input_ids
+        positions = F.pad(batch.positions, (0, rows - n)) if rows != n else batch.positions
         hidden = F.embedding(input_ids, self.embed)
         cos, sin = self._rope(positions)
-        # Every layer attends over the same pages: the CPU path's gather plan is built once.
-        attn_plan = plan_paged_attention(
-            batch.page_table, batch.seq_lens, batch.query_start_loc,
-            n_heads=cfg.num_heads, kv_shape=tuple(pool.kv_layer(0).shape),
-        )
+        # every layer attends over the same pages: what the backend derives from them, once
+        attn_plan = attention.plan(batch, cfg.num_heads, tuple(pool.kv_layer(0).shape))
         for index, layer in enumerate(self.layers):
             x = self._rms_norm(hidden, layer["input_norm"])
-            qkv = self._linear(x, layer["qkv"])
-            if lora is not None:
-                lora.apply(index, x[:n], {"q_proj": qkv[:n, :q_size], "k_proj": qkv[:n, q_size : q_size + kv_size],
-                                          "v_proj": qkv[:n, q_size + kv_size :]})
-            # RoPE on the query and key heads at once (they are adjacent in the fused output).
-            qk = qkv[:, : q_size + kv_size].view(rows, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
-            qk = qk * cos + _rotate_half(qk) * sin
-            q, k = qk[:, : cfg.num_heads], qk[:n, cfg.num_heads :]
-            v = qkv[:n, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
-            kv_pages = pool.kv_layer(index)
-            write_kv(kv_pages, k, v, batch.slot_mapping)
-            attn = paged_attention(
-                q, kv_pages, batch.page_table, batch.seq_lens, batch.query_start_loc, self.scale,
-                max_q_len=batch.max_q_len, plan=attn_plan,
-            ).reshape(rows, q_size)
+            attn = self._attention(index, layer, x, cos, sin, n, batch, pool, lora, attn_plan)
             o = self._linear(attn, layer["o"])
             if lora is not None:
                 lora.apply(index, attn[:n], {"o_proj": o[:n]})
             hidden = hidden + o
-            x = self._rms_norm(hidden, layer["post_norm"])
-            gate_up = self._linear(x, layer["gate_up"])
-            if lora is not None:
-                lora.apply(index, x[:n], {"gate_proj": gate_up[:n, :inter], "up_proj": gate_up[:n, inter:]})
-            mlp_in = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-            down = self._linear(mlp_in, layer["down"])
-            if lora is not None:
-                lora.apply(index, mlp_in[:n], {"down_proj": down[:n]})
-            hidden = hidden + down
+            hidden = hidden + self._mlp(index, layer, self._rms_norm(hidden, layer["post_norm"]), n, lora)
         last = self._rms_norm(hidden[batch.logits_indices], self.final_norm)
         return self._linear(last, self.lm_head).float().contiguous()
+
+    def _attention(self, index: int, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int,
+                   batch: ForwardBatch, pool: PagePool, lora: StepLora | None, plan) -> torch.Tensor:
+        """Q/K/V projections (+ LoRA), RoPE, K/V into the pages, attention: [rows, q_size]."""
+        cfg = self.config
+        q_size, kv_size = cfg.q_size, cfg.kv_size
+        qkv = self._linear(x, layer["qkv"])
+        if lora is not None:
+            lora.apply(index, x[:n], {"q_proj": qkv[:n, :q_size], "k_proj": qkv[:n, q_size : q_size + kv_size],
+                                      "v_proj": qkv[:n, q_size + kv_size :]})
+        # RoPE on the query and key heads at once (they are adjacent in the fused output).
+        rows = x.shape[0]
+        qk = qkv[:, : q_size + kv_size].view(rows, cfg.num_heads + cfg.num_kv_heads, cfg.head_dim)
+        qk = qk * cos + _rotate_half(qk) * sin
+        q, k = qk[:, : cfg.num_heads], qk[:n, cfg.num_heads :]
+        v = qkv[:n, q_size + kv_size :].view(n, cfg.num_kv_heads, cfg.head_dim)
+        kv_pages = pool.kv_layer(index)
+        attention = self.backend.attention
+        attention.write_kv(kv_pages, k, v, batch.slot_mapping)
+        return attention.attend(q, kv_pages, batch, self.scale, plan).reshape(rows, q_size)
+
+    def _mlp(self, index: int, layer: dict, x: torch.Tensor, n: int, lora: StepLora | None) -> torch.Tensor:
+        """SwiGLU (+ LoRA on gate, up and down): [rows, hidden]."""
+        inter = self.config.intermediate_size
+        gate_up = self._linear(x, layer["gate_up"])
+        if lora is not None:
+            lora.apply(index, x[:n], {"gate_proj": gate_up[:n, :inter], "up_proj": gate_up[:n, inter:]})
+        mlp_in = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+        down = self._linear(mlp_in, layer["down"])
+        if lora is not None:
+            lora.apply(index, mlp_in[:n], {"down_proj": down[:n]})
+        return down

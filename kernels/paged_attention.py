@@ -33,17 +33,16 @@ Batch description (varlen)
   ``h // (n_heads // n_kv_heads)``.
 
 Public API: :func:`paged_attention` (dispatcher), :func:`paged_attention_ref`
-(vectorised torch reference, the CPU path), :func:`paged_attention_triton`
+(the plain torch reference, per sequence), :func:`paged_attention_triton`
 (one Triton kernel, the CUDA path; also runs under ``TRITON_INTERPRET=1`` on
-CPU tensors for tests), :func:`plan_paged_attention` (the reference's gather
-plan for a batch, built once and shared by every layer's call) and
-:func:`write_kv`.
+CPU tensors for tests), :func:`batch_lengths` (the complete check of a batch
+description) and :func:`write_kv`. The engine's tuned CPU path lives in
+``inference/backends/cpu/attention.py`` and is tested against the reference.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -57,33 +56,13 @@ __all__ = [
     "paged_attention",
     "paged_attention_ref",
     "paged_attention_triton",
-    "plan_paged_attention",
-    "plan_paged_attention_ref",
-    "RefAttentionPlan",
+    "batch_lengths",
     "write_kv",
     "triton_available",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _INDEX_DTYPES = (torch.int32, torch.int64)
-
-# Upper bound, in fp32 elements, on the largest temporary the reference builds
-# per chunk (attention scores [C, n_heads, q, ctx] or gathered K/V
-# [C, ctx, n_kv_heads, head_dim]).  2**24 elements = 64 MiB.  Module-level so
-# tests can shrink it to exercise the chunking paths.
-_REF_CHUNK_ELEMS = 1 << 24
-# The chunk planner's fixed cost of one more chunk, in the unit of its padding cost (fp32
-# elements gathered or scored per key position): a chunk runs about a dozen torch ops. Tuned on
-# the 2-core CI machine with decode batches of 16-128 sequences of spread context lengths, a 30-layer
-# pool and caches evicted between layers: 2**15..2**16 best, 2**14 or 2**18 up to 10% slower.
-_REF_CHUNK_OVERHEAD = 1 << 16
-# Largest additive mask, in fp32 elements, the reference materialises per chunk and step (one
-# baddbmm then applies scale, q . k and the mask); bigger chunks use masked_fill_ instead.
-_REF_BIAS_ELEMS = 1 << 20
-# Items the planner's dynamic programme looks back over per cut, so also the most items in one
-# chunk (bounds the planning cost: about 1 ms per step for 128 decodes on a CI core).
-_REF_PLAN_WINDOW = 32
-
 
 # --------------------------------------------------------------------------
 # Validation
@@ -135,7 +114,7 @@ def _validate_kv_shape(kv_shape: tuple[int, ...]) -> None:
         )
 
 
-def _validate_operands(q: Tensor, kv: Tensor) -> None:
+def validate_operands(q: Tensor, kv: Tensor) -> None:
     """Shape/dtype/device checks of the queries and the pool."""
     if q.dim() != 3:
         raise ValueError(f"q must be [num_tokens, n_heads, head_dim], got shape {tuple(q.shape)}")
@@ -159,7 +138,7 @@ def _validate(
     query_start_loc: Tensor,
 ) -> None:
     """Cheap shape/dtype/device checks (no device synchronisation)."""
-    _validate_operands(q, kv)
+    validate_operands(q, kv)
     _validate_batch(page_table, seq_lens, query_start_loc)
     if page_table.device != q.device:
         raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
@@ -169,226 +148,36 @@ def _validate(
 # Torch reference (CPU path)
 # --------------------------------------------------------------------------
 
-# A work item (b, tok_start, n_q, ctx): n_q consecutive queries of sequence b starting at row
-# tok_start of q, the last of them at absolute position ctx - 1.
-_Item = tuple[int, int, int, int]
-
-
-def _plan_ref_chunks(
-    q_starts: list[int],
-    q_lens: list[int],
-    ctx_lens: list[int],
-    n_heads: int,
-    kv_row_elems: int,
-    budget: int,
-) -> list[list[_Item]]:
-    """Split the batch into work items and group them into padded chunks.
-
-    A long prefill is split into row blocks whose temporaries fit in ``budget`` elements; this is
-    exact, since a block needs only keys ``< ctx``. Items are sorted by ``(n_q, ctx)``
-    descending and the sorted list is cut into consecutive chunks by dynamic programming,
-    minimising the summed cost of the chunks: ``_REF_CHUNK_OVERHEAD`` each plus the elements
-    they gather and score per padded key (a chunk pads every item to its longest query run and
-    context) subject to each chunk's temporaries
-    (``C * max_ctx * max(n_heads * max_q, kv_row_elems)`` elements) fitting in ``budget``. So
-    decodes are not padded to a prefill's query length, and decodes of very different context
-    lengths go to separate chunks once the padding costs more than another chunk's fixed
-    overhead. The search looks back at most ``_REF_PLAN_WINDOW`` items per cut.
-    """
-    items: list[_Item] = []
-    for b, (start, n_q, ctx) in enumerate(zip(q_starts, q_lens, ctx_lens)):
-        if n_q == 0:
-            continue
-        rows = max(1, budget // max(1, n_heads * ctx))
-        first_pos = ctx - n_q
-        for j0 in range(0, n_q, rows):
-            j1 = min(n_q, j0 + rows)
-            items.append((b, start + j0, j1 - j0, first_pos + j1))
-    items.sort(key=lambda it: (it[2], it[3]), reverse=True)
-
-    n = len(items)
-    best = [0] * (n + 1)  # best[j]: least cost of items[:j]
-    cut = [0] * (n + 1)  # cut[j]: where the last chunk of that optimum starts
-    head_rows = [n_heads * it[2] for it in items]  # score rows per key of an item's chunk
-    for j in range(1, n + 1):
-        best_j, cut_j, max_ctx = -1, j - 1, 0
-        for i in range(j - 1, max(-1, j - 1 - _REF_PLAN_WINDOW), -1):
-            # Sorted by n_q descending: the chunk's first item, items[i], has the longest run.
-            ctx = items[i][3]
-            if ctx > max_ctx:
-                max_ctx = ctx
-            size = j - i
-            if size > 1 and size * max_ctx * max(head_rows[i], kv_row_elems) > budget:
-                break  # a single item always fits (rows were split to the budget)
-            cost = best[i] + _REF_CHUNK_OVERHEAD + size * max_ctx * (kv_row_elems + head_rows[i])
-            if best_j < 0 or cost < best_j:
-                best_j, cut_j = cost, i
-        best[j], cut[j] = best_j, cut_j
-    chunks: list[list[_Item]] = []
-    j = n
-    while j > 0:
-        chunks.append(items[cut[j] : j])
-        j = cut[j]
-    chunks.reverse()
-    return chunks
-
-
-@dataclass(frozen=True)
-class _RefChunk:
-    """Index tensors of one padded chunk of C work items (queries padded to ``max_q``, keys to
-    ``max_ctx``); all int64 unless noted, on the batch's device."""
-
-    n_items: int
-    max_q: int
-    max_ctx: int
-    page: Tensor  # [C, max_ctx] page id of each key position
-    offset: Tensor  # [C, max_ctx] token offset of each key position within its page
-    kv_rows: Tensor  # [2 * C * n_kv * max_ctx] rows of a contiguous pool viewed as [-1, head_dim]: K then V
-    tok: Tensor  # [C * max_q] row of q of each padded query (0 for padding), item-major
-    out_rows: Tensor  # [valid] rows of the output this chunk writes, in padded (item, query) order
-    valid_rows: Tensor | None  # [valid] positions of those rows among the C * max_q padded ones; None: all
-    blocked: Tensor  # [C, 1, 1, max_q, max_ctx] bool, True where a key is masked out
-    # [C * n_kv, group * max_q, max_ctx] fp32, 0 or -inf: the same mask as an additive term for
-    # one baddbmm, materialised while at most _REF_BIAS_ELEMS (decode chunks); else None.
-    bias: Tensor | None
-
-
-@dataclass(frozen=True)
-class RefAttentionPlan:
-    """What :func:`paged_attention_ref` derives from the batch description alone: the chunking,
-    gather indices and causal masks. Every layer of a step shares one batch description, so the
-    engine builds this once per step (:func:`plan_paged_attention`) instead of once per layer.
-    Valid only for the batch tensors and the kv geometry it was made from."""
-
-    n_heads: int
-    page_tokens: int
-    n_kv_heads: int
-    head_dim: int
-    num_queries: int  # query_start_loc[-1]: q must have at least this many rows
-    device: torch.device
-    chunks: tuple[_RefChunk, ...]
-
-
-def plan_paged_attention_ref(
+def batch_lengths(
     page_table: Tensor,
     seq_lens: Tensor,
     query_start_loc: Tensor,
     *,
     n_heads: int,
     kv_shape: tuple[int, ...],
-) -> RefAttentionPlan:
-    """Build the reference's plan for a batch (see :class:`RefAttentionPlan`).
-
-    Args:
-        page_table, seq_lens, query_start_loc: the batch description of :func:`paged_attention`.
-        n_heads: query heads.
-        kv_shape: ``(num_pages, 2, T, n_kv_heads, head_dim)`` of a layer's pool.
-
-    Reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each on a GPU). Raises
-    ValueError for an inconsistent batch description.
-    """
+) -> tuple[list[int], list[int]]:
+    """Check a batch description completely and return ``(query_start_loc, seq_lens)`` as host
+    lists (one sync each when they live on a GPU). ValueError names the first problem."""
     _validate_batch(page_table, seq_lens, query_start_loc)
     _validate_kv_shape(tuple(kv_shape))
-    _, _, page_tokens, n_kv_heads, head_dim = (int(x) for x in kv_shape)
+    page_tokens, n_kv_heads = int(kv_shape[2]), int(kv_shape[3])
     _validate_heads(n_heads, n_kv_heads)
-    dev = page_table.device
-
-    qsl = query_start_loc.tolist()
-    ctx_lens = seq_lens.tolist()
-    batch = len(ctx_lens)
-    q_lens = [qsl[b + 1] - qsl[b] for b in range(batch)]
-    if batch and qsl[0] < 0:
+    qsl, ctx_lens = query_start_loc.tolist(), seq_lens.tolist()
+    if ctx_lens and qsl[0] < 0:
         raise ValueError(f"query_start_loc must start at >= 0, got {qsl[0]}")
-    for b in range(batch):
-        if q_lens[b] < 0:
+    for b, ctx in enumerate(ctx_lens):
+        q_len = qsl[b + 1] - qsl[b]
+        if q_len < 0:
             raise ValueError(f"query_start_loc must be non-decreasing (sequence {b})")
-        if ctx_lens[b] < q_lens[b]:
-            raise ValueError(
-                f"seq_lens[{b}] = {ctx_lens[b]} is smaller than its query length {q_lens[b]}"
-            )
-    max_ctx_all = max(ctx_lens, default=0)
-    if -(-max_ctx_all // page_tokens) > page_table.shape[1]:
+        if ctx < q_len:
+            raise ValueError(f"seq_lens[{b}] = {ctx} is smaller than its query length {q_len}")
+    pages = -(-max(ctx_lens, default=0) // page_tokens)
+    if pages > page_table.shape[1]:
         raise ValueError(
-            f"a context of {max_ctx_all} tokens needs {-(-max_ctx_all // page_tokens)} pages "
+            f"a context of {max(ctx_lens)} tokens needs {pages} pages "
             f"but page_table has only {page_table.shape[1]} columns"
         )
-
-    chunks: list[_RefChunk] = []
-    if batch:
-        kv_heads = torch.arange(n_kv_heads, device=dev)
-        planned = _plan_ref_chunks(
-            qsl[:-1], q_lens, ctx_lens, n_heads, 2 * n_kv_heads * head_dim, _REF_CHUNK_ELEMS
-        )
-        for chunk in planned:
-            chunks.append(_ref_chunk(chunk, page_table, page_tokens, n_heads, kv_heads, dev))
-    return RefAttentionPlan(
-        n_heads=n_heads,
-        page_tokens=page_tokens,
-        n_kv_heads=n_kv_heads,
-        head_dim=head_dim,
-        num_queries=qsl[-1] if batch else 0,
-        device=dev,
-        chunks=tuple(chunks),
-    )
-
-
-def _ref_chunk(
-    chunk: list[_Item],
-    page_table: Tensor,
-    page_tokens: int,
-    n_heads: int,
-    kv_heads: Tensor,
-    dev: torch.device,
-) -> _RefChunk:
-    n_chunk = len(chunk)
-    n_kv_heads = kv_heads.shape[0]
-    group = n_heads // n_kv_heads
-    max_q = max(it[2] for it in chunk)
-    max_ctx = max(it[3] for it in chunk)
-    n_pages = -(-max_ctx // page_tokens)
-    meta = torch.tensor(chunk, dtype=torch.long).to(dev, non_blocking=True)
-    b_idx, tok0, n_q, ctx = meta.unbind(1)  # each [C]
-
-    # Key slots past a sequence's context read its position 0 instead: pool slots past the
-    # context may hold garbage (NaN/inf) and 0 * NaN = NaN in probs @ v, while position 0 is
-    # always written (ctx >= 1) and gets probability 0.
-    kpos = torch.arange(max_ctx, device=dev)
-    pos = torch.where(kpos[None, :] < ctx[:, None], kpos[None, :], 0)  # [C, max_ctx]
-    pages = page_table.index_select(0, b_idx)[:, :n_pages].long()
-    page = pages.gather(1, pos // page_tokens)  # [C, max_ctx]
-    offset = pos % page_tokens
-    # Row of (page, kind, t, head) in a contiguous pool's [-1, head_dim] view; V rows are
-    # T * n_kv further than K rows.
-    k_rows = (page * (2 * page_tokens) + offset) * n_kv_heads
-    k_rows = (k_rows[:, None, :] + kv_heads[None, :, None]).reshape(-1)
-    kv_rows = torch.cat((k_rows, k_rows + page_tokens * n_kv_heads))
-
-    qj = torch.arange(max_q, device=dev)
-    q_valid = qj[None, :] < n_q[:, None]  # [C, max_q]
-    tok = torch.where(q_valid, tok0[:, None] + qj[None, :], 0)
-    all_valid = all(it[2] == max_q for it in chunk)
-    # Query j of an item sits at position ctx - n_q + j. Padded rows (j >= n_q) get positions
-    # >= ctx, so no row is fully masked.
-    qpos = (ctx - n_q)[:, None] + qj[None, :]  # [C, max_q]
-    blocked = (kpos[None, None, :] > qpos[:, :, None])[:, None, None]  # [C, 1, 1, max_q, max_ctx]
-    bias = None
-    if n_chunk * n_heads * max_q * max_ctx <= _REF_BIAS_ELEMS:
-        bias = torch.zeros((n_chunk, n_kv_heads, group, max_q, max_ctx), dtype=torch.float32, device=dev)
-        bias.masked_fill_(blocked, float("-inf"))
-        bias = bias.view(n_chunk * n_kv_heads, group * max_q, max_ctx)
-    return _RefChunk(
-        n_items=n_chunk,
-        max_q=max_q,
-        max_ctx=max_ctx,
-        page=page,
-        offset=offset,
-        kv_rows=kv_rows,
-        tok=tok.reshape(-1),
-        out_rows=tok.reshape(-1) if all_valid else tok[q_valid],
-        valid_rows=None if all_valid else q_valid.reshape(-1).nonzero().squeeze(1),
-        blocked=blocked,
-        bias=bias,
-    )
+    return qsl, ctx_lens
 
 
 def paged_attention_ref(
@@ -400,96 +189,40 @@ def paged_attention_ref(
     scale: float,
     *,
     max_q_len: int | None = None,
-    plan: RefAttentionPlan | None = None,
 ) -> Tensor:
-    """Torch reference of :func:`paged_attention` (the CPU path of the engine).
+    """Torch reference of :func:`paged_attention`: per sequence, read its keys and values
+    through the page table and run causal softmax attention in float32. Plain and slow on
+    purpose (the engine's CPU path is ``inference.backends.cpu.attention``, tested against this).
 
-    Vectorised over the batch: work items are grouped into chunks; for each chunk the pages are
-    gathered into padded ``[C, n_kv_heads, ctx, head_dim]`` K/V tensors (one ``index_select``)
-    and attention is two batched matmuls with a boolean causal mask, computed in float32 (inputs
-    of any supported dtype are upcast).
-
-    Args:
-        q: ``[num_tokens, n_heads, head_dim]`` queries (fp32/fp16/bf16).
-        kv: ``[num_pages, 2, T, n_kv_heads, head_dim]`` page pool of one layer.
-        page_table: ``[B, max_pages]`` int32 page ids per sequence.
-        seq_lens: ``[B]`` int32, context length in tokens incl. the new tokens.
-        query_start_loc: ``[B + 1]`` int32 cumulative query offsets into ``q``.
-        scale: softmax scale applied to ``q . k`` (typically ``head_dim**-0.5``).
-        max_q_len: unused (accepted for signature parity with the Triton path).
-        plan: the batch's :class:`RefAttentionPlan` from :func:`plan_paged_attention_ref`
-            (built here when None; pass it to share one plan across layers).
+    Args: as :func:`paged_attention` (``max_q_len`` is unused).
 
     Returns:
-        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.  Rows of ``q`` not
-        covered by ``query_start_loc`` are zero.
-
-    Note:
-        Without a plan, reads ``seq_lens`` and ``query_start_loc`` on the host (one sync each
-        when they live on a GPU).
+        ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``; rows of ``q`` not covered by
+        ``query_start_loc`` are zero.
     """
     del max_q_len
-    _validate_operands(q, kv)
-    num_tokens, n_heads, head_dim = q.shape
-    n_kv_heads = kv.shape[3]
-    if plan is None:  # the plan's builder checks the batch description
-        if page_table.device != q.device:
-            raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
-        plan = plan_paged_attention_ref(
-            page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=tuple(kv.shape)
-        )
-    elif (plan.n_heads, plan.page_tokens, plan.n_kv_heads, plan.head_dim, plan.device) != (
-        n_heads, kv.shape[2], n_kv_heads, head_dim, q.device
-    ):
-        raise ValueError(
-            "plan was made for (n_heads, page_tokens, n_kv_heads, head_dim, device) = "
-            f"{(plan.n_heads, plan.page_tokens, plan.n_kv_heads, plan.head_dim, plan.device)}, "
-            f"got {(n_heads, kv.shape[2], n_kv_heads, head_dim, q.device)}"
-        )
-    if plan.num_queries > num_tokens:
-        raise ValueError(f"query_start_loc spans {plan.num_queries} queries but q has {num_tokens} tokens")
-
+    validate_operands(q, kv)
+    if page_table.device != q.device:
+        raise ValueError(f"page_table is on {page_table.device} but q is on {q.device}")
+    qsl, ctx_lens = batch_lengths(
+        page_table, seq_lens, query_start_loc, n_heads=q.shape[1], kv_shape=tuple(kv.shape)
+    )
+    if qsl and qsl[-1] > q.shape[0]:
+        raise ValueError(f"query_start_loc spans {qsl[-1]} queries but q has {q.shape[0]} tokens")
+    page_tokens, group = kv.shape[2], q.shape[1] // kv.shape[3]
     out = torch.zeros_like(q)
-    # Contiguous pool: gather K/V rows of head_dim elements from a flat [num_pages * 2 * T * n_kv,
-    # head_dim] view with one index_select. Otherwise (e.g. a per-layer view of a bigger pool)
-    # use strided indexing.
-    flat_kv = kv.view(-1, head_dim) if kv.is_contiguous() else None
-    group = n_heads // n_kv_heads
-    for chunk in plan.chunks:
-        n_chunk, max_q, max_ctx = chunk.n_items, chunk.max_q, chunk.max_ctx
-        if flat_kv is not None:
-            kv_g = flat_kv.index_select(0, chunk.kv_rows).view(2, n_chunk, n_kv_heads, max_ctx, head_dim)
-            k, v = kv_g[0], kv_g[1]
-        else:
-            page_i, off_i = chunk.page[:, None, :], chunk.offset[:, None, :]
-            head_i = torch.arange(n_kv_heads, device=q.device)[None, :, None]
-            k = kv[page_i, 0, off_i, head_i]
-            v = kv[page_i, 1, off_i, head_i]
-        k = k.to(torch.float32)
-        v = v.to(torch.float32)
-
-        k = k.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
-        v = v.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
-
-        # Queries [C * max_q, H, hd] -> [C * n_kv, group * max_q, hd].
-        qc = q.index_select(0, chunk.tok).to(torch.float32)
-        qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-        qc = qc.reshape(n_chunk * n_kv_heads, group * max_q, head_dim)
-
-        if chunk.bias is not None:  # scale, q . k and the mask in one op
-            scores = torch.baddbmm(chunk.bias, qc, k.transpose(1, 2), alpha=scale)
-        else:
-            scores = torch.bmm(qc, k.transpose(1, 2)).mul_(scale)
-            scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(
-                chunk.blocked, float("-inf")
-            )
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.bmm(probs, v)  # [C * n_kv, group * max_q, hd]
-        o = o.view(n_chunk, n_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-        o = o.reshape(n_chunk * max_q, n_heads, head_dim)
-        if chunk.valid_rows is not None:
-            o = o.index_select(0, chunk.valid_rows)
-        out.index_copy_(0, chunk.out_rows, o.to(q.dtype))
+    for b, ctx in enumerate(ctx_lens):
+        q0, q1 = qsl[b], qsl[b + 1]
+        if q1 == q0:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        pages = page_table[b].long()[pos // page_tokens]
+        k = kv[pages, 0, pos % page_tokens].float().repeat_interleave(group, dim=1)  # [ctx, H, D]
+        v = kv[pages, 1, pos % page_tokens].float().repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[q0:q1].float(), k) * scale
+        q_pos = torch.arange(ctx - (q1 - q0), ctx, device=q.device)
+        scores.masked_fill_(pos[None, None, :] > q_pos[None, :, None], float("-inf"))
+        out[q0:q1] = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).to(q.dtype)
     return out
 
 
@@ -506,8 +239,22 @@ def paged_attention_ref(
 # combiners instead of tl.max/tl.sum (the interpreter maps those combiners to
 # numpy) -- and is itself jitted on first use, per interpreter mode.
 if _HAVE_TRITON:
-    _max_combine = tl.standard._elementwise_max
-    _sum_combine = tl.standard._sum_combine
+    # Triton's own combiners (private names; the interpreter maps them to numpy reductions).
+    # Other Triton versions may lack them: then plain jitted combiners, which compiled kernels
+    # accept (the interpreter tests run with the versions pinned here).
+    _max_combine = getattr(getattr(tl, "standard", None), "_elementwise_max", None)
+    _sum_combine = getattr(getattr(tl, "standard", None), "_sum_combine", None)
+    if _max_combine is None:  # pragma: no cover - other triton versions
+
+        @triton.jit
+        def _max_combine(a, b):
+            return tl.maximum(a, b)
+
+    if _sum_combine is None:  # pragma: no cover - other triton versions
+
+        @triton.jit
+        def _sum_combine(a, b):
+            return a + b
 
     def _paged_attention_kernel(
         q_ptr,
@@ -746,28 +493,6 @@ def paged_attention_triton(
 # --------------------------------------------------------------------------
 
 
-def plan_paged_attention(
-    page_table: Tensor,
-    seq_lens: Tensor,
-    query_start_loc: Tensor,
-    *,
-    n_heads: int,
-    kv_shape: tuple[int, ...],
-    use_triton: bool | None = None,
-) -> RefAttentionPlan | None:
-    """The plan to pass to every layer's :func:`paged_attention` call of one batch.
-
-    The reference path gets a :class:`RefAttentionPlan` (its gather indices and masks, built
-    once instead of once per layer); the Triton path needs none and gets None. Arguments as in
-    :func:`plan_paged_attention_ref`; ``use_triton`` as in :func:`paged_attention`.
-    """
-    if resolve_use_triton("paged_attention", page_table.device, use_triton):
-        return None
-    return plan_paged_attention_ref(
-        page_table, seq_lens, query_start_loc, n_heads=n_heads, kv_shape=kv_shape
-    )
-
-
 def paged_attention(
     q: Tensor,
     kv: Tensor,
@@ -778,7 +503,6 @@ def paged_attention(
     *,
     use_triton: bool | None = None,
     max_q_len: int | None = None,
-    plan: RefAttentionPlan | None = None,
 ) -> Tensor:
     """Causal varlen attention of new query tokens over paged K/V.
 
@@ -804,8 +528,6 @@ def paged_attention(
             reference otherwise; ``True`` forces Triton (CUDA tensors, or CPU
             tensors with ``TRITON_INTERPRET=1``); ``False`` forces the reference.
         max_q_len: optional host-side ``max_b q_len_b`` (avoids a sync).
-        plan: the reference path's plan for this batch from :func:`plan_paged_attention`
-            (optional; ignored by the Triton path).
 
     Returns:
         ``[num_tokens, n_heads, head_dim]`` in ``q.dtype``.
@@ -814,7 +536,7 @@ def paged_attention(
         return paged_attention_triton(
             q, kv, page_table, seq_lens, query_start_loc, scale, max_q_len=max_q_len
         )
-    return paged_attention_ref(q, kv, page_table, seq_lens, query_start_loc, scale, plan=plan)
+    return paged_attention_ref(q, kv, page_table, seq_lens, query_start_loc, scale)
 
 
 def write_kv(kv: Tensor, k: Tensor, v: Tensor, slot_mapping: Tensor) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from inference.adapters import staging
+from inference.backends.cpu import staging
 from inference.bundled_model import prepare_bundled_model
 
 pytest_plugins = ["support.service_fixtures"]

@@ -47,7 +47,7 @@ class EngineCollector(Collector):
         yield _gauge("tailor_pool_bytes", "Bytes of the unified pool.", occupancy.total * occupancy.page_bytes)
         yield _gauge("tailor_adapter_staged_bytes",
                      "Bytes of staged adapter copies outside the pool (the CPU LoRA path's groups).",
-                     engine.staged_adapters.nbytes)
+                     engine.backend.lora.scratch_bytes)
 
         adapters = engine.adapters.stats
         tiers = (("host", adapters.host), ("device", adapters.device))

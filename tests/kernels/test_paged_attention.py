@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import pytest
 
+import inference.backends.cpu.attention as cpu_attention
 import kernels.paged_attention as pa
 from kernels.paged_attention import (
     paged_attention,
@@ -171,17 +172,28 @@ def _interpreter_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
+def cpu_backend_attention(batch: Batch) -> torch.Tensor:
+    """The CPU backend's path: a plan for the batch, then the batched attention."""
+    plan = cpu_attention.plan_cpu_attention(
+        batch.page_table, batch.seq_lens, batch.query_start_loc,
+        n_heads=batch.q.shape[1], kv_shape=tuple(batch.kv.shape),
+    )
+    return cpu_attention.cpu_paged_attention(batch.q, batch.kv, plan, batch.scale)
+
+
 def run_impl(impl: str, batch: Batch) -> torch.Tensor:
-    """Run the reference (CPU) or the Triton op (CUDA, else CPU + interpreter)."""
+    """Run the reference, the CPU backend's path, or the Triton op (CUDA, else CPU + interpreter)."""
     if impl == "ref":
         return paged_attention_ref(*batch.args())
+    if impl == "cpu":
+        return cpu_backend_attention(batch)
     out = paged_attention(*batch.to(TRITON_DEVICE).args(), use_triton=True)
     if HAS_CUDA:
         torch.cuda.synchronize()
     return out
 
 
-IMPLS = ["ref", pytest.param("triton", marks=needs_triton)]
+IMPLS = ["ref", "cpu", pytest.param("triton", marks=needs_triton)]
 
 # name -> (q_lens, ctx_lens, page_tokens)
 CASES: dict[str, tuple[list[int], list[int], int]] = {
@@ -312,34 +324,34 @@ def test_layer_view_of_multi_layer_pool(impl: str) -> None:
 
 
 @pytest.mark.parametrize("bias_elems", [1 << 20, 0], ids=["additive-mask", "masked-fill"])
-def test_ref_chunking_paths(monkeypatch: pytest.MonkeyPatch, bias_elems: int) -> None:
+def test_cpu_chunking_paths(monkeypatch: pytest.MonkeyPatch, bias_elems: int) -> None:
     """A tiny chunk budget forces row-splitting of prefills and many chunks; the causal mask is
     applied either as a materialised additive term (small chunks) or by masked_fill_."""
-    monkeypatch.setattr(pa, "_REF_BIAS_ELEMS", bias_elems)
+    monkeypatch.setattr(cpu_attention, "BIAS_ELEMS", bias_elems)
     q_lens, ctx_lens, page_tokens = CASES["mixed"]
     batch = make_batch(
         11, q_lens + [30], ctx_lens + [40], n_heads=6, n_kv_heads=2, head_dim=16,
         page_tokens=page_tokens, dtype=torch.float32,
     )
     for budget in (1, 300, 5000, 1 << 24):
-        monkeypatch.setattr(pa, "_REF_CHUNK_ELEMS", budget)
-        check(paged_attention_ref(*batch.args()), batch, f"ref budget={budget}")
+        monkeypatch.setattr(cpu_attention, "CHUNK_ELEMS", budget)
+        check(cpu_backend_attention(batch), batch, f"cpu budget={budget}")
 
 
 @pytest.mark.parametrize("overhead", [0, 1 << 16, 1 << 40], ids=["one-per-item", "tuned", "one-chunk"])
-def test_ref_planner_costs(monkeypatch: pytest.MonkeyPatch, overhead: int) -> None:
+def test_cpu_planner_costs(monkeypatch: pytest.MonkeyPatch, overhead: int) -> None:
     """Whatever the chunk overhead, every query is covered once and results are exact; a zero
     overhead gives unpadded chunks (each item alone or with equal shapes), a huge one the fewest
     chunks the window allows."""
-    monkeypatch.setattr(pa, "_REF_CHUNK_OVERHEAD", overhead)
+    monkeypatch.setattr(cpu_attention, "CHUNK_OVERHEAD", overhead)
     q_lens = [7, 1, 1, 1, 1, 3, 1]
     ctx_lens = [9, 30, 5, 17, 30, 12, 2]
     batch = make_batch(
         21, q_lens, ctx_lens, n_heads=4, n_kv_heads=2, head_dim=8, page_tokens=4, dtype=torch.float32,
     )
-    check(paged_attention_ref(*batch.args()), batch, f"overhead={overhead}")
+    check(cpu_backend_attention(batch), batch, f"overhead={overhead}")
     starts = list(itertools.accumulate([0, *q_lens[:-1]]))
-    chunks = pa._plan_ref_chunks(starts, q_lens, ctx_lens, 4, 2 * 2 * 8, 1 << 24)
+    chunks = cpu_attention.plan_chunks(starts, q_lens, ctx_lens, 4, 2 * 2 * 8, 1 << 24)
     assert sorted(tok for chunk in chunks for (_, tok, _, _) in chunk) == starts
     if overhead == 0:
         for chunk in chunks:
@@ -348,12 +360,12 @@ def test_ref_planner_costs(monkeypatch: pytest.MonkeyPatch, overhead: int) -> No
         assert len(chunks) == 1
 
 
-def test_ref_planner_does_not_pad_decodes_to_prefill_length() -> None:
+def test_cpu_planner_does_not_pad_decodes_to_prefill_length() -> None:
     """One long prefill plus many decodes: decodes go to their own chunk(s)."""
     q_lens = [512] + [1] * 63
     ctx_lens = [512] + [300 + i for i in range(63)]
     starts = list(itertools.accumulate([0, *q_lens[:-1]]))
-    chunks = pa._plan_ref_chunks(starts, q_lens, ctx_lens, 9, 2 * 3 * 64, 1 << 24)
+    chunks = cpu_attention.plan_chunks(starts, q_lens, ctx_lens, 9, 2 * 3 * 64, 1 << 24)
     covered = sorted((tok, n) for chunk in chunks for (_, tok, n, _) in chunk)
     assert sum(n for _, n in covered) == sum(q_lens)  # every query exactly once
     for chunk in chunks:
@@ -440,12 +452,13 @@ def _mutations() -> dict[str, Callable[[Batch], None]]:
     }
 
 
+@pytest.mark.parametrize("impl", ["ref", "cpu"])
 @pytest.mark.parametrize("mutation", list(_mutations()))
-def test_validation_errors(mutation: str) -> None:
+def test_validation_errors(mutation: str, impl: str) -> None:
     batch = _small_batch()
     _mutations()[mutation](batch)
     with pytest.raises(ValueError):
-        paged_attention_ref(*batch.args())
+        run_impl(impl, batch)
 
 
 # ----------------------------------------------------------------------------
@@ -520,21 +533,21 @@ def test_write_kv_then_attention() -> None:
 
 
 
-def test_ref_with_shared_plan_matches_and_checks_geometry() -> None:
+def test_cpu_with_shared_plan_matches_and_checks_geometry() -> None:
     """A plan built once serves any layer's call of the batch; a plan for another geometry or a
     bad q is refused."""
     batch = _small_batch()
-    plan = pa.plan_paged_attention_ref(
+    plan = cpu_attention.plan_cpu_attention(
         batch.page_table, batch.seq_lens, batch.query_start_loc,
         n_heads=batch.q.shape[1], kv_shape=tuple(batch.kv.shape),
     )
-    check(paged_attention_ref(*batch.args(), plan=plan), batch, "ref with plan")
-    other = pa.plan_paged_attention_ref(
+    for _layer in range(2):
+        check(cpu_attention.cpu_paged_attention(batch.q, batch.kv, plan, batch.scale), batch, "cpu with plan")
+    other = cpu_attention.plan_cpu_attention(
         batch.page_table, batch.seq_lens, batch.query_start_loc,
         n_heads=2 * batch.q.shape[1], kv_shape=tuple(batch.kv.shape),
     )
     with pytest.raises(ValueError, match="plan was made for"):
-        paged_attention_ref(*batch.args(), plan=other)
-    q, *rest = batch.args()
+        cpu_attention.cpu_paged_attention(batch.q, batch.kv, other, batch.scale)
     with pytest.raises(ValueError, match="q must be"):
-        paged_attention_ref(q[:, 0], *rest, plan=plan)
+        cpu_attention.cpu_paged_attention(batch.q[:, 0], batch.kv, plan, batch.scale)

@@ -40,7 +40,7 @@ def prompt_logits(engine: LLMEngine, prompts: list[list[int]]) -> torch.Tensor:
         engine.add(request)
     plan = engine.scheduler.schedule()
     assert [c.request for c in plan.chunks] == requests and all(c.samples for c in plan.chunks)
-    batch, _ = engine._build_batch(plan)
+    batch, _ = engine.runner.build_batch(plan)
     logits = engine.model.forward(batch, engine.pool)
     for request in requests:
         engine.abort(request.request_id)

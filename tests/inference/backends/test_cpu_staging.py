@@ -7,10 +7,11 @@ import pytest
 import torch
 from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
-from inference.adapters import lora_batch
-from inference.adapters.lora_batch import PAD_MAX_ROWS, LoraBatch
 from inference.adapters.peft_checkpoint import SHARED_INPUT, load_adapter_dir
-from inference.adapters.staging import StagedAdapters
+from inference.backends.cpu import lora as lora_batch
+from inference.backends.cpu.lora import PAD_MAX_ROWS, LoraBatch
+from inference.backends.cpu.staging import StagedAdapters
+from inference.lora_mapping import LoraMapping
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
 from inference.sampling import SamplingParams
@@ -63,7 +64,7 @@ def test_staged_groups_across_steps_match_float64(tmp_path, tiny_checkpoint, mon
         slots = [residents[name] for name in slot_names]
         chunk_slots = [slot_names.index(name) if name is not None else -1 for name, _ in chunks]
         lengths = [n for _, n in chunks]
-        batch = LoraBatch(engine.pool, slots, chunk_slots, lengths, use_triton=False, staging=staging)
+        batch = LoraBatch(LoraMapping.build(engine.pool, slots, chunk_slots, lengths), staging)
         kinds.update("sparse" if g.positions is not None else "gaps" if g.count > g.members else "dense"
                      for g in batch.groups)
         padded |= any(g.width == 2 for g in batch.groups)  # only a2 has 2 rows (step 6): the others are padded
@@ -176,8 +177,8 @@ def test_engine_decode_groups_read_their_rows_in_place(tmp_path, tiny_checkpoint
                                  alpha=8.0, seed=seed + i)
         engine.adapters.register_dir(f"a{i}", path)
     batches = []
-    make_batch = engine._lora_batch
-    engine._lora_batch = lambda plan: batches.append((make_batch(plan), plan)) or batches[-1][0]
+    make_batch = engine.runner.prepare_lora
+    engine.runner.prepare_lora = lambda plan: batches.append((make_batch(plan), plan)) or batches[-1][0]
     for i in range(9):
         params = SamplingParams(max_tokens=rng.randint(6, 14), temperature=0.0, ignore_eos=True)
         engine.add(engine.make_request([rng.randrange(1, 50) for _ in range(rng.randint(2, 6))], params,
@@ -192,5 +193,6 @@ def test_engine_decode_groups_read_their_rows_in_place(tmp_path, tiny_checkpoint
             steady += 1
         previous = adapters
     # 9 adapters passed through at most 5 positions: newcomers took positions others had left
-    [region] = engine.staged_adapters.regions.values()
-    assert steady >= 3 and region.positions <= 5 and engine.staged_adapters.copies == 9, f"seed {seed}"
+    staged = engine.backend.lora.staging
+    [region] = staged.regions.values()
+    assert steady >= 3 and region.positions <= 5 and staged.copies == 9, f"seed {seed}"

@@ -7,10 +7,12 @@ import pytest
 import torch
 from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
-from inference.adapters import lora_batch
-from inference.adapters.lora_batch import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
 from inference.adapters.peft_checkpoint import load_adapter_dir
-from inference.adapters.staging import StagedAdapters
+from inference.backends.cpu import lora as lora_batch
+from inference.backends.cpu.lora import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
+from inference.backends.cpu.staging import StagedAdapters
+from inference.backends.triton_backend import TritonLoraBatch
+from inference.lora_mapping import LoraMapping
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
 
@@ -35,6 +37,12 @@ SPECS = [(1, ("q_proj", "v_proj")), (8, ALL), (5, ("gate_proj", "down_proj")), (
 # the gathered path's routing knobs per variant: (GROUP_MIN_SLOTS, MAX_SOLO_SEGMENTS, PAD_MAX_WASTE)
 ROUTES = {"gathered": None, "gathered-per-row": (1 << 30, 0, 4), "gathered-segments": (1 << 30, 1 << 30, 4),
           "gathered-exact": (2, 4, 1)}
+
+
+def prepare(engine, residents, chunk_slots, lengths, use_triton, staging):
+    """The step's LoRA as the engine's backend prepares it: the Triton backend's or the CPU one's."""
+    mapping = LoraMapping.build(engine.pool, residents, chunk_slots, lengths)
+    return TritonLoraBatch(mapping) if use_triton else LoraBatch(mapping, staging)
 
 
 @pytest.mark.parametrize("variant", [*ROUTES, "triton-interpreted"])
@@ -83,10 +91,15 @@ def test_lora_batch_matches_float64(tmp_path, tiny_checkpoint, monkeypatch, shap
         chunk_slots = [0, 4, -1, 1, 5]
     staging = StagedAdapters(engine.pool)
     if shape == "permuted":  # a step before this one staged the twins in the order 0, 4 and 1, 5
-        LoraBatch(engine.pool, residents, [0, 4, 1, 5], [1] * 4, use_triton=use_triton, staging=staging)
+        prepare(engine, residents, [0, 4, 1, 5], [1] * 4, use_triton, staging)
         chunk_slots = [-1, 4, 0, 5, 1]
-    batch = LoraBatch(engine.pool, residents, chunk_slots, lengths, use_triton=use_triton, staging=staging)
-    assert batch.use_triton == use_triton
+    batch = prepare(engine, residents, chunk_slots, lengths, use_triton, staging)
+    assert isinstance(batch, TritonLoraBatch) == use_triton
+    if use_triton:  # one-token chunks take the decode kernels, longer ones the segment kernels
+        with_adapter = [n for s, n in zip(chunk_slots, lengths) if s >= 0]
+        expected = [key for key, wanted in (("row_slot", 1 in with_adapter), ("seg_start", max(with_adapter) > 1))
+                    if wanted]
+        assert [next(iter(launch)) for launch in batch.launches] == expected
     if variant == "gathered" and shape in ("sorted", "interleaved", "permuted"):
         # groups of layout twins with equal row counts; results go back by a slice when their rows
         # are in staged order (the engine's order), by a permutation when they are one run, else

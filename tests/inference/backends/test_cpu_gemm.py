@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from inference.model import _linear_weight_left, cpu_gemm_rows
+from inference.backends.cpu.gemm import cpu_gemm_rows, linear_weight_left
 
 
 @pytest.mark.parametrize("rows", [1, 2, 3, 5, 6, 7, 8, 9, 15, 16, 17, 33, 47, 64, 130])
@@ -15,7 +15,7 @@ def test_linear_weight_left_matches_float64(rows: int, layout: str) -> None:
     if layout == "column-major":  # what the previous projection's transposed output looks like
         x = x.t().contiguous().t()
     w = torch.randn(out_f, in_f, generator=gen)
-    y = _linear_weight_left(x, w)
+    y = linear_weight_left(x, w)
     assert y.shape == (rows, out_f)
     torch.testing.assert_close(y.double(), x.double() @ w.double().t(), rtol=1e-5, atol=1e-4)
 

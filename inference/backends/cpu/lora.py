@@ -1,24 +1,12 @@
-"""Per-step LoRA metadata and the ``LoraApplier`` the model calls for each projection.
-
-A step's batch may mix rows of many adapters of different ranks and target sets, and rows with no
-adapter. Each distinct resident adapter gets a slot ``s``; per target module the tensors
-``ranks[s]`` (0 when the adapter does not target that module), ``a_offset[s]`` and ``b_offset[s]``
-locate its A and Bt in the adapter's pages, and ``scaling[s]`` is its ``alpha / r`` (or rsLoRA's
-``alpha / sqrt(r)``).
-
-Two paths:
-
-* **Triton** (CUDA): decode-only steps use the one-row-per-request kernels, steps with a prefill
-  chunk the segment kernels (a decode row is a segment of one), both reading A and Bt straight from
-  the pool pages through the page table.
-* **Gathered** (CPU, or whenever Triton is off): torch ops over contiguous copies of the weights.
-  The step's rows take one of three routes:
+"""The CPU backend's LoRA: a step's mapping (:class:`~inference.lora_mapping.LoraMapping`) computed
+with torch ops over contiguous copies of the adapters' weights ("gathered"), tested against the
+plain references of ``kernels/lora.py``. The step's rows take one of three routes:
 
   - a *group*: adapters with the same layout (page count and per-module offsets and ranks, which
     adapters of one rank and target set share): all of them, each padded to the largest row count
     ``m``, when that at most quadruples their rows (``PAD_MAX_WASTE``); otherwise those with at most
     ``PAD_MAX_ROWS`` rows each (padded) and those with the same larger number ``m`` of rows. They
-    are read from their layout's region of :class:`~inference.adapters.staging.StagedAdapters`,
+    are read from their layout's region of :class:`~inference.backends.cpu.staging.StagedAdapters`,
     where each adapter is copied once and stays while it keeps running, and where the step's
     adapters of a layout hold positions ``0 .. n-1``. A group is then a run of positions: one
     module's A of all of them is a contiguous view ``[G, r, in]`` of the (module-major) region and
@@ -57,9 +45,9 @@ from dataclasses import dataclass, field
 import torch
 
 from inference.adapters.manager import DeviceAdapter
-from inference.adapters.staging import Region, StagedAdapters
+from inference.backends.cpu.staging import Region, StagedAdapters
+from inference.lora_mapping import LoraMapping
 from inference.page_pool import PagePool
-from kernels.lora import lora_expand, lora_shrink, triton_available
 
 # A run of at least this many adjacent rows of one adapter is always a segment (two skinny matmuls,
 # about 30-60 us each on a 2-core CPU).
@@ -86,9 +74,9 @@ UNSTAGED = 1 << 62
 
 @dataclass
 class _ModuleMeta:
-    ranks: torch.Tensor  # [S] int32
-    a_offset: torch.Tensor  # [S] int64
-    b_offset: torch.Tensor  # [S] int64
+    ranks: list[int]  # [S]
+    a_offset: list[int]  # [S]
+    b_offset: list[int]  # [S]
     max_rank: int
     rows: _RowIndex | None = None
     # the segments whose adapter targets the module: (rows, A start, Bt start, rank, scaling),
@@ -147,63 +135,45 @@ class _Group:
     positions: torch.Tensor | None  # [count] int64 the members' positions when sparse
 
 
+class CpuLoraBackend:
+    """:class:`~inference.backends.base.LoraBackend` of the CPU path. Keeps the staged copies of
+    grouped adapters from step to step (one :class:`StagedAdapters` per pool)."""
+
+    def __init__(self) -> None:
+        self.staging: StagedAdapters | None = None
+
+    @property
+    def scratch_bytes(self) -> int:
+        return 0 if self.staging is None else self.staging.nbytes
+
+    def staging_for(self, pool: PagePool) -> StagedAdapters:
+        if self.staging is None or self.staging.pool is not pool:
+            self.staging = StagedAdapters(pool)
+        return self.staging
+
+    def chunk_key(self, adapter: DeviceAdapter | None, rows: int) -> tuple:
+        position = None if adapter is None or self.staging is None else self.staging.position(adapter)
+        return chunk_order(adapter, rows, position)
+
+    def prepare(self, mapping: LoraMapping) -> "LoraBatch":
+        return LoraBatch(mapping, self.staging_for(mapping.pool))
+
+
 class LoraBatch:
-    """Implements ``inference.model.LoraApplier`` for one step."""
+    """One step's gathered LoRA computation (a :class:`~inference.backends.base.StepLora`)."""
 
-    def __init__(
-        self,
-        pool: PagePool,
-        slots: list[DeviceAdapter],
-        chunk_slots: list[int],
-        chunk_lengths: list[int],
-        use_triton: bool | None = None,
-        staging: StagedAdapters | None = None,
-    ):
-        """``chunk_slots[i]`` is the slot of the i-th chunk of the flattened batch (-1: none) and
-        ``chunk_lengths[i]`` its number of rows. ``staging`` keeps the gathered path's grouped
-        adapters from step to step (the engine passes its own; without one, a fresh one is used)."""
-        device = pool.tensor.device
-        self.pool = pool
-        if use_triton is None:
-            use_triton = device.type == "cuda" and triton_available()
-        self.use_triton = use_triton
-        self.scaling_list = [float(s.ref.scaling) for s in slots]
-        self.scaling = torch.tensor(self.scaling_list, dtype=torch.float32, device=device)
-        shapes = {name: shape for s in slots for name, shape in s.shapes.items()}
-        self.modules: dict[str, _ModuleMeta] = {}
-        for name in {name for s in slots for name in s.offsets}:
-            entries = [s.offsets.get(name, (0, 0, 0)) for s in slots]
-            self.modules[name] = _ModuleMeta(
-                ranks=torch.tensor([e[2] for e in entries], dtype=torch.int32, device=device),
-                a_offset=torch.tensor([e[0] for e in entries], dtype=torch.int64, device=device),
-                b_offset=torch.tensor([e[1] for e in entries], dtype=torch.int64, device=device),
-                max_rank=max(e[2] for e in entries),
-            )
-        self.targeted = {name for name, meta in self.modules.items() if meta.max_rank > 0}
-        if use_triton:
-            self._init_triton(slots, chunk_slots, chunk_lengths, device)
-        else:
-            self._init_gathered(slots, chunk_slots, chunk_lengths, shapes, device, staging or StagedAdapters(pool))
-
-    # ------------------------------------------------------------------ Triton path
-    def _init_triton(self, slots, chunk_slots, chunk_lengths, device) -> None:
-        table = torch.zeros((len(slots), max(len(s.pages) for s in slots)), dtype=torch.int32)
-        for i, slot in enumerate(slots):
-            table[i, : len(slot.pages)] = torch.tensor(slot.pages, dtype=torch.int32)
-        self.adapter_pages = table.to(device)
-        # the kernels' row arguments, the same for every apply call of the step: one row per
-        # request (decode variant) or segments of rows (prefill variant)
-        self.kernel_rows = {"row_slot": None, "seg_start": None, "seg_slot": None, "max_seg_len": None,
-                            "use_triton": True}
-        if all(n == 1 for n in chunk_lengths):
-            self.kernel_rows["row_slot"] = torch.tensor(chunk_slots, dtype=torch.int32, device=device)
-        else:
-            starts = [0]
-            for n in chunk_lengths:
-                starts.append(starts[-1] + n)
-            self.kernel_rows.update(seg_start=torch.tensor(starts, dtype=torch.int32, device=device),
-                                    seg_slot=torch.tensor(chunk_slots, dtype=torch.int32, device=device),
-                                    max_seg_len=max(chunk_lengths))
+    def __init__(self, mapping: LoraMapping, staging: StagedAdapters):
+        """``staging`` keeps the grouped adapters from step to step (the backend passes its own)."""
+        self.pool = mapping.pool
+        device = self.pool.tensor.device
+        self.scaling_list = mapping.scaling
+        self.modules = {
+            name: _ModuleMeta(ranks=m.ranks, a_offset=m.a_offset, b_offset=m.b_offset, max_rank=m.max_rank)
+            for name, m in mapping.modules.items()
+        }
+        self.targeted = mapping.targeted
+        shapes = {name: (m.in_features, m.out_features) for name, m in mapping.modules.items()}
+        self._init_gathered(mapping.slots, mapping.chunk_slots, mapping.chunk_lengths, shapes, device, staging)
 
     # ------------------------------------------------------------------ gathered path
     def _init_gathered(self, slots, chunk_slots, chunk_lengths, shapes, device, staging: StagedAdapters) -> None:
@@ -260,7 +230,7 @@ class LoraBatch:
         self._buffer: torch.Tensor | None = None
 
         for meta in self.modules.values():
-            ranks, a_offset, b_offset = meta.ranks.tolist(), meta.a_offset.tolist(), meta.b_offset.tolist()
+            ranks, a_offset, b_offset = meta.ranks, meta.a_offset, meta.b_offset
             meta.segments = [
                 (slice(seg.start, seg.start + seg.length), bases[seg.slot] + a_offset[seg.slot],
                  bases[seg.slot] + b_offset[seg.slot], ranks[seg.slot], self.scaling_list[seg.slot])
@@ -320,7 +290,7 @@ class LoraBatch:
         base = torch.tensor(bases, dtype=torch.int64)
         scale_t = torch.tensor(self.scaling_list, dtype=torch.float32)[slot_t][:, None]
         for name, meta in self.modules.items():
-            ranks = meta.ranks.cpu().to(torch.int64)
+            ranks = torch.tensor(meta.ranks, dtype=torch.int64)
             rank_r = int(ranks[slot_t].max())
             if rank_r == 0:
                 continue
@@ -329,8 +299,8 @@ class LoraBatch:
             live = j < ranks[slot_t][:, None]  # [T1, R]
             # rows past a rank (or of an adapter without this module) point at element 0, which
             # starts a full row because some slot has one here, and weigh 0
-            a_start = torch.where(live, (base + meta.a_offset.cpu())[slot_t][:, None] + j * in_f, 0)
-            b_start = torch.where(live, (base + meta.b_offset.cpu())[slot_t][:, None] + j * out_f, 0)
+            a_start = torch.where(live, (base + torch.tensor(meta.a_offset))[slot_t][:, None] + j * in_f, 0)
+            b_start = torch.where(live, (base + torch.tensor(meta.b_offset))[slot_t][:, None] + j * out_f, 0)
             meta.rows = _RowIndex(
                 a_start=a_start.reshape(-1).to(device),
                 b_start=b_start.reshape(-1).to(device),
@@ -346,7 +316,7 @@ class LoraBatch:
             self._buffer_layer = layer
         return self._buffer
 
-    # ------------------------------------------------------------------ LoraApplier
+    # ------------------------------------------------------------------ StepLora
     def apply(self, layer: int, x: torch.Tensor, outs: dict[str, torch.Tensor]) -> None:
         """``out[t] += scaling[s] * (x[t] @ A_s.T) @ Bt_s`` for each ``module: out`` of ``outs`` and
         the rows with an adapter targeting ``module``; the modules share the input ``x``.
@@ -355,14 +325,6 @@ class LoraBatch:
         """
         live = {module: out for module, out in outs.items() if module in self.targeted}
         if not live:
-            return
-        if self.use_triton:
-            pool_layer = self.pool.layer(layer)
-            rows = self.kernel_rows
-            for module, out in live.items():
-                meta = self.modules[module]
-                y = lora_shrink(x, pool_layer, self.adapter_pages, meta.a_offset, meta.ranks, meta.max_rank, **rows)
-                lora_expand(out, y, pool_layer, self.adapter_pages, meta.b_offset, meta.ranks, self.scaling, **rows)
             return
         for group in self.groups:
             self._apply_group(layer, group, x, live)
