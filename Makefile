@@ -10,7 +10,7 @@ PROMETHEUS ?= prometheus
 PROMTOOL ?= promtool
 APT_GET ?= apt-get
 
-.PHONY: serve test install prepare bench clean deps python-deps
+.PHONY: serve test install prepare bench clean deps python-deps gpu-check
 
 # Install Debian packages $(1) as root with apt-get, else stop with the one-line message $(2).
 define apt_or_stop
@@ -57,6 +57,15 @@ test: deps prepare
 
 bench: prepare
 	$(PY) -m benchmarks.engine_vs_hf
+
+# The CUDA path on a GPU machine, in a few minutes (benchmarks/gpu_check): the Triton kernels against
+# float64, greedy parity with HF transformers and PEFT, decode step against the weight-read floor,
+# throughput with 1/100/1000 adapters; writes benchmarks/results/gpu_check.{json,md}. Installs
+# nothing: .venv's python if there is one, else $(PYTHON) with its own torch (a GPU image's).
+# Arguments: make gpu-check GPU_CHECK_ARGS="--quick --out DIR". Exits 2 where CUDA is missing.
+GPU_CHECK_ARGS ?=
+gpu-check:
+	@if [ -x $(PY) ]; then py=$(PY); else py=$(PYTHON); fi; $$py -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) var

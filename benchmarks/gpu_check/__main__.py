@@ -1,0 +1,3 @@
+from benchmarks.gpu_check.cli import main
+
+raise SystemExit(main())
