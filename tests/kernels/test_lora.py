@@ -390,3 +390,32 @@ def test_dispatch_on_cpu(monkeypatch):
         with pytest.raises(ValueError, match="TRITON_INTERPRET"):
             lora_shrink(x, w.pool, w.adapter_pages, w.a_offset, w.ranks, MAX_RANK,
                         row_slot=rs, use_triton=True)
+
+
+@needs_triton
+@pytest.mark.parametrize("op", ["shrink", "expand"])
+def test_segment_kernels_fp16_dot_branch(monkeypatch, op):
+    """The segment kernels' fp16 operand branch (``CAST_MODE`` 1: ``tl.dot`` on fp16 tiles, what
+    CUDA runs for fp16 pools) against float64. The interpreter picks the fp32 branch by default;
+    here it is forced. (The bf16 branch cannot be checked this way: the interpreter's bf16
+    ``tl.dot`` returns garbage even for a plain 16x16 product; ``make gpu-check`` covers it.)"""
+    if not HAS_CUDA:
+        monkeypatch.setattr(lora, "_cast_mode", lambda dtype: {torch.float16: 1}.get(dtype, 0))
+    dtype = torch.float16
+    w = make_world(IN_F, OUT_F, RANKS, dtype, seed=11)
+    T, rows, kw = routing("prefill")
+    g = torch.Generator().manual_seed(12)
+    if op == "shrink":
+        x = torch.randn(T, IN_F, generator=g).to(dtype)
+        y = run_shrink("triton", x.to(DEVICE), w, MAX_RANK, kw)
+        # fp16 products are exact in fp32 accumulation; only the operands were rounded (they are fp16)
+        torch.testing.assert_close(y.cpu().double(), expected_shrink(w, x.double(), rows, MAX_RANK),
+                                   atol=2e-4, rtol=2e-4)
+        return
+    y = torch.randn(T, MAX_RANK, generator=g)
+    out0 = torch.randn(T, OUT_F, generator=g).to(dtype)
+    out = out0.clone().to(DEVICE)
+    run_expand("triton", out, y.to(DEVICE), w, kw)
+    # y is rounded to fp16 for the dot: a relative error of 2**-11 per term, then fp16 output rounding
+    expected = expected_expand(w, out0.double(), y.half().double(), rows)
+    torch.testing.assert_close(out.cpu().double(), expected, **_tol(dtype))
