@@ -33,6 +33,7 @@ PLAUSIBLE = 0.8
 def _fits(device: torch.device, nbytes: int) -> bool:
     if device.type != "cuda":
         return True
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
     return nbytes < free * 0.9
 
