@@ -95,3 +95,21 @@ async def test_a_failed_refetch_into_host_ram_counts(core, stored):
         assert time.monotonic() < deadline, "the fetch did not fail"
         time.sleep(0.05)
     assert failures(core, "missing") == 1
+
+
+async def test_a_refetch_of_changed_bytes_counts_as_checksum_and_does_not_read_the_config(core, stored):
+    """A re-fetch checks the weights' sha256 against the registered one and does not validate again
+    (the bytes with that sha256 were validated at registration): garbage under the weights key is a
+    checksum failure, never an invalid one, and the config object is not read at all."""
+    manager = core.engine.adapters
+    ref = await core.ensure_adapter(stored)
+    manager.store.put(stored.weights_key, b"not a safetensors file")
+    manager.store.delete(stored.config_key)  # not needed: the reference carries the config's content
+    manager.host.discard(ref.uid)
+    assert not manager.ensure_host(ref)
+    deadline = time.monotonic() + 30
+    while manager.failure(ref) is None:
+        assert time.monotonic() < deadline, "the fetch did not fail"
+        time.sleep(0.05)
+    assert "sha256" in manager.failure(ref)
+    assert failures(core, "checksum") == 1 and failures(core, "invalid") == 0 and failures(core, "missing") == 0
