@@ -275,42 +275,45 @@ def cpu_paged_attention(q: Tensor, kv: Tensor, plan: CpuAttentionPlan, scale: fl
     # head_dim] view with one index_select. Otherwise (e.g. a per-layer view of a bigger pool)
     # use strided indexing.
     flat_kv = kv.view(-1, head_dim) if kv.is_contiguous() else None
-    group = n_heads // n_kv_heads
     for chunk in plan.chunks:
-        n_chunk, max_q, max_ctx = chunk.n_items, chunk.max_q, chunk.max_ctx
-        if flat_kv is not None:
-            kv_g = flat_kv.index_select(0, chunk.kv_rows).view(2, n_chunk, n_kv_heads, max_ctx, head_dim)
-            k, v = kv_g[0], kv_g[1]
-        else:
-            page_i, off_i = chunk.page[:, None, :], chunk.offset[:, None, :]
-            head_i = torch.arange(n_kv_heads, device=q.device)[None, :, None]
-            k = kv[page_i, 0, off_i, head_i]
-            v = kv[page_i, 1, off_i, head_i]
-        k = k.to(torch.float32)
-        v = v.to(torch.float32)
-
-        k = k.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
-        v = v.reshape(n_chunk * n_kv_heads, max_ctx, head_dim)
-
-        # Queries [C * max_q, H, hd] -> [C * n_kv, group * max_q, hd].
-        qc = q.index_select(0, chunk.tok).to(torch.float32)
-        qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
-        qc = qc.reshape(n_chunk * n_kv_heads, group * max_q, head_dim)
-
-        if chunk.bias is not None:  # scale, q . k and the mask in one op
-            scores = torch.baddbmm(chunk.bias, qc, k.transpose(1, 2), alpha=scale)
-        else:
-            scores = torch.bmm(qc, k.transpose(1, 2)).mul_(scale)
-            scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(
-                chunk.blocked, float("-inf")
-            )
-        probs = torch.softmax(scores, dim=-1)
-        o = torch.bmm(probs, v)  # [C * n_kv, group * max_q, hd]
-        o = o.view(n_chunk, n_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
-        o = o.reshape(n_chunk * max_q, n_heads, head_dim)
+        k, v = _chunk_kv(kv, flat_kv, chunk)
+        o = _chunk_attention(q, k, v, chunk, scale)
         if chunk.valid_rows is not None:
             o = o.index_select(0, chunk.valid_rows)
         out.index_copy_(0, chunk.out_rows, o.to(q.dtype))
     return out
 
 
+def _chunk_kv(kv: Tensor, flat_kv: Tensor | None, chunk: _Chunk) -> tuple[Tensor, Tensor]:
+    """K and V of a chunk's padded contexts: each [C * n_kv_heads, max_ctx, head_dim] fp32."""
+    n_kv_heads, head_dim = kv.shape[3], kv.shape[4]
+    if flat_kv is not None:
+        kv_g = flat_kv.index_select(0, chunk.kv_rows).view(2, chunk.n_items, n_kv_heads, chunk.max_ctx, head_dim)
+        k, v = kv_g[0], kv_g[1]
+    else:
+        page_i, off_i = chunk.page[:, None, :], chunk.offset[:, None, :]
+        head_i = torch.arange(n_kv_heads, device=kv.device)[None, :, None]
+        k = kv[page_i, 0, off_i, head_i]
+        v = kv[page_i, 1, off_i, head_i]
+    shape = (chunk.n_items * n_kv_heads, chunk.max_ctx, head_dim)
+    return k.to(torch.float32).reshape(shape), v.to(torch.float32).reshape(shape)
+
+
+def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, chunk: _Chunk, scale: float) -> Tensor:
+    """Attention of a chunk's padded queries: [C * max_q, n_heads, head_dim] fp32."""
+    n_chunk, max_q, max_ctx = chunk.n_items, chunk.max_q, chunk.max_ctx
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    n_kv_heads = k.shape[0] // n_chunk
+    group = n_heads // n_kv_heads
+    # Queries [C * max_q, H, hd] -> [C * n_kv, group * max_q, hd].
+    qc = q.index_select(0, chunk.tok).to(torch.float32)
+    qc = qc.view(n_chunk, max_q, n_kv_heads, group, head_dim).permute(0, 2, 3, 1, 4)
+    qc = qc.reshape(n_chunk * n_kv_heads, group * max_q, head_dim)
+    if chunk.bias is not None:  # scale, q . k and the mask in one op
+        scores = torch.baddbmm(chunk.bias, qc, k.transpose(1, 2), alpha=scale)
+    else:
+        scores = torch.bmm(qc, k.transpose(1, 2)).mul_(scale)
+        scores.view(n_chunk, n_kv_heads, group, max_q, max_ctx).masked_fill_(chunk.blocked, float("-inf"))
+    o = torch.bmm(torch.softmax(scores, dim=-1), v)  # [C * n_kv, group * max_q, hd]
+    o = o.view(n_chunk, n_kv_heads, group, max_q, head_dim).permute(0, 3, 1, 2, 4)
+    return o.reshape(n_chunk * max_q, n_heads, head_dim)

@@ -8,8 +8,9 @@ import torch
 from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
 from inference.adapters.peft_checkpoint import SHARED_INPUT, load_adapter_dir
-from inference.backends.cpu import lora as lora_batch
-from inference.backends.cpu.lora import PAD_MAX_ROWS, LoraBatch
+from inference.backends.cpu import lora_routes as lora_batch
+from inference.backends.cpu.lora import LoraBatch
+from inference.backends.cpu.lora_routes import PAD_MAX_ROWS
 from inference.backends.cpu.staging import StagedAdapters
 from inference.lora_mapping import LoraMapping
 from inference.engine import LLMEngine

@@ -8,8 +8,9 @@ import torch
 from support.adapters import apply_calls, lora_reference, synthetic_adapter
 
 from inference.adapters.peft_checkpoint import load_adapter_dir
-from inference.backends.cpu import lora as lora_batch
-from inference.backends.cpu.lora import SEGMENT_MIN_ROWS, LoraBatch, chunk_order
+from inference.backends.cpu import lora_routes as lora_batch
+from inference.backends.cpu.lora import LoraBatch
+from inference.backends.cpu.lora_routes import SEGMENT_MIN_ROWS, chunk_order
 from inference.backends.cpu.staging import StagedAdapters
 from inference.backends.triton_backend import TritonLoraBatch
 from inference.lora_mapping import LoraMapping
