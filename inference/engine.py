@@ -28,6 +28,7 @@ from inference.adapters.manager import AdapterManager
 from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
 from inference.backends import select_backend
+from inference.backends.device import free_memory_bytes, require_available
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.engine_config import EngineConfig
 from inference.model import LlamaModel
@@ -86,8 +87,7 @@ class LLMEngine:
         self.checkpoint_dir = resolve_model(model)
         self.model_config = ModelConfig.from_checkpoint(self.checkpoint_dir)
         self.device = torch.device(self.config.device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device 'cuda' requested but CUDA is not available")
+        require_available(self.device)
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)
         self.backend = select_backend(self.device, self.config.use_triton)
@@ -132,8 +132,8 @@ class LLMEngine:
     def _pool_bytes(self) -> int:
         if self.config.pool_bytes is not None:
             return self.config.pool_bytes
-        if self.device.type == "cuda":
-            free, _total = torch.cuda.mem_get_info(self.device)
+        free = free_memory_bytes(self.device)
+        if free is not None:
             return int(free * self.config.pool_fraction)
         return self.config.cpu_pool_bytes
 

@@ -13,6 +13,7 @@ import torch
 
 from inference.adapters.manager import AdapterManager
 from inference.backends import Backend, StepLora
+from inference.backends.device import wait_until_ready
 from inference.forward_batch import ForwardBatch
 from inference.lora_mapping import LoraMapping
 from inference.model import LlamaModel
@@ -67,9 +68,8 @@ class ModelRunner:
                 continue
             if ref.uid not in slot_of:
                 resident = self.adapters.resident(ref.uid)
-                if resident.ready_event is not None:  # paged in on the copy stream: order after it
-                    torch.cuda.current_stream(self.device).wait_event(resident.ready_event)
-                    resident.ready_event = None
+                wait_until_ready(resident.ready_event, self.device)  # its page-in may be in flight
+                resident.ready_event = None
                 slot_of[ref.uid] = len(slots)
                 slots.append(resident)
             chunk_slots.append(slot_of[ref.uid])
