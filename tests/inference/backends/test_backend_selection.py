@@ -51,3 +51,9 @@ def test_warm_up_launches_run_and_leave_the_pool_alone(tiny_checkpoint, monkeypa
         triton_warm_up._warm_lora(engine.model_config, pool, rank)
     triton_warm_up._warm_attention(engine.model_config, pool)
     assert torch.equal(pool.tensor, before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_engine_without_cuda_is_refused_clearly(tiny_checkpoint):
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        LLMEngine(tiny_checkpoint, EngineConfig(device="cuda"))
