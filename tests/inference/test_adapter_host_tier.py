@@ -222,6 +222,56 @@ def test_pack_layers_matches_the_layout_for_non_contiguous_factors(config):
         pack_layers(modules, end - 1, torch.float32, pin=False)
 
 
+def test_the_side_stream_page_in_in_order_with_fake_streams(tmp_path, config, monkeypatch):
+    """The CUDA branch of the page-in run on the CPU with stand-in streams and events: the copy
+    stream first waits for the compute stream, the index is made from pinned memory inside the
+    copy stream's context, the event is recorded on the copy stream, and the rows written are the
+    adapter's. (What only a GPU shows, the asynchronous copies themselves, is the next test.)"""
+    from contextlib import contextmanager
+
+    log = []
+    compute = object()
+
+    class FakeStream:
+        def wait_stream(self, other):
+            log.append(("wait", other))
+
+    class FakeEvent:
+        def record(self, stream):
+            log.append(("record", stream))
+
+        def synchronize(self):
+            log.append(("synchronize",))
+
+    @contextmanager
+    def on_stream(stream):
+        log.append(("enter", stream))
+        yield
+        log.append(("exit", stream))
+
+    real_tensor = torch.tensor
+
+    def tensor(*args, pin_memory=False, **kwargs):
+        log.append(("tensor", pin_memory))
+        return real_tensor(*args, **kwargs)
+
+    manager, _ = _manager(tmp_path, config, torch.bfloat16)
+    ref = manager.register_files("a", *_files(tmp_path, config, "a", 12))
+    side = manager._device._copy_stream = FakeStream()
+    monkeypatch.setattr(torch.cuda, "stream", on_stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch, "tensor", tensor)
+    assert manager.admit(ref) is Admission.READY
+    assert log == [("wait", compute), ("enter", side), ("tensor", True), ("record", side), ("exit", side)]
+    resident = manager.resident(ref.uid)
+    assert isinstance(resident.ready_event, FakeEvent)
+    written = manager.pool.tensor[:, resident.pages, :].reshape(config.num_layers, -1)
+    assert torch.equal(written, manager.host.get(ref.uid))
+    manager.make_room(manager.pool.num_pages)  # evicting a page-in nobody waited for waits for it
+    assert log[-1] == ("synchronize",) and manager.resident(ref.uid) is None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_page_in_from_pinned_memory_matches_the_cpu(tmp_path, config):
     files = _files(tmp_path, config, "a", 9)
