@@ -63,9 +63,9 @@ def fetch_failure_reason(exc: BaseException) -> str:
 class HostTier:
     """Packs adapters into ``cache`` and fetches evicted ones back from ``store``.
 
-    ``wanted(uid)`` says whether a version is still registered: a fetch that completes after its
-    version was dropped takes its result out again (and records no failure), so nothing is left
-    in host RAM that no one would discard. ``pin`` packs into pinned memory (CUDA pools only).
+    ``wanted(uid)`` says whether a version may still serve a request: a fetch that completes
+    after its version was dropped (or while it is being unregistered and unused) takes its result
+    out again and records no failure, so nothing is left in host RAM that no one would discard. ``pin`` packs into pinned memory (CUDA pools only).
     """
 
     def __init__(

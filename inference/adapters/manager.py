@@ -82,7 +82,7 @@ class AdapterManager:
         self.latency_observers: list = []  # callables (tier: str, seconds: float)
         self._host_tier = HostTier(
             store, self.host, pool.geometry, pool.tensor.dtype, pin=self.device.type == "cuda",
-            fetch_failures=self.stats.fetch_failures, observe=self._observe, wanted=self.registry.knows,
+            fetch_failures=self.stats.fetch_failures, observe=self._observe, wanted=self.registry.wanted,
             threads=fetch_threads,
         )
         self._device = DeviceResidency(pool, self.shapes, self.stats.device, self.registry.users, self._observe)

@@ -113,6 +113,15 @@ class AdapterRegistry:
         with self._cond:
             return uid in self._by_uid
 
+    def wanted(self, uid: str) -> bool:
+        """True while the version ``uid`` may still serve a request: registered, and either not
+        being unregistered or still used by one."""
+        with self._cond:
+            ref = self._by_uid.get(uid)
+            if ref is None:
+                return False
+            return ref.adapter_id not in self._closing or self._users.get(uid, 0) > 0
+
     def users(self, uid: str) -> int:
         with self._cond:
             return self._users.get(uid, 0)

@@ -202,6 +202,19 @@ def test_a_fetch_that_completes_after_its_version_was_dropped_leaves_nothing(tmp
     assert manager.failure(old) is None
 
 
+def test_a_fetch_under_way_when_its_adapter_is_unregistered_leaves_and_counts_nothing(tmp_path, config):
+    manager, store = _manager(tmp_path, config)
+    ref = manager.register_files("a", *_files(tmp_path, config, "a", 13))
+    manager.host.discard(ref.uid)
+    store.delay = 0.3
+    manager.ensure_host(ref)  # will find the objects deleted
+    manager.unregister("a", lambda fn: fn(), timeout=0)
+    assert not store.exists(ref.weights_key) and not manager.registry.knows(ref.uid)
+    _wait(lambda: not manager._host_tier._fetches)
+    assert not manager.host.contains(ref.uid) and manager.failure(ref) is None
+    assert sum(manager.stats.fetch_failures.values()) == 0
+
+
 def test_pack_layers_matches_the_layout_for_non_contiguous_factors(config):
     shapes = config.linear_shapes()
     layers = config.num_layers

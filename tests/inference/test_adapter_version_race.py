@@ -137,3 +137,26 @@ async def test_added_while_its_adapter_is_being_unregistered_gets_an_error_and_l
         assert not thread.is_alive() and not errors  # no leaked count kept it waiting
         assert not manager.registry.knows(ref.uid) and manager.registry.users(ref.uid) == 0
         assert llm.engine.pool.occupancy().adapter == 0
+
+
+def test_a_version_is_wanted_while_it_can_still_serve_a_request():
+    """What a fetch finishing late asks the registry: a version being unregistered is wanted only
+    while a request still uses it (the fetch's result is then kept), not once none does."""
+    from inference.adapters.registry import AdapterRef, AdapterRegistry
+
+    registry = AdapterRegistry()
+    ref = AdapterRef("w", 1, "0" * 64, AdapterRegistry.new_uid("w", 1), 4, ("q_proj",), (("q_proj", 4),),
+                     128, 2.0, "k/c", "k/w")
+    assert not registry.wanted(ref.uid)
+    registry.publish(ref)
+    assert registry.wanted(ref.uid)
+    registry.acquire_ref(ref)
+    refs = registry.begin_unregister("w")
+    assert registry.wanted(ref.uid)  # hidden, but a request still needs it
+    registry.release(ref)
+    assert not registry.wanted(ref.uid) and registry.knows(ref.uid)
+    registry.cancel_unregister("w")
+    assert registry.wanted(ref.uid)
+    registry.begin_unregister("w")
+    registry.forget("w", refs)
+    assert not registry.wanted(ref.uid) and not registry.knows(ref.uid)
