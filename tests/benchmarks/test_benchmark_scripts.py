@@ -65,3 +65,22 @@ def test_http_path_smoke(tmp_path, tiny_checkpoint):
         assert all(r["steps"] >= 1 and 1 <= r["mean_batch"] <= 3 for r in runs)
     rates = {side: [r["completion_tokens"] / r["wall_s"] for r in report["rounds"][side]] for side in ("http", "inprocess")}
     assert report["ratio_per_round"] == [h / i for h, i in zip(rates["http"], rates["inprocess"])]
+
+
+def test_compare_revisions_smoke(tmp_path, tiny_checkpoint):
+    """Two revisions (here HEAD against itself, from a worktree) run alternately; each round's
+    figures are kept per revision."""
+    from benchmarks import compare_revisions
+
+    out = tmp_path / "compare.json"
+    assert compare_revisions.main([
+        "--base", "HEAD", "--rounds", "2", "--out", str(out), "engine_vs_hf", "--model", str(tiny_checkpoint),
+        "--num-requests", "2", "--min-output", "2", "--max-output", "3", "--max-input", "10", "--skip-hf",
+        "--repeats", "1", "--warmup-requests", "1",
+    ]) == 0
+    report = json.loads(out.read_text())
+    [row] = report["figures"]
+    assert row["figure"] == "engine tokens/s" and report["base"] == "HEAD"
+    assert len(row["base_rounds"]) == 2 and len(row["head_rounds"]) == 2
+    assert all(x > 0 for x in row["base_rounds"] + row["head_rounds"])
+    assert row["head_over_base"] == row["head"] / row["base"]
