@@ -48,13 +48,13 @@ def compare(actual: torch.Tensor, ref: torch.Tensor, tol: torch.Tensor) -> dict:
     nonfinite = int((~torch.isfinite(a)).sum())
     tol = tol.to(device=ref.device, dtype=torch.float64)
     ratio = torch.where(err == 0, torch.zeros_like(err), err / tol)  # 0/0 -> 0; x/0 -> inf (fails)
-    ratio = torch.nan_to_num(ratio, nan=math.inf)
+    ratio = torch.nan_to_num(ratio, nan=math.inf, posinf=math.inf)
     if err.numel() == 0:
         return {"max_abs_err": 0.0, "tol_at_worst": 0.0, "max_tol": 0.0, "worst_ratio": 0.0,
                 "nonfinite": 0, "passed": True}
     worst = int(ratio.reshape(-1).argmax())
     worst_ratio = float(ratio.reshape(-1)[worst])
-    max_err = float(torch.nan_to_num(err, nan=math.inf).max())
+    max_err = float(torch.nan_to_num(err, nan=math.inf, posinf=math.inf).max())
     return {
         "max_abs_err": max_err,
         "tol_at_worst": float(tol.reshape(-1)[worst]),

@@ -105,7 +105,7 @@ def run(ctx: Context) -> dict:
     engine_bf16 = {"comparison": "engine bf16 vs HF fp32", "dtype": "bfloat16",
                    **_agreement(ours["bfloat16"], hf["float32"], n), **_deviation(our_forced, hf["float32"])}
     hf_bf16 = {"comparison": "HF bf16 vs HF fp32", "dtype": "bfloat16",
-               **_agreement(hf["bfloat16"], hf["float32"], n), **_deviation([f for f in hf_forced], hf["float32"])}
+               **_agreement(hf["bfloat16"], hf["float32"], n), **_deviation(hf_forced, hf["float32"])}
     bound = 3 * hf_bf16["mean_forced_logprob_dev"] + 0.01
     engine_bf16["passed"] = engine_bf16["mean_forced_logprob_dev"] <= bound
     same_dtype = {"comparison": "engine bf16 vs HF bf16", "dtype": "bfloat16",
