@@ -13,7 +13,7 @@ import torch
 
 from inference.adapters.manager import AdapterManager
 from inference.backends import Backend, StepLora
-from inference.backends.device import wait_until_ready
+from inference.device import wait_until_ready
 from inference.forward_batch import ForwardBatch
 from inference.lora_mapping import LoraMapping
 from inference.model import LlamaModel

@@ -1,2 +1,3 @@
-"""Per-tenant LoRA adapters: loading and validating PEFT checkpoints, the host and device tiers,
-and the batched multi-adapter computation."""
+"""Per-tenant LoRA adapters: validating PEFT checkpoints once, and the life cycle of each version
+across the object store, host RAM and the pool's pages (the batched multi-adapter computation is
+the backends' job: ``inference/backends``)."""

@@ -38,6 +38,7 @@ from inference.adapters.object_store import ObjectStore
 from inference.adapters.peft_checkpoint import LoraAdapterWeights, adapter_files_from_dir, validate_adapter_files
 from inference.adapters.registry import AdapterRef, AdapterRegistry
 from inference.adapters.residency import DeviceAdapter, DeviceResidency, module_layout  # noqa: F401
+from inference.device import pins_host_memory
 from inference.model_config import ModelConfig
 from inference.page_pool import PagePool
 from inference.scheduler import Admission
@@ -81,7 +82,7 @@ class AdapterManager:
         self.stats = AdapterStats(host=self.host.stats)
         self.latency_observers: list = []  # callables (tier: str, seconds: float)
         self._host_tier = HostTier(
-            store, self.host, pool.geometry, pool.tensor.dtype, pin=self.device.type == "cuda",
+            store, self.host, pool.geometry, pool.tensor.dtype, pin=pins_host_memory(self.device),
             fetch_failures=self.stats.fetch_failures, observe=self._observe, wanted=self.registry.wanted,
             threads=fetch_threads,
         )

@@ -20,6 +20,7 @@ import torch
 from inference.adapters.host_cache import TierStats
 from inference.adapters.lora_weights import layer_offsets
 from inference.adapters.registry import AdapterRef
+from inference.device import PageCopier, synchronize
 from inference.page_pool import PageKind, PagePool
 
 
@@ -64,7 +65,7 @@ class DeviceResidency:
         self._users, self._observe = users, observe
         self.device = pool.tensor.device
         self.adapters: dict[str, DeviceAdapter] = {}
-        self._copy_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._copier = PageCopier(self.device)
 
     def get(self, uid: str) -> DeviceAdapter | None:
         return self.adapters.get(uid)
@@ -91,28 +92,9 @@ class DeviceResidency:
 
     def copy_into_pages(self, packed: torch.Tensor, pages: list[int]) -> object | None:
         """Write ``packed`` ([layers, len(pages) * page_elems]) into ``pages`` of every layer.
-        On CUDA: asynchronous, on the side stream; returns the event that marks it done."""
-        layers, page_elems = packed.shape[0], self.pool.geometry.page_elems
-        if self._copy_stream is None:
-            index = torch.tensor(pages, dtype=torch.long)
-            self.pool.tensor.index_copy_(1, index, packed.view(layers, len(pages), page_elems))
-            return None
-        compute = torch.cuda.current_stream(self.device)
-        # Work already queued on the compute stream may still read these pages (freed KV pages of a
-        # finished request, an evicted adapter's pages): the copy must not overtake it.
-        self._copy_stream.wait_stream(compute)
-        with torch.cuda.stream(self._copy_stream):  # side stream: overlaps the steps queued after
-            # Both device tensors are allocated on the copy stream, the only stream that uses them,
-            # so the caching allocator reuses their memory only after these copies. Both sources
-            # are pinned: torch records the copy stream's use of a pinned block copied with
-            # non_blocking=True, and its caching host allocator keeps the block (the host cache may
-            # drop ``packed`` at any time) until the copy has run.
-            index = torch.tensor(pages, dtype=torch.long, pin_memory=True).to(self.device, non_blocking=True)
-            staged = packed.to(self.device, non_blocking=True)  # one DMA: packed is contiguous and pinned
-            self.pool.tensor.index_copy_(1, index, staged.view(layers, len(pages), page_elems))
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        return event
+        On CUDA: asynchronous, on a side stream; returns the event that marks it done
+        (:class:`inference.device.PageCopier`)."""
+        return self._copier.copy(self.pool.tensor, pages, packed)
 
     def make_room(self, num_pages: int, protect: str | None = None) -> None:
         """Evict device adapters that no running request uses until ``num_pages`` are free:
@@ -127,8 +109,7 @@ class DeviceResidency:
             self.evict(victim)
 
     def evict(self, resident: DeviceAdapter) -> None:
-        if resident.ready_event is not None:  # its copy must land before its pages are reused
-            resident.ready_event.synchronize()
+        synchronize(resident.ready_event)  # its copy must land before its pages are reused
         del self.adapters[resident.ref.uid]
         self.pool.free(resident.pages)
         self.stats.evictions += 1

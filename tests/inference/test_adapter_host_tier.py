@@ -270,7 +270,7 @@ def test_the_side_stream_page_in_in_order_with_fake_streams(tmp_path, config, mo
 
     manager, _ = _manager(tmp_path, config, torch.bfloat16)
     ref = manager.register_files("a", *_files(tmp_path, config, "a", 12))
-    side = manager._device._copy_stream = FakeStream()
+    side = manager._device._copier._stream = FakeStream()
     monkeypatch.setattr(torch.cuda, "stream", on_stream)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: compute)
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
