@@ -21,6 +21,7 @@ from benchmarks.gpu_check.checkpoints import (
 )
 from benchmarks.gpu_check.report import free_device_memory
 from benchmarks.gpu_check.sizes import Context
+from benchmarks.synthetic_adapters import peft_adapter
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -36,19 +37,8 @@ LOGPROB_TOL = 1e-3
 
 def make_peft_adapter(base, out_dir: Path, spec: dict, seed: int, b_std: float = 0.05):
     """Inject a LoRA with PEFT, randomise B and save it; returns the PeftModel."""
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(seed)
-    config = LoraConfig(r=spec["r"], lora_alpha=spec["alpha"], target_modules=list(spec["targets"]),
-                        use_rslora=spec.get("rslora", False), lora_dropout=0.0, task_type="CAUSAL_LM")
-    model = get_peft_model(base, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, b_std)
-    model.eval()
-    model.save_pretrained(str(out_dir))
-    return model
+    return peft_adapter(base, out_dir, r=spec["r"], targets=spec["targets"], alpha=spec["alpha"],
+                        rslora=spec.get("rslora", False), b_std=b_std, seed=seed)
 
 
 def _peft_runs(checkpoint: Path, adapters_dir: Path, prompts, n: int, specs, device, seed: int):

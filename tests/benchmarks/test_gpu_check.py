@@ -83,7 +83,9 @@ def test_compare_fails_beyond_tolerance_and_passes_within():
     result = compare(off, ref, tol)
     assert not result["passed"]
     assert result["worst_ratio"] == pytest.approx(1.5)
-    assert result["max_abs_err"] == pytest.approx(float(1.5 * tol[i, j]))
+    assert result["tol_at_worst"] == pytest.approx(float(tol[i, j]))  # the failing element is named
+    # the largest error may sit elsewhere (0.5 of a larger bound), never below the planted one
+    assert result["max_abs_err"] >= float(1.5 * tol[i, j]) * (1 - 1e-9)
 
 
 def test_compare_rejects_nan_and_any_error_where_none_is_allowed():
