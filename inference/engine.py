@@ -28,8 +28,8 @@ from inference.adapters.manager import AdapterManager
 from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
 from inference.backends import select_backend
-from inference.device import free_memory_bytes, require_available
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
+from inference.device import free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
 from inference.model import LlamaModel
 from inference.model_config import ModelConfig
