@@ -96,12 +96,10 @@ class TenantNames:
 
 def load_tenant_names(session_factory) -> dict[str, str]:
     """Every tenant's id and name, read from the metadata database (an operator-level query)."""
-    from sqlalchemy import select
-
-    from tenants.models import Tenant
+    from tenants.repositories import tenant_names
 
     with session_factory() as session:
-        return dict(session.execute(select(Tenant.id, Tenant.name)).tuples().all())
+        return tenant_names(session)
 
 
 class ApiMetrics:

@@ -8,15 +8,17 @@ personal adapter and inference is told to prefetch it.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import logging
 
 from sqlalchemy import update
 
 from inference.adapters.object_store import ObjectNotFoundError
+from inference.adapters.storage_keys import adapter_file_keys
 from inference.adapters.peft_checkpoint import AdapterValidationError, validate_adapter_files
 from tenants.db import session_scope
-from tenants.models import Adapter, User
+from tenants.models import Adapter, AdapterStatus, User
 from tenants.platform import Platform, adapter_spec
 
 log = logging.getLogger(__name__)
@@ -24,17 +26,25 @@ log = logging.getLogger(__name__)
 MAX_REASON_CHARS = 4000
 
 
-def _mark(platform: Platform, adapter_id: str, status: str, **values) -> bool:
+class ValidationOutcome(enum.StrEnum):
+    """What one validation attempt did to a pending adapter."""
+
+    READY = "ready"  # valid: now served
+    FAILED = "failed"  # invalid (or given up on): files deleted, reason recorded
+    SKIPPED = "skipped"  # unknown id, or no longer pending: nothing done
+
+
+def _mark(platform: Platform, adapter_id: str, status: AdapterStatus, **values) -> bool:
     """pending -> ``status`` if still pending; True when this call made the change."""
     with session_scope(platform.session_factory) as session:
         result = session.execute(
             update(Adapter)
-            .where(Adapter.id == adapter_id, Adapter.status == "pending")
+            .where(Adapter.id == adapter_id, Adapter.status == AdapterStatus.PENDING)
             .values(status=status, **values)
         )
         if result.rowcount != 1:
             return False
-        if status == "ready":
+        if status == AdapterStatus.READY:
             adapter = session.get(Adapter, adapter_id)
             if adapter is not None and adapter.owner_user_id is not None:
                 session.execute(
@@ -45,18 +55,18 @@ def _mark(platform: Platform, adapter_id: str, status: str, **values) -> bool:
         return True
 
 
-def _fail(platform: Platform, adapter: Adapter, reason: str) -> str:
+def _fail(platform: Platform, adapter: Adapter, reason: str) -> ValidationOutcome:
     reason = reason if len(reason) <= MAX_REASON_CHARS else reason[: MAX_REASON_CHARS - 3] + "..."
-    if _mark(platform, adapter.id, "failed", failure_reason=reason):
+    if _mark(platform, adapter.id, AdapterStatus.FAILED, failure_reason=reason):
         try:
             platform.store.delete_prefix(adapter.storage_key)
         except Exception:  # the row says failed either way; a later clean-up can retry
             log.exception("deleting the objects of failed adapter %s failed", adapter.id)
-        return "failed"
-    return "skipped"
+        return ValidationOutcome.FAILED
+    return ValidationOutcome.SKIPPED
 
 
-def validate_adapter_job(platform: Platform, adapter_id: str) -> str:
+def validate_adapter_job(platform: Platform, adapter_id: str) -> ValidationOutcome:
     """Validate a pending adapter's stored files with the engine's rules.
 
     Returns ``ready``, ``failed`` or ``skipped`` (unknown id, or no longer pending). Store or
@@ -64,12 +74,12 @@ def validate_adapter_job(platform: Platform, adapter_id: str) -> str:
     """
     with session_scope(platform.session_factory) as session:
         adapter = session.get(Adapter, adapter_id)
-        if adapter is None or adapter.status != "pending":
-            return "skipped"
+        if adapter is None or adapter.status != AdapterStatus.PENDING:
+            return ValidationOutcome.SKIPPED
         session.expunge(adapter)
     if adapter.storage_key is None:
         return _fail(platform, adapter, "the upload stored no files")
-    spec_keys = (f"{adapter.storage_key}/adapter_config.json", f"{adapter.storage_key}/adapter_model.safetensors")
+    spec_keys = adapter_file_keys(adapter.storage_key)
     try:
         config_bytes, weights_bytes = (platform.store.get(k) for k in spec_keys)
     except ObjectNotFoundError as exc:
@@ -85,25 +95,25 @@ def validate_adapter_job(platform: Platform, adapter_id: str) -> str:
     changed = _mark(
         platform,
         adapter.id,
-        "ready",
+        AdapterStatus.READY,
         failure_reason=None,
         rank=weights.rank,
         target_modules=list(weights.target_modules),
         sha256=weights.sha256,
     )
     if not changed:
-        return "skipped"
+        return ValidationOutcome.SKIPPED
     adapter.sha256 = weights.sha256
     platform.adapter_ready(adapter_spec(adapter))
-    return "ready"
+    return ValidationOutcome.READY
 
 
-def give_up(platform: Platform, adapter_id: str, reason: str) -> str:
+def give_up(platform: Platform, adapter_id: str, reason: str) -> ValidationOutcome:
     """Mark a still-pending adapter failed with ``reason`` and delete its files (the task queue
     calls this when no further attempt will be made)."""
     with session_scope(platform.session_factory) as session:
         adapter = session.get(Adapter, adapter_id)
-        if adapter is None or adapter.status != "pending":
-            return "skipped"
+        if adapter is None or adapter.status != AdapterStatus.PENDING:
+            return ValidationOutcome.SKIPPED
         session.expunge(adapter)
     return _fail(platform, adapter, reason)

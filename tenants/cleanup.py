@@ -23,14 +23,16 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from tenants.adapter_validation import give_up
+from inference.adapters.storage_keys import TENANTS_ROOT
+from tenants.adapter_validation import ValidationOutcome, give_up
 from tenants.db import session_scope
-from tenants.models import Adapter, utcnow
+from tenants.models import Adapter, AdapterStatus, utcnow
 from tenants.platform import Platform
 
 log = logging.getLogger(__name__)
 
-STORAGE_ROOT = "tenants"
+STORAGE_ROOT = TENANTS_ROOT  # every adapter prefix is under it (inference.adapters.storage_keys)
+GONE = (AdapterStatus.FAILED, AdapterStatus.DELETED)  # their files are no longer needed
 STALE_UPLOAD_AFTER_S = 1800.0  # far longer than any upload takes (256 MiB at 1 MB/s: 4.5 minutes)
 
 
@@ -51,11 +53,11 @@ def _aware(moment: datetime) -> datetime:
 def _stale_pending(platform: Platform, report: CleanupReport, submit: Callable[[str], None], now: datetime,
                    requeue_after_s: float, give_up_after_s: float) -> None:
     with session_scope(platform.session_factory) as session:
-        pending = session.execute(select(Adapter.id, Adapter.created_at).where(Adapter.status == "pending")).all()
+        pending = session.execute(select(Adapter.id, Adapter.created_at).where(Adapter.status == AdapterStatus.PENDING)).all()
     for adapter_id, created_at in pending:
         age = (now - _aware(created_at)).total_seconds()
         if age > give_up_after_s:
-            if give_up(platform, adapter_id, f"validation did not finish within {int(give_up_after_s)} s") == "failed":
+            if give_up(platform, adapter_id, f"validation did not finish within {int(give_up_after_s)} s") == ValidationOutcome.FAILED:
                 report.timed_out.append(adapter_id)
         elif age > requeue_after_s:
             submit(adapter_id)
@@ -66,14 +68,14 @@ def _leftover_files(platform: Platform, report: CleanupReport) -> None:
     with session_scope(platform.session_factory) as session:
         rows = session.execute(
             select(Adapter.id, Adapter.storage_key)
-            .where(Adapter.status.in_(("failed", "deleted")), Adapter.storage_key.is_not(None))
+            .where(Adapter.status.in_(GONE), Adapter.storage_key.is_not(None))
         ).all()
     for adapter_id, prefix in rows:
         report.files_removed += platform.store.delete_prefix(prefix)
         with session_scope(platform.session_factory) as session:
             session.execute(
                 update(Adapter)
-                .where(Adapter.id == adapter_id, Adapter.status.in_(("failed", "deleted")))
+                .where(Adapter.id == adapter_id, Adapter.status.in_(GONE))
                 .values(storage_key=None)
             )
 

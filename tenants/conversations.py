@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from inference.service.protocol import AdapterSpec, ChatTurn
 from tenants import repositories as repo
-from tenants.models import Adapter, Conversation, Message, User, utcnow
+from tenants.models import Adapter, AdapterStatus, Conversation, Message, User, utcnow
 from tenants.platform import adapter_spec
 
 
@@ -26,7 +26,7 @@ class ChatContext:
     system_prompt: str | None
     history: list[ChatTurn]
     adapter: AdapterSpec | None
-    adapter_status: str | None  # status of the user's assigned adapter (None: none assigned)
+    adapter_status: AdapterStatus | None  # status of the user's assigned adapter (None: none assigned)
 
 
 def load_chat_context(session: Session, tenant_id: str, user: User, max_messages: int) -> ChatContext:
@@ -36,7 +36,7 @@ def load_chat_context(session: Session, tenant_id: str, user: User, max_messages
         adapter = session.get(Adapter, user.current_adapter_id)
         if adapter is not None and adapter.tenant_id == tenant_id:
             status = adapter.status
-            if adapter.status == "ready":
+            if adapter.status == AdapterStatus.READY:
                 spec = adapter_spec(adapter)
     history = [ChatTurn(role=m.role, content=m.content) for m in repo.recent_messages(session, tenant_id, user.id, max_messages)]
     return ChatContext(user.id, tenant.system_prompt if tenant else None, history, spec, status)

@@ -2,8 +2,9 @@
 
 Every id is made by the server (``new_id``: a uuid4 hex string). Every tenant-owned table carries
 ``tenant_id`` (indexed, ``ON DELETE CASCADE`` from ``tenants``), and the repositories always filter
-on it. Enumerations are plain strings guarded by CHECK constraints, so that the schema is the same
-on SQLite and PostgreSQL and adding a value is a one-constraint migration.
+on it. Enumerations are stored as plain strings guarded by CHECK constraints, so that the schema is
+the same on SQLite and PostgreSQL and adding a value is a one-constraint migration; in Python a
+status is an ``enum.StrEnum`` (``AdapterStatus``), read back as the enum by ``StrEnumString``.
 
 The schema itself is created only by the Alembic migrations in ``migrations/``; these models are
 the migrations' ``target_metadata`` and a test checks that the two agree.
@@ -11,6 +12,7 @@ the migrations' ``target_metadata`` and a test checks that the two agree.
 
 from __future__ import annotations
 
+import enum
 import uuid
 from datetime import datetime, timezone
 
@@ -40,8 +42,20 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 
+
+
+class AdapterStatus(enum.StrEnum):
+    """An adapter version's life: ``pending`` until validated, then ``ready`` (served) or
+    ``failed``; ``deleted`` when the tenant removed it (its files are cleaned up)."""
+
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
 API_KEY_SCOPES = ("admin", "chat")
-ADAPTER_STATUSES = ("pending", "ready", "failed", "deleted")
+ADAPTER_STATUSES = tuple(s.value for s in AdapterStatus)
 MESSAGE_ROLES = ("user", "assistant", "system")
 
 ID_LENGTH = 32
@@ -69,6 +83,25 @@ class UtcDateTime(TypeDecorator):
         if value is not None and value.tzinfo is None:
             return value.replace(tzinfo=timezone.utc)
         return value
+
+
+class StrEnumString(TypeDecorator):
+    """A ``StrEnum`` stored as its value in a ``VARCHAR(length)`` (the column type is unchanged);
+    binds enum members (or plain strings, left to the column's CHECK constraint), reads back enum
+    members."""
+
+    impl = String
+    cache_ok = True
+
+    def __init__(self, enum_type: type[enum.StrEnum], length: int):
+        super().__init__(length)
+        self.enum_type = enum_type
+
+    def process_bind_param(self, value, dialect) -> str | None:
+        return value.value if isinstance(value, self.enum_type) else value
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else self.enum_type(value)
 
 
 def _in(column: str, values: tuple[str, ...]) -> str:
@@ -172,7 +205,9 @@ class Adapter(Base):
     )
     name: Mapped[str] = mapped_column(String(200), nullable=False)
     version: Mapped[int] = mapped_column(Integer, nullable=False)
-    status: Mapped[str] = mapped_column(String(16), nullable=False, default="pending")
+    status: Mapped[AdapterStatus] = mapped_column(
+        StrEnumString(AdapterStatus, 16), nullable=False, default=AdapterStatus.PENDING
+    )
     failure_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
     rank: Mapped[int | None] = mapped_column(Integer, nullable=True)
     target_modules: Mapped[list[str]] = mapped_column(JSON, nullable=False, default=list)

@@ -11,6 +11,8 @@ from functools import cached_property
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from inference.adapters.storage_keys import CONFIG_FILE, WEIGHTS_FILE, adapter_file_keys
+from inference.adapters.storage_keys import tenant_adapter_prefix as adapter_prefix
 from inference.model_config import ModelConfig
 from inference.service.protocol import AdapterSpec
 from tenants.db import make_engine, make_session_factory
@@ -19,25 +21,15 @@ from tenants.settings import Settings
 
 log = logging.getLogger(__name__)
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
-
-
-def adapter_prefix(tenant_id: str, adapter_id: str) -> str:
-    """The server-made storage prefix of one adapter version: ``tenants/{tenant}/adapters/{id}``."""
-    return f"tenants/{tenant_id}/adapters/{adapter_id}"
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "Platform", "adapter_prefix", "adapter_spec", "remote_prefetch_hook"]
 
 
 def adapter_spec(adapter: Adapter) -> AdapterSpec:
     """What inference needs to load a ready adapter from the shared store."""
     if adapter.storage_key is None or adapter.sha256 is None:
         raise ValueError(f"adapter {adapter.id} has no stored files")
-    return AdapterSpec(
-        id=adapter.id,
-        config_key=f"{adapter.storage_key}/{CONFIG_FILE}",
-        weights_key=f"{adapter.storage_key}/{WEIGHTS_FILE}",
-        sha256=adapter.sha256,
-    )
+    keys = adapter_file_keys(adapter.storage_key)
+    return AdapterSpec(id=adapter.id, config_key=keys.config, weights_key=keys.weights, sha256=adapter.sha256)
 
 
 PREFETCH_TIMEOUT_S = 10.0

@@ -17,10 +17,10 @@ import secrets
 from collections.abc import Sequence
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
-from tenants.models import Adapter, ApiKey, Conversation, Message, Tenant, User, utcnow
+from tenants.models import Adapter, AdapterStatus, ApiKey, Conversation, Message, Tenant, User, new_id, utcnow
 
 API_KEY_PEPPER_ENV = "TAILOR_API_KEY_PEPPER"
 _DEV_PEPPER = "tailor-dev-pepper-change-me"
@@ -71,6 +71,26 @@ def create_tenant(session: Session, name: str, system_prompt: str | None = None)
 
 def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
     return session.get(Tenant, tenant_id)
+
+
+def set_system_prompt(session: Session, tenant_id: str, system_prompt: str | None) -> Tenant:
+    """Set (None: remove) the prompt that opens every chat of the tenant's users."""
+    tenant = get_tenant(session, tenant_id)
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id!r}")
+    tenant.system_prompt = system_prompt
+    session.flush()
+    return tenant
+
+
+def tenant_names(session: Session) -> dict[str, str]:
+    """Every tenant's id and name (an operator-level read across tenants, for metrics labels)."""
+    return dict(session.execute(select(Tenant.id, Tenant.name)).tuples().all())
+
+
+def ping(session: Session) -> None:
+    """One round trip to the database (raises when it does not answer)."""
+    session.execute(text("SELECT 1"))
 
 
 def create_api_key(
@@ -132,6 +152,15 @@ def get_user_by_external_id(session: Session, tenant_id: str, external_id: str) 
     return session.scalar(select(User).where(User.tenant_id == tenant_id, User.external_id == external_id))
 
 
+def list_users(session: Session, tenant_id: str, *, external_id: str | None = None, limit: int = 100,
+               offset: int = 0) -> Sequence[User]:
+    """The tenant's users, oldest first (optionally the one with ``external_id``)."""
+    query = select(User).where(User.tenant_id == tenant_id)
+    if external_id is not None:
+        query = query.where(User.external_id == external_id)
+    return session.scalars(query.order_by(User.created_at, User.id).limit(limit).offset(offset)).all()
+
+
 def get_or_create_user(session: Session, tenant_id: str, external_id: str) -> User:
     return get_user_by_external_id(session, tenant_id, external_id) or create_user(session, tenant_id, external_id)
 
@@ -158,17 +187,21 @@ def create_adapter(
     version: int,
     *,
     owner_user_id: str | None = None,
-    status: str = "pending",
+    adapter_id: str | None = None,
+    status: AdapterStatus = AdapterStatus.PENDING,
     rank: int | None = None,
     target_modules: Sequence[str] = (),
     size_bytes: int | None = None,
     sha256: str | None = None,
     storage_key: str | None = None,
+    idempotency_key: str | None = None,
 ) -> Adapter:
-    """A new adapter row; ``IntegrityError`` on flush when (tenant, name, version) exists."""
+    """A new adapter row; ``IntegrityError`` on flush when (tenant, name, version) or (tenant,
+    idempotency_key) exists. ``adapter_id``: a server-made id chosen by the caller (default: new)."""
     if owner_user_id is not None and get_user(session, tenant_id, owner_user_id) is None:
         raise NotFound(f"no user {owner_user_id!r} in tenant {tenant_id!r}")
     adapter = Adapter(
+        id=adapter_id or new_id(),
         tenant_id=tenant_id,
         owner_user_id=owner_user_id,
         name=name,
@@ -179,6 +212,7 @@ def create_adapter(
         size_bytes=size_bytes,
         sha256=sha256,
         storage_key=storage_key,
+        idempotency_key=idempotency_key,
     )
     session.add(adapter)
     session.flush()
@@ -189,11 +223,61 @@ def get_adapter(session: Session, tenant_id: str, adapter_id: str) -> Adapter | 
     return session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.id == adapter_id))
 
 
+def get_adapter_by_idempotency_key(session: Session, tenant_id: str, key: str) -> Adapter | None:
+    return session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.idempotency_key == key))
+
+
+def next_adapter_version(session: Session, tenant_id: str, name: str) -> int:
+    """One more than the newest version of ``name`` in the tenant (1 for a new name)."""
+    latest = session.scalar(select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name))
+    return (latest or 0) + 1
+
+
+def latest_ready_adapter(session: Session, tenant_id: str, name: str) -> Adapter | None:
+    """The newest ready version of the tenant's adapter ``name``."""
+    return session.scalar(
+        select(Adapter)
+        .where(Adapter.tenant_id == tenant_id, Adapter.name == name, Adapter.status == AdapterStatus.READY)
+        .order_by(Adapter.version.desc())
+        .limit(1)
+    )
+
+
+def ready_adapter_names(session: Session, tenant_id: str) -> Sequence[str]:
+    """The names that have at least one ready version, sorted."""
+    query = select(Adapter.name).where(Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.READY)
+    return session.scalars(query.distinct().order_by(Adapter.name)).all()
+
+
+def delete_adapter_row(session: Session, tenant_id: str, adapter_id: str) -> bool:
+    """Remove the row itself (an upload whose files could not be stored); False when absent."""
+    adapter = get_adapter(session, tenant_id, adapter_id)
+    if adapter is None:
+        return False
+    session.delete(adapter)
+    session.flush()
+    return True
+
+
+def mark_adapter_deleted(session: Session, tenant_id: str, adapter_id: str) -> Adapter | None:
+    """Mark the adapter deleted and unassign it from every user of the tenant; None when there is
+    no such adapter (or it is already deleted)."""
+    adapter = get_adapter(session, tenant_id, adapter_id)
+    if adapter is None or adapter.status == AdapterStatus.DELETED:
+        return None
+    adapter.status = AdapterStatus.DELETED
+    session.execute(
+        update(User).where(User.tenant_id == tenant_id, User.current_adapter_id == adapter_id).values(current_adapter_id=None)
+    )
+    session.flush()
+    return adapter
+
+
 def list_adapters(
     session: Session,
     tenant_id: str,
     *,
-    status: str | None = None,
+    status: AdapterStatus | None = None,
     owner_user_id: str | None = None,
     name: str | None = None,
     include_deleted: bool = False,
@@ -205,7 +289,7 @@ def list_adapters(
     if status is not None:
         query = query.where(Adapter.status == status)
     elif not include_deleted:
-        query = query.where(Adapter.status != "deleted")
+        query = query.where(Adapter.status != AdapterStatus.DELETED)
     if owner_user_id is not None:
         query = query.where(Adapter.owner_user_id == owner_user_id)
     if name is not None:
@@ -215,7 +299,7 @@ def list_adapters(
 
 
 def set_adapter_status(
-    session: Session, tenant_id: str, adapter_id: str, status: str, failure_reason: str | None = None
+    session: Session, tenant_id: str, adapter_id: str, status: AdapterStatus, failure_reason: str | None = None
 ) -> Adapter:
     adapter = get_adapter(session, tenant_id, adapter_id)
     if adapter is None:

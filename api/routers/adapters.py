@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
-from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
@@ -37,8 +36,8 @@ from api.schemas import AdapterList, AdapterPublic
 from tenants import repositories as repo
 from tenants.adapter_uploads import StagedAdapter, UploadError, UploadLimits, stage_upload
 from tenants.db import session_scope
-from tenants.models import Adapter, User, new_id
-from tenants.platform import CONFIG_FILE, WEIGHTS_FILE, adapter_prefix
+from inference.adapters.storage_keys import adapter_file_keys, tenant_adapter_prefix
+from tenants.models import Adapter, AdapterStatus, new_id
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
@@ -53,7 +52,7 @@ _INSERT_ATTEMPTS = 5
 
 def adapter_public(a: Adapter) -> AdapterPublic:
     return AdapterPublic(
-        id=a.id, name=a.name, version=a.version, status=a.status, failure_reason=a.failure_reason,
+        id=a.id, name=a.name, version=a.version, status=AdapterStatus(a.status).value, failure_reason=a.failure_reason,
         user_id=a.owner_user_id, rank=a.rank, target_modules=list(a.target_modules or []),
         size_bytes=a.size_bytes, sha256=a.sha256, created_at=a.created_at,
     )
@@ -85,7 +84,7 @@ def _same_upload(existing: Adapter, name: str, user_id: str | None, staged: Stag
 def _existing_upload(session, tenant_id: str, key: str | None) -> Adapter | None:
     if key is None:
         return None
-    return session.scalar(select(Adapter).where(Adapter.tenant_id == tenant_id, Adapter.idempotency_key == key))
+    return repo.get_adapter_by_idempotency_key(session, tenant_id, key)
 
 
 def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, staged: StagedAdapter,
@@ -104,17 +103,12 @@ def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, stage
                     return existing, False
                 if user_id is not None and repo.get_user(session, tenant_id, user_id) is None:
                     raise not_found("user", user_id)
-                latest = session.scalar(
-                    select(func.max(Adapter.version)).where(Adapter.tenant_id == tenant_id, Adapter.name == name)
+                adapter = repo.create_adapter(
+                    session, tenant_id, name, repo.next_adapter_version(session, tenant_id, name),
+                    adapter_id=adapter_id, owner_user_id=user_id, status=AdapterStatus.PENDING, rank=staged.rank,
+                    target_modules=staged.target_modules, size_bytes=staged.size_bytes, sha256=staged.sha256,
+                    storage_key=tenant_adapter_prefix(tenant_id, adapter_id), idempotency_key=idempotency_key,
                 )
-                adapter = Adapter(
-                    id=adapter_id, tenant_id=tenant_id, owner_user_id=user_id, name=name, version=(latest or 0) + 1,
-                    status="pending", rank=staged.rank, target_modules=list(staged.target_modules),
-                    size_bytes=staged.size_bytes, sha256=staged.sha256,
-                    storage_key=adapter_prefix(tenant_id, adapter_id), idempotency_key=idempotency_key,
-                )
-                session.add(adapter)
-                session.flush()
                 session.expunge(adapter)
                 return adapter, True
         except IntegrityError:
@@ -128,8 +122,9 @@ def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
     and answer 503 with Retry-After."""
     store = state.platform.store
     try:
-        store.put_file(f"{adapter.storage_key}/{CONFIG_FILE}", staged.config_path)
-        store.put_file(f"{adapter.storage_key}/{WEIGHTS_FILE}", staged.weights_path)
+        keys = adapter_file_keys(adapter.storage_key)
+        store.put_file(keys.config, staged.config_path)
+        store.put_file(keys.weights, staged.weights_path)
     except Exception as exc:
         log.warning("storing adapter %s (tenant %s) failed, nothing is kept: %s: %s",
                     adapter.id, adapter.tenant_id, type(exc).__name__, exc)
@@ -139,9 +134,7 @@ def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
             log.warning("removing the objects of failed upload %s failed (the clean-up job will): %s",
                         adapter.id, cleanup_exc)
         with session_scope(state.platform.session_factory) as session:
-            row = session.get(Adapter, adapter.id)
-            if row is not None:
-                session.delete(row)
+            repo.delete_adapter_row(session, adapter.tenant_id, adapter.id)
         raise HTTPException(503, "the object store is unavailable; nothing was stored",
                             headers={"Retry-After": str(STORE_RETRY_AFTER_S)}) from exc
 
@@ -216,7 +209,8 @@ def list_adapters(
     offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
 ) -> AdapterList:
     """The tenant's adapters, by name then newest version first (deleted ones only when asked)."""
-    rows = repo.list_adapters(session, caller.tenant_id, status=status, owner_user_id=user_id, name=name,
+    rows = repo.list_adapters(session, caller.tenant_id, status=AdapterStatus(status) if status else None,
+                              owner_user_id=user_id, name=name,
                               limit=limit, offset=offset)
     return AdapterList(data=[adapter_public(a) for a in rows], limit=limit, offset=offset)
 
@@ -231,14 +225,9 @@ def get_adapter(adapter_id: str, caller: AdminDep, session: SessionDep) -> Adapt
 
 def _mark_deleted(state, tenant_id: str, adapter_id: str) -> Adapter:
     with session_scope(state.platform.session_factory) as session:
-        adapter = repo.get_adapter(session, tenant_id, adapter_id) if is_id(adapter_id) else None
-        if adapter is None or adapter.status == "deleted":
+        adapter = repo.mark_adapter_deleted(session, tenant_id, adapter_id) if is_id(adapter_id) else None
+        if adapter is None:
             raise not_found("adapter", adapter_id)
-        adapter.status = "deleted"
-        session.execute(
-            update(User).where(User.tenant_id == tenant_id, User.current_adapter_id == adapter_id).values(current_adapter_id=None)
-        )
-        session.flush()
         session.expunge(adapter)
         return adapter
 

@@ -6,10 +6,10 @@ import asyncio
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
 
 from api.deps import StateDep
 from inference.service.shutdown import is_draining
+from tenants.repositories import ping
 
 router = APIRouter(tags=["health"])
 
@@ -23,7 +23,7 @@ def healthz() -> dict:
 def _database_ok(state) -> bool:
     try:
         with state.platform.session_factory() as session:
-            session.execute(text("SELECT 1"))
+            ping(session)
         return True
     except Exception:
         return False

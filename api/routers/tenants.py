@@ -41,8 +41,6 @@ def get_own_tenant(caller: AdminDep, session: SessionDep) -> TenantPublic:
 @router.patch("/v1/tenant", response_model=TenantPublic, responses=errors(401, 403, 413, 429, 503))
 def update_own_tenant(body: TenantUpdate, caller: AdminDep, session: SessionDep) -> TenantPublic:
     """Set the system prompt that opens every chat of this tenant's users (null removes it)."""
-    tenant = repo.get_tenant(session, caller.tenant_id)
     if "system_prompt" in body.model_fields_set:
-        tenant.system_prompt = body.system_prompt
-    session.flush()
-    return _public(tenant)
+        return _public(repo.set_system_prompt(session, caller.tenant_id, body.system_prompt))
+    return _public(repo.get_tenant(session, caller.tenant_id))

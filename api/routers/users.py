@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Query
-from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
@@ -11,7 +10,7 @@ from api.error_responses import errors
 from api.prefetch import prefetch_quietly
 from api.schemas import AdapterAssignment, UserCreate, UserPublic
 from tenants import repositories as repo
-from tenants.models import User
+from tenants.models import AdapterStatus, User
 from tenants.platform import adapter_spec
 
 router = APIRouter(tags=["users"])
@@ -49,10 +48,7 @@ def list_users(
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=10_000_000),
 ) -> list[UserPublic]:
-    query = select(User).where(User.tenant_id == caller.tenant_id)
-    if external_id is not None:
-        query = query.where(User.external_id == external_id)
-    users = session.scalars(query.order_by(User.created_at, User.id).limit(limit).offset(offset)).all()
+    users = repo.list_users(session, caller.tenant_id, external_id=external_id, limit=limit, offset=offset)
     return [user_public(u) for u in users]
 
 
@@ -70,11 +66,9 @@ def assign_adapter(
     user = load_user(session, caller.tenant_id, user_id)
     if body.adapter_id is not None:
         adapter = repo.get_adapter(session, caller.tenant_id, body.adapter_id) if is_id(body.adapter_id) else None
-        if adapter is None or adapter.status == "deleted":
+        if adapter is None or adapter.status == AdapterStatus.DELETED:
             raise not_found("adapter", body.adapter_id)
-        if adapter.status != "ready":
+        if adapter.status != AdapterStatus.READY:
             raise HTTPException(409, f"adapter {adapter.id} is {adapter.status}, not ready")
         background.add_task(prefetch_quietly, state.inference, adapter_spec(adapter))
-    user.current_adapter_id = body.adapter_id
-    session.flush()
-    return user_public(user)
+    return user_public(repo.set_current_adapter(session, caller.tenant_id, user.id, body.adapter_id))
