@@ -1,15 +1,20 @@
-"""Starting a generation on the inference backend and turning its events into HTTP answers."""
+"""Starting a generation on the inference backend and turning its typed events
+(``inference.service.events``) into HTTP answers: JSON bodies and server-sent events are made
+here and in the chat routers, nowhere below.
+
+Aborting a generation whose client went away is not this layer's job: the routes close the
+events they hold (on every exit, also when the body never started), and the inference core's
+``GenerationStream`` aborts the engine request if it had not finished."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-
 from fastapi import HTTPException, Request
 
 from api.admission import RETRY_AFTER_S
 from api.metrics import ApiMetrics
 from api.state import AppState
+from inference.service.events import GenerationEnded, GenerationEvent, GenerationFailed, GenerationStarted
 from inference.service.protocol import GenerateRequest, InferenceError
 
 
@@ -21,7 +26,7 @@ def inference_http_error(exc: InferenceError) -> HTTPException:
 
 
 async def open_generation(state: AppState, http_request: Request, request: GenerateRequest, *,
-                          tenant_id: str) -> AsyncIterator[dict]:
+                          tenant_id: str) -> TenantEvents:
     """Submit ``request``; refusals become HTTPExceptions before any byte of the answer is sent:
     429 when the tenant already has its share of generations in flight (``TenantConcurrencyLimit``)
     or the engine queue is full, 422 or 503 from the engine. The tenant's slot is held until the
@@ -38,13 +43,13 @@ async def open_generation(state: AppState, http_request: Request, request: Gener
         if isinstance(exc, InferenceError):
             raise inference_http_error(exc) from None
         raise
-    return _TenantEvents(events, http_request.app.state.metrics, tenant_id, lambda: slots.release(tenant_id))
+    return TenantEvents(events, http_request.app.state.metrics, tenant_id, lambda: slots.release(tenant_id))
 
 
-class _TenantEvents:
-    """Passes events through, counting the tenant's tokens at the end; ``aclose`` closes (and so
-    aborts, when unfinished) the generation underneath, even if it was never iterated, and gives
-    the tenant's slot back (once)."""
+class TenantEvents:
+    """Passes events through, counting the tenant's tokens at the end; ``aclose`` closes the
+    generation underneath (which aborts it when unfinished), even if it was never iterated, and
+    gives the tenant's slot back (once)."""
 
     def __init__(self, events, metrics: ApiMetrics, tenant_id: str, release):
         self._events, self._metrics, self._tenant_id = events, metrics, tenant_id
@@ -53,10 +58,10 @@ class _TenantEvents:
     def __aiter__(self):
         return self
 
-    async def __anext__(self) -> dict:
+    async def __anext__(self) -> GenerationEvent:
         event = await self._events.__anext__()
-        if event["event"] == "end":
-            self._metrics.count_tokens(self._tenant_id, event["prompt_tokens"], event["completion_tokens"])
+        if isinstance(event, GenerationEnded):
+            self._metrics.count_tokens(self._tenant_id, event.prompt_tokens, event.completion_tokens)
         return event
 
     async def aclose(self) -> None:
@@ -68,17 +73,17 @@ class _TenantEvents:
                 release()
 
 
-async def collect(events: AsyncIterator[dict]) -> tuple[dict, dict]:
-    """Run a generation to its end: ``(start event, end event)``; an engine error is a 503."""
-    start: dict = {}
+async def collect(events: TenantEvents) -> tuple[GenerationStarted | None, GenerationEnded]:
+    """Run a generation to its end: ``(start, end)``; an engine failure is a 503."""
+    start: GenerationStarted | None = None
     try:
         async for event in events:
-            if event["event"] == "start":
+            if isinstance(event, GenerationStarted):
                 start = event
-            elif event["event"] == "end":
+            elif isinstance(event, GenerationEnded):
                 return start, event
-            elif event["event"] == "error":
-                raise HTTPException(503, f"generation failed: {event.get('message')}", headers={"Retry-After": "1"})
+            elif isinstance(event, GenerationFailed):
+                raise HTTPException(event.status, f"generation failed: {event.message}", headers={"Retry-After": "1"})
     finally:
         await events.aclose()
     raise HTTPException(503, "the generation ended without an answer", headers={"Retry-After": "1"})

@@ -16,10 +16,11 @@ from starlette.background import BackgroundTask
 
 from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
-from api.generation import collect, open_generation, sse
+from api.generation import TenantEvents, collect, open_generation, sse
 from api.routers.users import load_user
 from api.schemas import ChatRequest, ChatResponse, MessagePage, MessagePublic, Usage
 from api.state import AppState
+from inference.service.events import GenerationEnded, GenerationStarted, TextDelta
 from inference.service.protocol import ChatTurn, GenerateRequest
 from tenants.conversations import ChatContext, erase_history, load_chat_context, message_page, record_exchange
 from tenants.db import session_scope
@@ -39,18 +40,22 @@ def _context(state: AppState, tenant_id: str, user_id: str) -> ChatContext:
         return load_chat_context(session, tenant_id, user, state.settings.history_max_messages)
 
 
-def _record(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest, end: dict, asked_at: datetime,
-            used: int) -> ChatResponse:
+def _record(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest, end: GenerationEnded,
+            asked_at: datetime, used: int) -> ChatResponse:
     with session_scope(state.platform.session_factory) as session:
-        _question, answer = record_exchange(session, tenant_id, ctx.user_id, body.message, end["text"],
-                                            end["completion_tokens"], asked_at)
-        usage = Usage(prompt_tokens=end["prompt_tokens"], completion_tokens=end["completion_tokens"],
-                      total_tokens=end["prompt_tokens"] + end["completion_tokens"])
+        _question, answer = record_exchange(session, tenant_id, ctx.user_id, body.message, end.text,
+                                            end.completion_tokens, asked_at)
+        usage = Usage(prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
+                      total_tokens=end.total_tokens)
         return ChatResponse(
             id=answer.id, conversation_id=answer.conversation_id, message=message_public(answer),
-            adapter_id=ctx.adapter.id if ctx.adapter else None, finish_reason=end["finish_reason"],
+            adapter_id=ctx.adapter.id if ctx.adapter else None, finish_reason=end.finish_reason.value,
             history_messages_used=used, usage=usage,
         )
+
+
+def _messages_used(start: GenerationStarted | None) -> int:
+    return start.messages_used if start is not None else 0
 
 
 def _max_tokens(state: AppState, requested: int | None) -> int:
@@ -86,34 +91,37 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     if not body.stream:
         start, end = await collect(events)
-        return await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, end, asked_at, start["messages_used"])
-
-    async def stream() -> AsyncIterator[str]:
-        start = None
-        async with _closing(events):
-            async for event in events:
-                kind = event["event"]
-                if kind == "start":
-                    start = event
-                    yield sse("start", {"adapter_id": ctx.adapter.id if ctx.adapter else None,
-                                        "history_messages_used": event["messages_used"]})
-                elif kind == "delta":
-                    yield sse("delta", {"text": event["text"]})
-                elif kind == "end":
-                    used = start["messages_used"] if start else 0
-                    try:
-                        answer = await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, event, asked_at, used)
-                    except SQLAlchemyError as exc:  # the headers are gone: say so in the stream
-                        log.warning("storing the exchange of user %s failed: %s", ctx.user_id, type(exc).__name__)
-                        yield sse("error", {"message": "the answer could not be stored (database unavailable); "
-                                                       "nothing was saved, retry later"})
-                        return
-                    yield sse("done", answer.model_dump(mode="json"))
-                else:
-                    yield sse("error", {"message": event.get("message", "generation failed")})
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        return await asyncio.to_thread(_record, state, caller.tenant_id, ctx, body, end, asked_at, _messages_used(start))
+    return StreamingResponse(_chat_frames(state, caller.tenant_id, ctx, body, asked_at, events),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                              background=BackgroundTask(events.aclose))  # also when the body never started
+
+
+async def _chat_frames(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest, asked_at: datetime,
+                       events: TenantEvents) -> AsyncIterator[str]:
+    """The SSE frames of a streamed chat: ``start``, ``delta``, then ``done`` (the stored answer)
+    or ``error``."""
+    start = None
+    async with _closing(events):
+        async for event in events:
+            if isinstance(event, GenerationStarted):
+                start = event
+                yield sse("start", {"adapter_id": ctx.adapter.id if ctx.adapter else None,
+                                    "history_messages_used": event.messages_used})
+            elif isinstance(event, TextDelta):
+                yield sse("delta", {"text": event.text})
+            elif isinstance(event, GenerationEnded):
+                try:
+                    answer = await asyncio.to_thread(_record, state, tenant_id, ctx, body, event, asked_at,
+                                                     _messages_used(start))
+                except SQLAlchemyError as exc:  # the headers are gone: say so in the stream
+                    log.warning("storing the exchange of user %s failed: %s", ctx.user_id, type(exc).__name__)
+                    yield sse("error", {"message": "the answer could not be stored (database unavailable); "
+                                                   "nothing was saved, retry later"})
+                    return
+                yield sse("done", answer.model_dump(mode="json"))
+            else:
+                yield sse("error", {"message": event.message})
 
 
 class _closing:

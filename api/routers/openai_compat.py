@@ -15,16 +15,15 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
-from sqlalchemy import select
-
 from api.deps import ChatDep, SessionDep, StateDep
 from api.error_responses import errors
-from api.generation import collect, open_generation
+from api.generation import TenantEvents, collect, open_generation
 from api.state import AppState
+from inference.service.events import GenerationEnded, GenerationFailed, TextDelta
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
 from tenants.db import session_scope
-from tenants.models import Adapter
 from tenants.platform import adapter_spec
+from tenants.repositories import latest_ready_adapter, ready_adapter_names
 
 router = APIRouter(tags=["openai"])
 BASE_MODEL = "base"
@@ -74,12 +73,7 @@ def _resolve_model(state: AppState, tenant_id: str, model: str) -> AdapterSpec |
     if model == BASE_MODEL:
         return None
     with session_scope(state.platform.session_factory) as session:
-        adapter = session.scalar(
-            select(Adapter)
-            .where(Adapter.tenant_id == tenant_id, Adapter.name == model, Adapter.status == "ready")
-            .order_by(Adapter.version.desc())
-            .limit(1)
-        )
+        adapter = latest_ready_adapter(session, tenant_id, model)
         if adapter is None:
             raise HTTPException(404, f"no model {model!r}: use 'base' or the name of a ready adapter")
         return adapter_spec(adapter)
@@ -115,39 +109,43 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
     if not body.stream:
         _start, end = await collect(events)
-        usage = {"prompt_tokens": end["prompt_tokens"], "completion_tokens": end["completion_tokens"],
-                 "total_tokens": end["prompt_tokens"] + end["completion_tokens"]}
-        return {
-            "id": completion_id, "object": "chat.completion", "created": created, "model": body.model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": end["text"]},
-                         "finish_reason": end["finish_reason"], "logprobs": None}],
-            "usage": usage,
-        }
-
-    async def stream() -> AsyncIterator[str]:
-        try:
-            yield _chunk(completion_id, created, body.model, {"role": "assistant", "content": ""}, None)
-            async for event in events:
-                if event["event"] == "delta":
-                    yield _chunk(completion_id, created, body.model, {"content": event["text"]}, None)
-                elif event["event"] == "end":
-                    yield _chunk(completion_id, created, body.model, {}, event["finish_reason"])
-                elif event["event"] == "error":
-                    yield f"data: {json.dumps({'error': {'message': event.get('message'), 'type': 'server_error'}})}\n\n"
-            yield "data: [DONE]\n\n"
-        finally:
-            await events.aclose()
-
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        return _completion(completion_id, created, body.model, end)
+    return StreamingResponse(_completion_chunks(completion_id, created, body.model, events),
+                             media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                              background=BackgroundTask(events.aclose))  # also when the body never started
+
+
+def _completion(completion_id: str, created: int, model: str, end: GenerationEnded) -> dict:
+    usage = {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
+             "total_tokens": end.total_tokens}
+    return {
+        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text},
+                     "finish_reason": end.finish_reason.value, "logprobs": None}],
+        "usage": usage,
+    }
+
+
+async def _completion_chunks(completion_id: str, created: int, model: str, events: TenantEvents) -> AsyncIterator[str]:
+    """OpenAI's ``chat.completion.chunk`` frames, then ``data: [DONE]``."""
+    try:
+        yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
+        async for event in events:
+            if isinstance(event, TextDelta):
+                yield _chunk(completion_id, created, model, {"content": event.text}, None)
+            elif isinstance(event, GenerationEnded):
+                yield _chunk(completion_id, created, model, {}, event.finish_reason.value)
+            elif isinstance(event, GenerationFailed):
+                yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        await events.aclose()
 
 
 @router.get("/v1/models", responses=errors(401, 429, 503))
 def list_models(caller: ChatDep, session: SessionDep) -> dict:
     """``base`` plus the names of the tenant's ready adapters."""
-    names = session.scalars(
-        select(Adapter.name).where(Adapter.tenant_id == caller.tenant_id, Adapter.status == "ready").distinct().order_by(Adapter.name)
-    ).all()
+    names = ready_adapter_names(session, caller.tenant_id)
     created = int(time.time())
     return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "tailor"}
                                        for n in [BASE_MODEL, *names]]}

@@ -10,7 +10,9 @@ Routes (every ``/internal/*`` route needs the shared secret in ``X-Tailor-Infere
   in-flight requests did not finish in time.
 * ``GET /healthz`` (the process answers) and ``GET /readyz`` (the engine runs): no secret.
 
-A client that disconnects mid-stream has its request aborted, so its pages are freed within a step.
+A client that disconnects mid-stream has its request aborted, so its pages are freed within a step:
+the response closes the core's ``GenerationStream``, which owns the abort. Events become JSON here
+(``inference.service.events.to_wire``) and nowhere else on the service side.
 ``run_inference_service(settings)`` builds the engine from settings and serves this app.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -27,7 +29,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from inference.service.core import InferenceCore
+from inference.service.core import GenerationStream, InferenceCore
+from inference.service.events import GenerationEvent, GenerationFailed, GenerationStarted, is_terminal, to_wire
 from inference.service.protocol import SECRET_HEADER, GenerateRequest, InferenceError, PrefetchRequest
 from inference.service.shutdown import install_drain, is_draining, serve
 
@@ -37,7 +40,6 @@ NDJSON = "application/x-ndjson"
 INTERNAL_PREFIX = "/internal/"
 GENERATE_PATH = "/internal/generate"
 DRAINING_BODY = {"detail": ["the inference service is shutting down; retry on another replica"]}
-TERMINAL_EVENTS = ("end", "error")
 
 
 # --------------------------------------------------------------------------- authentication
@@ -64,38 +66,34 @@ class SharedSecretMiddleware:
 
 
 # --------------------------------------------------------------------------- streaming
-def _line(event: dict) -> bytes:
+def _line(event: GenerationEvent) -> bytes:
     """One NDJSON line (UTF-8, newline-terminated)."""
-    return (json.dumps(event, ensure_ascii=False) + "\n").encode()
+    return (json.dumps(to_wire(event), ensure_ascii=False) + "\n").encode()
 
 
 class EventStreamResponse(StreamingResponse):
-    """Streams generation events as NDJSON and guarantees the request ends with the response.
+    """Streams generation events as NDJSON and closes the generation with the response.
 
-    ``first`` is the already-read ``start`` event, ``events`` the rest. Whatever way the response
-    ends (finished, client disconnected, server shutting down), ``events`` is closed; if no
-    ``end``/``error`` event went out, ``abort()`` is called too, so the engine frees the request's
-    pages even when the event iterator was never resumed after ``start``.
+    ``first`` is the already-read start event, ``events`` the rest. Whatever way the response
+    ends (finished, client disconnected, server shutting down), ``events`` is closed, even when it
+    was never resumed after the start; closing a stream before its last event aborts the request
+    (``GenerationStream`` owns that), so the engine frees its pages.
     """
 
-    def __init__(self, first: dict, events: AsyncIterator[dict], abort: Callable[[], None]):
+    def __init__(self, first: GenerationStarted, events: GenerationStream):
         self._events = events
-        self._abort = abort
-        self._finished = False
         super().__init__(self._lines(first), media_type=NDJSON, headers={"Cache-Control": "no-store"})
 
-    async def _lines(self, first: dict) -> AsyncIterator[bytes]:
+    async def _lines(self, first: GenerationStarted) -> AsyncIterator[bytes]:
         yield _line(first)
         try:
             async for event in self._events:
-                self._finished = event.get("event") in TERMINAL_EVENTS
                 yield _line(event)
-                if self._finished:
+                if is_terminal(event):
                     return
         except Exception as exc:  # a bug below us: end the stream with an error event, not a cut
             log.exception("generation stream failed")
-            self._finished = True
-            yield _line({"event": "error", "message": f"generation failed: {exc}"})
+            yield _line(GenerationFailed(f"generation failed: {exc}"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -106,10 +104,8 @@ class EventStreamResponse(StreamingResponse):
     async def _release(self) -> None:
         try:
             await self.body_iterator.aclose()  # type: ignore[attr-defined]
-            await self._events.aclose()  # type: ignore[attr-defined]
         finally:
-            if not self._finished:
-                self._abort()
+            await self._events.aclose()
 
 
 # --------------------------------------------------------------------------- the app
@@ -159,10 +155,9 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
         try:
             first = await anext(events)  # the start event: yielded at once, names the request
         except BaseException:
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             raise
-        request_id = first["request_id"]
-        return EventStreamResponse(first, events, lambda: core.llm.abort(request_id))
+        return EventStreamResponse(first, events)
 
     @app.post("/internal/adapters/prefetch")
     async def prefetch(body: PrefetchRequest) -> dict:

@@ -3,27 +3,34 @@
 Refusals arrive as ``InferenceError`` before the first event, as in-process: 422 and 429 keep the
 service's status, problems and ``Retry-After``; an unreachable, timed-out, failing or misconfigured
 service (connection refused, 5xx, a refused shared secret) is a 503 with ``retry_after`` (5 s
-unless the service said otherwise). Once streaming, transport failures become a final ``error``
-event instead of an exception, so consumers handle one shape.
+unless the service said otherwise). Once streaming, transport failures become a final ``GenerationFailed``
+event instead of an exception, so consumers handle one shape. NDJSON lines become typed events
+(``inference.service.events.from_wire``) here, at the edge.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
 from urllib.parse import quote
 
 import httpx
 
+from inference.service.events import (
+    GenerationEnded,
+    GenerationEvent,
+    GenerationFailed,
+    MalformedEvent,
+    from_wire,
+    is_terminal,
+    run_to_end,
+)
 from inference.service.protocol import SECRET_HEADER, AdapterSpec, GenerateRequest, InferenceError, PrefetchRequest
 
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER_S = 5
 PASSED_THROUGH = (422, 429)  # statuses the caller's caller should see as they are
-EVENT_KINDS = ("start", "delta", "end", "error")
-TERMINAL_EVENTS = ("end", "error")
 
 
 def _problems(response: httpx.Response) -> list[str]:
@@ -76,11 +83,12 @@ def _unreachable(exc: httpx.HTTPError) -> InferenceError:
 
 
 class RemoteEventStream:
-    """The events of one streamed generation (an async iterator of dicts).
+    """The typed events of one streamed generation.
 
-    Ends after the ``end`` or ``error`` event; a malformed line, a broken connection or a stream
-    that stops early yields one final ``{"event": "error", "message"}``. ``aclose()`` (also safe
-    before iterating) closes the HTTP response, which makes the service abort the request.
+    Ends after the last event (ended or failed); a malformed line, a broken connection or a stream
+    that stops early yields one final ``GenerationFailed``. ``aclose()`` (also safe before
+    iterating) closes the HTTP response; the service then closes its ``GenerationStream``, which
+    aborts the request if it had not finished.
     """
 
     def __init__(self, response: httpx.Response):
@@ -91,7 +99,7 @@ class RemoteEventStream:
     def __aiter__(self) -> RemoteEventStream:
         return self
 
-    async def __anext__(self) -> dict:
+    async def __anext__(self) -> GenerationEvent:
         if self._done:
             raise StopAsyncIteration
         try:
@@ -101,12 +109,10 @@ class RemoteEventStream:
         if line is None:
             return await self._fail("the inference stream ended without an end event")
         try:
-            event = json.loads(line)
-        except ValueError:
+            event = from_wire(json.loads(line))
+        except (ValueError, MalformedEvent):
             return await self._fail(f"malformed event from the inference service: {line[:200]!r}")
-        if not isinstance(event, dict) or event.get("event") not in EVENT_KINDS:
-            return await self._fail(f"malformed event from the inference service: {line[:200]!r}")
-        if event["event"] in TERMINAL_EVENTS:
+        if is_terminal(event):
             await self.aclose()
         return event
 
@@ -117,10 +123,10 @@ class RemoteEventStream:
                 return line
         return None
 
-    async def _fail(self, message: str) -> dict:
+    async def _fail(self, message: str) -> GenerationFailed:
         log.warning("%s", message)
         await self.aclose()
-        return {"event": "error", "message": message}
+        return GenerationFailed(message)
 
     async def aclose(self) -> None:
         """Stop reading and close the response (idempotent)."""
@@ -151,9 +157,9 @@ class RemoteInference:
         )
 
     # ------------------------------------------------------------------ generation
-    async def start(self, req: GenerateRequest) -> AsyncIterator[dict]:
+    async def start(self, req: GenerateRequest) -> RemoteEventStream:
         """Submit ``req``; return its events (raises InferenceError before the first one).
-        Closing the returned iterator aborts the request on the service."""
+        Closing the returned stream aborts the request on the service."""
         request = self._client.build_request(
             "POST", "/internal/generate", content=req.model_dump_json(), headers={"Content-Type": "application/json"}
         )
@@ -171,18 +177,9 @@ class RemoteInference:
             raise error_from_response(response)
         return RemoteEventStream(response)
 
-    async def generate(self, req: GenerateRequest) -> dict:
-        """Run ``req`` to the end and return its ``end`` event (InferenceError 503 if it failed)."""
-        events = await self.start(req)
-        final: dict = {}
-        try:
-            async for event in events:
-                final = event
-        finally:
-            await events.aclose()  # type: ignore[attr-defined]
-        if final.get("event") != "end":
-            raise InferenceError.unavailable(final.get("message", "generation failed"))
-        return final
+    async def generate(self, req: GenerateRequest) -> GenerationEnded:
+        """Run ``req`` to the end and return its ``GenerationEnded`` (InferenceError 503 if it failed)."""
+        return await run_to_end(await self.start(req))
 
     # ------------------------------------------------------------------ adapters
     async def prefetch(self, spec: AdapterSpec) -> str:

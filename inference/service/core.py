@@ -2,8 +2,12 @@
 
 The embedded default calls it in-process; the inference service's HTTP API is a thin layer over
 it. It renders a chat history with the model's template (trimming the oldest turns to a token
-budget), registers platform adapters from the shared object store on first use, streams events
-(see ``inference.service.protocol``) and turns every refusal into an ``InferenceError``.
+budget), registers platform adapters from the shared object store on first use, streams typed
+events (``inference.service.events``) and turns every refusal into an ``InferenceError``.
+
+Aborting a request whose reader went away is owned here, by :class:`GenerationStream`: closing it
+before its last event aborts the engine request (once) and counts the abort. Every layer above
+(the internal HTTP app, the remote client, the public API) only closes the stream it holds.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from inference.adapters.peft_checkpoint import AdapterValidationError
@@ -21,13 +25,20 @@ from inference.engine_loop import QueueFullError
 from inference.llm import LLM
 from inference.request import FinishReason, RequestOutput
 from inference.sampling import SamplingParams
+from inference.service.events import (
+    GenerationEnded,
+    GenerationEvent,
+    GenerationFailed,
+    GenerationStarted,
+    TextDelta,
+    is_terminal,
+    run_to_end,
+)
 from inference.service.metrics import InferenceMetrics
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 from inference.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
-
-Event = dict
 
 
 @dataclass
@@ -75,22 +86,26 @@ def render_chat(
     return RenderedPrompt(ids_from(start), len(messages) - start)
 
 
-class EventStream:
-    """The events of one generation (an async iterator of dicts). ``aclose()`` before the final
-    event, even before iterating at all, aborts the request; closing twice is harmless."""
+class GenerationStream:
+    """The events of one generation, and the one place that aborts it when its reader goes away.
 
-    def __init__(self, events: AsyncIterator[Event], abandon):
+    ``aclose()`` before the last event (ended or failed), even before iterating at all, calls
+    ``abandon`` exactly once (the core aborts the engine request and counts it); closing twice, or
+    after the last event, aborts nothing.
+    """
+
+    def __init__(self, events: AsyncIterator[GenerationEvent], abandon: Callable[[], None]):
         self._events = events
         self._abandon = abandon
         self._finished = False
         self._closed = False
 
-    def __aiter__(self) -> EventStream:
+    def __aiter__(self) -> GenerationStream:
         return self
 
-    async def __anext__(self) -> Event:
+    async def __anext__(self) -> GenerationEvent:
         event = await self._events.__anext__()
-        if event["event"] in ("end", "error"):
+        if is_terminal(event):
             self._finished = True
         return event
 
@@ -98,9 +113,11 @@ class EventStream:
         if self._closed:
             return
         self._closed = True
-        if not self._finished:
-            self._abandon()
-        await self._events.aclose()
+        try:
+            if not self._finished:
+                self._abandon()
+        finally:
+            await self._events.aclose()  # type: ignore[attr-defined]
 
 
 class InferenceCore:
@@ -191,12 +208,12 @@ class InferenceCore:
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
 
-    async def start(self, req: GenerateRequest) -> AsyncIterator[Event]:
-        """Validate, render and submit ``req``; return the iterator of its events.
+    async def start(self, req: GenerateRequest) -> GenerationStream:
+        """Validate, render and submit ``req``; return the stream of its events.
 
         Everything that can be refused is refused here, before the first event: InferenceError
         422 (bad request), 429 (queue full) or 503 (engine stopped, adapter unavailable).
-        Closing the returned iterator early aborts the request.
+        Closing the returned stream early aborts the request.
         """
         if not self.ready():
             raise InferenceError.unavailable("the engine is not running")
@@ -216,52 +233,48 @@ class InferenceCore:
             request = self.engine.request_from_ids(
                 rendered.token_ids, params, request_id, ref.adapter_id if ref is not None else None
             )
-            stream = self.llm.loop.open_stream(request)
+            outputs = self.llm.loop.open_stream(request)
         except QueueFullError as exc:
             raise InferenceError.overloaded(str(exc)) from exc
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
-        events = self._events(request_id, rendered, stream)
-        return EventStream(events, lambda: self._abandon(request_id))
+        events = self._events(request_id, rendered, outputs)
+        return GenerationStream(events, lambda: self._abandon(request_id))
 
     def _abandon(self, request_id: str) -> None:
-        """The caller closed the events before the end: abort the request (frees its pages)."""
+        """The reader closed the stream before the end: abort the request (frees its pages)."""
         self.metrics.finished.labels("abort").inc()
         self.llm.abort(request_id)
 
-    async def _events(self, request_id: str, rendered: RenderedPrompt, stream: AsyncIterator[RequestOutput]) -> AsyncIterator[Event]:
+    async def _events(self, request_id: str, rendered: RenderedPrompt,
+                      outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationEvent]:
+        """The engine's outputs as typed events (and the request's metrics on the way)."""
         started = time.monotonic()
         prompt_tokens = len(rendered.token_ids)
         first_token_at: float | None = None
         try:
-            yield {"event": "start", "request_id": request_id, "prompt_tokens": prompt_tokens,
-                   "messages_used": rendered.messages_used}
-            async for output in stream:
+            yield GenerationStarted(request_id, prompt_tokens, rendered.messages_used)
+            async for output in outputs:
                 if output.new_token_ids and first_token_at is None:
                     first_token_at = time.monotonic() - started
                     self.metrics.on_first_token(first_token_at)
                 if output.delta_text:
-                    yield {"event": "delta", "text": output.delta_text, "tokens": len(output.new_token_ids)}
+                    yield TextDelta(output.delta_text, len(output.new_token_ids))
                 if output.finished:
                     self.metrics.on_finish(output, time.monotonic() - started, first_token_at)
-                    if output.finish_reason is FinishReason.ERROR:
-                        yield {"event": "error", "message": output.error or "generation failed"}
-                    else:
-                        yield {"event": "end", "finish_reason": output.finish_reason.value,
-                               "prompt_tokens": prompt_tokens, "completion_tokens": len(output.token_ids),
-                               "text": output.text}
+                    yield _last_event(output, prompt_tokens)
         finally:
-            await stream.aclose()
+            await outputs.aclose()  # type: ignore[attr-defined]
 
-    async def generate(self, req: GenerateRequest) -> dict:
-        """Run ``req`` to the end and return its ``end`` event (or raise InferenceError(503) with
-        the engine's message if it failed)."""
-        events = await self.start(req)
-        final: dict = {}
-        async for event in events:
-            final = event
-        if final.get("event") != "end":
-            raise InferenceError.unavailable(final.get("message", "generation failed"))
-        return final
+    async def generate(self, req: GenerateRequest) -> GenerationEnded:
+        """Run ``req`` to the end and return its ``GenerationEnded`` (or raise InferenceError(503)
+        with the engine's message if it failed)."""
+        return await run_to_end(await self.start(req))
+
+
+def _last_event(output: RequestOutput, prompt_tokens: int) -> GenerationEnded | GenerationFailed:
+    if output.finish_reason is FinishReason.ERROR:
+        return GenerationFailed(output.error or "generation failed")
+    return GenerationEnded(output.finish_reason, prompt_tokens, len(output.token_ids), output.text)

@@ -1,6 +1,7 @@
 """What the api sends the inference service and what comes back (shared by both sides).
 
-A generation streams events, one JSON object per line (``application/x-ndjson`` over HTTP):
+A generation streams typed events (``inference.service.events``: started, text delta, ended,
+failed); over HTTP each is one JSON object per line (``application/x-ndjson``):
 
 * ``{"event": "start", "request_id", "prompt_tokens", "messages_used"}`` once, first;
 * ``{"event": "delta", "text", "tokens"}`` for every step that produced text (``tokens``: how many

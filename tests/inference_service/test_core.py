@@ -9,7 +9,9 @@ import time
 import pytest
 
 from inference import LLM
+from inference.request import FinishReason
 from inference.service.core import InferenceCore, render_chat
+from inference.service.events import GenerationEnded
 from inference.service.protocol import GenerateRequest, InferenceError
 
 
@@ -51,7 +53,8 @@ async def test_closing_early_aborts_at_any_point(core, read):
 async def test_a_finished_generation_is_not_counted_as_aborted(core):
     aborted_before = core.metrics.finished.labels("abort")._value.get()
     end = await core.generate(GenerateRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=3))
-    assert end["event"] == "end" and end["completion_tokens"] <= 3
+    assert isinstance(end, GenerationEnded) and end.completion_tokens <= 3
+    assert end.finish_reason in (FinishReason.STOP, FinishReason.LENGTH)
     assert core.metrics.finished.labels("abort")._value.get() == aborted_before
 
 

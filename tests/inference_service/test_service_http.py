@@ -12,12 +12,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from inference import LLM, SamplingParams
+from inference import LLM, FinishReason, SamplingParams
 from inference.adapters.object_store import LocalFolderStore
 from inference.model_config import ModelConfig
 from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference
-from inference.service.core import InferenceCore
+from inference.service.core import GenerationStream, InferenceCore
+from inference.service.events import GenerationEnded, GenerationFailed, GenerationStarted, TextDelta
 from inference.service.protocol import SECRET_HEADER, AdapterSpec, GenerateRequest, InferenceError
 from support.adapters import synthetic_adapter
 from support.live_server import serve_app
@@ -67,16 +68,16 @@ def long_request(seed: int) -> GenerateRequest:
     return chat("Write a very long story.", max_tokens=LONG, temperature=1.0, seed=seed)
 
 
-async def collect(events) -> list[dict]:
+async def collect(events) -> list:
     return [event async for event in events]
 
 
-async def until_delta(events) -> list[dict]:
+async def until_delta(events) -> list:
     """Read events up to and including the first delta."""
     seen = []
     async for event in events:
         seen.append(event)
-        if event["event"] == "delta":
+        if isinstance(event, TextDelta):
             return seen
     raise AssertionError(f"the stream ended before any delta: {seen}")
 
@@ -121,23 +122,23 @@ async def test_streamed_generation_matches_in_process_chat(client, core):
     req = greedy("Tell me about otters.", max_tokens=10)
     events = await collect(await client.start(req))
 
-    kinds = [e["event"] for e in events]
-    assert kinds[0] == "start" and kinds[-1] == "end" and set(kinds[1:-1]) <= {"delta"}, kinds
+    kinds = [type(e) for e in events]
+    assert kinds[0] is GenerationStarted and kinds[-1] is GenerationEnded and set(kinds[1:-1]) <= {TextDelta}, kinds
     start, end = events[0], events[-1]
-    deltas = "".join(e["text"] for e in events[1:-1])
-    assert deltas == end["text"]
+    deltas = "".join(e.text for e in events[1:-1])
+    assert deltas == end.text
     expected = await asyncio.to_thread(in_process_text, core, req)
-    assert expected and end["text"] == expected
-    assert start["prompt_tokens"] == end["prompt_tokens"] == len(
+    assert expected and end.text == expected
+    assert start.prompt_tokens == end.prompt_tokens == len(
         core.tokenizer.apply_chat_template([m.model_dump() for m in req.messages]))
-    assert start["messages_used"] == 1
-    assert end["finish_reason"] in ("length", "stop") and 0 < end["completion_tokens"] <= 10
+    assert start.messages_used == 1
+    assert end.finish_reason.value in ("length", "stop") and 0 < end.completion_tokens <= 10
     await wait_idle(core)
 
 
 async def test_client_generate_returns_the_end_event(client, core):
     end = await client.generate(greedy("Hello there", max_tokens=4))
-    assert end["event"] == "end" and end["completion_tokens"] <= 4
+    assert isinstance(end, GenerationEnded) and end.completion_tokens <= 4
 
 
 # --------------------------------------------------------------------------- secret, health
@@ -245,8 +246,8 @@ async def test_adapter_prefetch_generate_and_drop(client, core, store, tiny_chec
     assert core.engine.adapters.registry.get(spec.id) is not None
 
     req = greedy("Tell me about otters.", max_tokens=10)
-    base = (await client.generate(req))["text"]
-    tuned = (await client.generate(req.model_copy(update={"adapter": spec})))["text"]
+    base = (await client.generate(req)).text
+    tuned = (await client.generate(req.model_copy(update={"adapter": spec}))).text
     assert tuned != base
     assert tuned == await asyncio.to_thread(in_process_text, core, req, spec.id)
 
@@ -272,12 +273,12 @@ async def test_closing_the_stream_aborts_the_request(client, core, read_delta):
     if read_delta:
         await until_delta(events)
     else:
-        assert (await anext(events))["event"] == "start"
+        assert isinstance(await anext(events), GenerationStarted)
     await events.aclose()
     await wait_idle(core)
     assert core.engine.stats.generation_tokens - tokens_before < LONG
     # the connection pool and the service still work afterwards
-    assert (await client.generate(greedy("hi", max_tokens=2)))["event"] == "end"
+    assert isinstance(await client.generate(greedy("hi", max_tokens=2)), GenerationEnded)
 
 
 # --------------------------------------------------------------------------- a misbehaving service
@@ -292,12 +293,13 @@ START = b'{"event": "start", "request_id": "r", "prompt_tokens": 3, "messages_us
     (START + b'{"event": "delta", "text": "a", "tokens": 1}\n', "without an end event"),
     (START + b"this is not json\n", "malformed"),
     (START + b'{"event": "surprise"}\n', "malformed"),
+    (START + b'{"event": "end", "finish_reason": "stop"}\n', "malformed"),  # fields missing
 ])
 async def test_broken_streams_end_with_an_error_event(body, needle):
     remote = _mock_client(lambda request: httpx.Response(200, content=body))
     events = await collect(await remote.start(greedy("hi")))
-    assert events[0]["event"] == "start" and events[-1]["event"] == "error"
-    assert needle in events[-1]["message"]
+    assert isinstance(events[0], GenerationStarted) and isinstance(events[-1], GenerationFailed)
+    assert needle in events[-1].message
     await remote.aclose()
 
 
@@ -318,13 +320,13 @@ async def test_error_statuses_map_to_inference_errors(status, headers, expected_
 # --------------------------------------------------------------------------- the response itself
 async def test_a_disconnect_before_the_events_resume_still_aborts():
     """ASGI 2.4 servers report a disconnect as an OSError from ``send``: the event iterator was
-    never resumed after ``start``, so the response itself must close it and abort the request."""
+    never resumed after ``start``, so the response itself must close it, which aborts the request."""
     from inference.service.app import EventStreamResponse
 
     aborted = []
 
     async def events():
-        yield {"event": "delta", "text": "never sent", "tokens": 1}
+        yield TextDelta("never sent", 1)
 
     async def send(message):
         if message["type"] == "http.response.body":
@@ -333,7 +335,8 @@ async def test_a_disconnect_before_the_events_resume_still_aborts():
     async def receive():
         await asyncio.sleep(3600)
 
-    response = EventStreamResponse({"event": "start", "request_id": "r1"}, events(), lambda: aborted.append("r1"))
+    stream = GenerationStream(events(), lambda: aborted.append("r1"))
+    response = EventStreamResponse(GenerationStarted("r1", 1, 1), stream)
     scope = {"type": "http", "asgi": {"spec_version": "2.4"}}
     with pytest.raises(Exception):
         await response(scope, receive, send)
@@ -346,7 +349,7 @@ async def test_a_finished_stream_is_not_aborted():
     aborted, sent = [], []
 
     async def events():
-        yield {"event": "end", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 0, "text": ""}
+        yield GenerationEnded(FinishReason.STOP, 1, 0, "")
 
     async def send(message):
         sent.append(message)
@@ -354,7 +357,7 @@ async def test_a_finished_stream_is_not_aborted():
     async def receive():
         await asyncio.sleep(3600)
 
-    response = EventStreamResponse({"event": "start", "request_id": "r2"}, events(), lambda: aborted.append("r2"))
+    response = EventStreamResponse(GenerationStarted("r2", 1, 1), GenerationStream(events(), lambda: aborted.append("r2")))
     await response({"type": "http", "asgi": {"spec_version": "2.4"}}, receive, send)
     body = b"".join(m.get("body", b"") for m in sent)
     assert body.count(b"\n") == 2 and b'"end"' in body and aborted == []

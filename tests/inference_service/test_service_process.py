@@ -13,6 +13,7 @@ import pytest
 from support.live_server import start_cli_service, stop_cli_service
 
 from inference.service.client import RemoteInference
+from inference.service.events import GenerationEnded, TextDelta
 from inference.service.protocol import SECRET_HEADER, GenerateRequest
 
 SECRET = "process-test-secret-0123456789"
@@ -34,7 +35,7 @@ async def test_sigterm_drains_the_in_flight_stream(tiny_checkpoint, tmp_path):
                               temperature=1.0, seed=3)
         events = await remote.start(req)
         seen = [await anext(events)]
-        while seen[-1]["event"] != "delta":
+        while not isinstance(seen[-1], TextDelta):
             seen.append(await anext(events))
         signalled = time.monotonic()
         service.process.send_signal(signal.SIGTERM)
@@ -48,8 +49,8 @@ async def test_sigterm_drains_the_in_flight_stream(tiny_checkpoint, tmp_path):
         assert refused.json()["detail"], refused.text
 
         seen += [event async for event in events]
-        assert seen[-1]["event"] == "end", seen[-1]
-        assert seen[-1]["finish_reason"] in ("length", "stop")
+        assert isinstance(seen[-1], GenerationEnded), seen[-1]
+        assert seen[-1].finish_reason.value in ("length", "stop")
         assert service.process.wait(timeout=DRAIN_TIMEOUT_S + 15) == 0, service.log()[-3000:]
         assert "draining 1 request(s)" in service.log(), service.log()[-3000:]  # the stream was in flight
         assert "engine stopped" in service.log(), service.log()[-3000:]

@@ -1,0 +1,55 @@
+"""Generation events: typed inside, JSON only on the wire. The wire objects keep their exact key
+order (the NDJSON bytes are unchanged), and anything else read from the wire is refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from inference.request import FinishReason
+from inference.service.events import (
+    GenerationEnded,
+    GenerationFailed,
+    GenerationStarted,
+    MalformedEvent,
+    TextDelta,
+    from_wire,
+    is_terminal,
+    to_wire,
+)
+
+EVENTS = [
+    (GenerationStarted("r1", 12, 3),
+     '{"event": "start", "request_id": "r1", "prompt_tokens": 12, "messages_used": 3}'),
+    (TextDelta("Grüß", 2), '{"event": "delta", "text": "Grüß", "tokens": 2}'),
+    (GenerationEnded(FinishReason.LENGTH, 12, 4, "Grüß dich"),
+     '{"event": "end", "finish_reason": "length", "prompt_tokens": 12, "completion_tokens": 4, "text": "Grüß dich"}'),
+    (GenerationFailed("boom"), '{"event": "error", "message": "boom"}'),
+]
+
+
+@pytest.mark.parametrize("event, line", EVENTS)
+def test_the_wire_form_is_unchanged_and_round_trips(event, line):
+    assert json.dumps(to_wire(event), ensure_ascii=False) == line
+    assert from_wire(json.loads(line)) == event
+
+
+def test_only_ended_and_failed_are_terminal():
+    assert [is_terminal(e) for e, _ in EVENTS] == [False, False, True, True]
+    assert GenerationEnded(FinishReason.STOP, 2, 3, "x").total_tokens == 5
+    assert GenerationFailed("x").status == 503
+
+
+@pytest.mark.parametrize("obj", [
+    [], "start", {"event": "surprise"}, {"event": "delta", "text": "a"}, {"event": "delta", "text": 1, "tokens": 1},
+    {"event": "start", "request_id": "r", "prompt_tokens": True, "messages_used": 1},
+    {"event": "end", "finish_reason": "bored", "prompt_tokens": 1, "completion_tokens": 1, "text": ""},
+])
+def test_malformed_wire_objects_are_refused(obj):
+    with pytest.raises(MalformedEvent):
+        from_wire(obj)
+
+
+def test_an_error_without_a_message_still_fails():
+    assert from_wire({"event": "error"}) == GenerationFailed("generation failed")
