@@ -156,9 +156,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     settings = _serve_settings(args)
     if args.service == "inference":
         from inference.service.app import run_inference_service
+        from tenants.storage import make_object_store
 
         settings.check_for("inference")
-        run_inference_service(settings)
+        run_inference_service(settings, make_object_store(settings))
     elif args.service == "api":
         serve_api(settings)
     else:

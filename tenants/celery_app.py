@@ -38,7 +38,14 @@ QUEUE = "tailor"  # the Redis list the worker consumes (and the queue-length gau
 ENQUEUED_AT_HEADER = "tailor_enqueued_at"  # unix time at which the task was sent
 
 __all__ = ["CLEANUP_TASK", "QUEUE", "VALIDATE_TASK", "get_platform", "make_celery", "reset_platform",
-           "transient_errors"]
+           "send_validation", "transient_errors"]
+
+
+def send_validation(app: Celery, adapter_id: str) -> None:
+    """Publish one validation message, stamped with the enqueue time (a message header) so that
+    the worker can measure queue lag. Broker errors are raised (kombu retries the publish a few
+    times on its own)."""
+    app.send_task(VALIDATE_TASK, args=[adapter_id], headers={ENQUEUED_AT_HEADER: time.time()})
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -78,11 +85,9 @@ def cleanup(task: Task) -> dict:
     """The periodic clean-up (``tenants.cleanup.cleanup_job``); re-queued validations go through
     the broker like any other."""
     from tenants.cleanup import cleanup_job
-    from tenants.task_queue import CeleryTaskQueue
 
     settings = task.app.tailor_settings
-    queue = CeleryTaskQueue(task.app)
-    report = cleanup_job(get_platform(settings), queue.submit_validation,
+    report = cleanup_job(get_platform(settings), lambda adapter_id: send_validation(task.app, adapter_id),
                          requeue_after_s=settings.pending_requeue_s, give_up_after_s=settings.pending_timeout_s)
     return {"requeued": len(report.requeued), "timed_out": len(report.timed_out),
             "files_removed": report.files_removed, "orphans_removed": report.orphans_removed}

@@ -200,9 +200,9 @@ class CeleryTaskQueue:
 
     def submit_validation(self, adapter_id: str) -> None:
         """Publish one validation message (kombu retries the publish a few times on its own)."""
-        from tenants.celery_app import ENQUEUED_AT_HEADER, VALIDATE_TASK
+        from tenants.celery_app import send_validation
 
-        self.app.send_task(VALIDATE_TASK, args=[adapter_id], headers={ENQUEUED_AT_HEADER: time.time()})
+        send_validation(self.app, adapter_id)
 
     def close(self) -> None:
         """Release the app's broker connections."""

@@ -13,7 +13,9 @@ Routes (every ``/internal/*`` route needs the shared secret in ``X-Tailor-Infere
 A client that disconnects mid-stream has its request aborted, so its pages are freed within a step:
 the response closes the core's ``GenerationStream``, which owns the abort. Events become JSON here
 (``inference.service.events.to_wire``) and nowhere else on the service side.
-``run_inference_service(settings)`` builds the engine from settings and serves this app.
+``run_inference_service(settings, adapter_store)`` builds the engine from settings and serves this
+app (the caller, ``tailor serve inference``, makes the platform's object store: nothing under
+``inference/`` imports ``tenants/``).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from inference.adapters.object_store import ObjectStore
 from inference.service.core import GenerationStream, InferenceCore
 from inference.service.events import GenerationEvent, GenerationFailed, GenerationStarted, is_terminal, to_wire
 from inference.service.protocol import SECRET_HEADER, GenerateRequest, InferenceError, PrefetchRequest
@@ -182,22 +185,18 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
 
 
 # --------------------------------------------------------------------------- the process
-def _object_store(settings):
-    """The shared object store the platform writes adapters to."""
-    from tenants.storage import make_object_store
-
-    return make_object_store(settings)
-
-
-def run_inference_service(settings) -> None:
+def run_inference_service(settings, adapter_store: ObjectStore) -> None:
     """Load the model, then serve the internal API on ``settings.host:settings.port`` until
     SIGTERM/SIGINT; then drain (``inference.service.shutdown``: readiness 503, new generations
-    refused, in-flight streams get ``TAILOR_DRAIN_TIMEOUT_S`` seconds), stop the engine and return."""
+    refused, in-flight streams get ``TAILOR_DRAIN_TIMEOUT_S`` seconds), stop the engine and return.
+
+    ``settings``: the platform's settings (``model``, ``engine_options()``, ``inference_secret``,
+    ``drain_timeout_s``, ``host``, ``port``); ``adapter_store``: the shared object store the
+    platform writes adapters to."""
     from inference.llm import LLM
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = _object_store(settings)
-    llm = LLM(settings.model, adapter_store=store, **settings.engine_options())
+    llm = LLM(settings.model, adapter_store=adapter_store, **settings.engine_options())
     core = InferenceCore(llm)
     try:
         app = create_inference_app(core, settings.inference_secret.get_secret_value())
