@@ -162,6 +162,13 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
             raise
         return EventStreamResponse(first, events)
 
+    _add_adapter_routes(app, core)
+    return app
+
+
+def _add_adapter_routes(app: FastAPI, core: InferenceCore) -> None:
+    """``POST /internal/adapters/prefetch`` and ``DELETE /internal/adapters/{adapter_id}``."""
+
     @app.post("/internal/adapters/prefetch")
     async def prefetch(body: PrefetchRequest) -> dict:
         """Load an adapter into host RAM (and device pages when there is room); returns the tier."""
@@ -180,8 +187,6 @@ def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:
         except TimeoutError as exc:
             return JSONResponse({"detail": [str(exc)]}, status_code=409)
         return JSONResponse({"dropped": dropped})
-
-    return app
 
 
 # --------------------------------------------------------------------------- the process
