@@ -11,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 
 from tenants import repositories as repo
 from tenants.db import session_scope
-from tenants.models import ApiKey
+from tenants.models import AdapterStatus, ApiKey
 
 
 def _tenant(factory, label: str = "t") -> str:
@@ -138,3 +138,40 @@ def test_recent_messages_pages_a_users_history(session_factory):
         assert [m.content for m in repo.recent_messages(s, a, alice_id, 10, conversation_id=c1_id)] == ["m0", "m2", "m4"]
     with pytest.raises(IntegrityError), session_scope(session_factory) as s:
         repo.add_message(s, a, c1_id, "robot", "bad role")
+
+
+def test_adapter_queries_the_routes_use_stay_inside_the_tenant(session_factory):
+    a, b = _tenant(session_factory, "a"), _tenant(session_factory, "b")
+    with session_scope(session_factory) as s:
+        alice = repo.create_user(s, a, "alice")
+        v1 = repo.create_adapter(s, a, "style", 1, status=AdapterStatus.READY, idempotency_key="k1")
+        v2 = repo.create_adapter(s, a, "style", repo.next_adapter_version(s, a, "style"), status=AdapterStatus.READY)
+        repo.create_adapter(s, a, "style", repo.next_adapter_version(s, a, "style"))  # v3, pending
+        repo.create_adapter(s, b, "style", 1, status=AdapterStatus.READY)
+        repo.set_current_adapter(s, a, alice.id, v2.id)
+        v1_id, v2_id, alice_id = v1.id, v2.id, alice.id
+
+    with session_scope(session_factory) as s:
+        assert repo.next_adapter_version(s, a, "style") == 4 and repo.next_adapter_version(s, a, "new") == 1
+        assert repo.latest_ready_adapter(s, a, "style").id == v2_id
+        assert repo.latest_ready_adapter(s, a, "other") is None
+        assert repo.ready_adapter_names(s, a) == ["style"]
+        assert repo.get_adapter_by_idempotency_key(s, a, "k1").id == v1_id
+        assert repo.get_adapter_by_idempotency_key(s, b, "k1") is None
+        # statuses read back as the enum, equal to the stored strings
+        status = repo.get_adapter(s, a, v2_id).status
+        assert status is AdapterStatus.READY and status == "ready"
+        # tenant B can neither delete nor mark deleted A's adapters
+        assert repo.mark_adapter_deleted(s, b, v2_id) is None
+        assert repo.delete_adapter_row(s, b, v1_id) is False
+        assert [u.external_id for u in repo.list_users(s, b)] == []
+
+    with session_scope(session_factory) as s:
+        assert repo.mark_adapter_deleted(s, a, v2_id).status is AdapterStatus.DELETED
+        assert repo.mark_adapter_deleted(s, a, v2_id) is None  # already deleted
+        assert repo.get_user(s, a, alice_id).current_adapter_id is None  # unassigned with it
+        assert repo.latest_ready_adapter(s, a, "style").id == v1_id
+        assert repo.delete_adapter_row(s, a, v1_id) is True
+        assert [u.external_id for u in repo.list_users(s, a, external_id="alice")] == ["alice"]
+        assert repo.set_system_prompt(s, a, None).system_prompt is None
+        assert repo.tenant_names(s)[a].startswith("a-")
