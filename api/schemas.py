@@ -8,6 +8,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 Scope = Literal["admin", "chat"]
+# tenants.models.AdapterStatus's values, spelled out so the OpenAPI schema stays an inline enum
+# (tests/api/test_platform_api.py keeps the two equal)
+AdapterStatusName = Literal["pending", "ready", "failed", "deleted"]
 ID_PATTERN = r"^[0-9a-f]{32}$"
 
 
@@ -77,7 +80,7 @@ class AdapterPublic(BaseModel):
     id: str
     name: str
     version: int
-    status: Literal["pending", "ready", "failed", "deleted"]
+    status: AdapterStatusName
     failure_reason: str | None
     user_id: str | None
     rank: int | None

@@ -46,6 +46,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,199}$"
 IDEMPOTENCY_KEY_PATTERN = r"^[\x20-\x7e]{1,255}$"  # printable ASCII
 REPLAYED_HEADER = "Idempotent-Replayed"
 STORE_RETRY_AFTER_S = 10
+STATUS_PATTERN = f"^({'|'.join(AdapterStatus)})$"
 _COPY_CHUNK = 1 << 20
 _INSERT_ATTEMPTS = 5
 
@@ -202,7 +203,7 @@ async def _queue_validation(state, adapter_id: str) -> None:
 def list_adapters(
     caller: AdminDep,
     session: SessionDep,
-    status: Annotated[str | None, Query(pattern="^(pending|ready|failed|deleted)$")] = None,
+    status: Annotated[str | None, Query(pattern=STATUS_PATTERN)] = None,
     user_id: Annotated[str | None, Query(max_length=64)] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,

@@ -382,3 +382,12 @@ def test_archive_expanding_beyond_the_limit_is_413(client, tenant_a, api_setting
     r = upload_adapter(client, admin, "bomb", [("files", ("bomb.zip", buffer.getvalue(), "application/zip"))])
     assert r.status_code == 413 and "limit" in " ".join(r.json()["detail"])
     assert store_keys(client) == before
+
+
+def test_the_public_adapter_statuses_are_the_enum():
+    from typing import get_args
+
+    from api.schemas import AdapterStatusName
+    from tenants.models import AdapterStatus
+
+    assert get_args(AdapterStatusName) == tuple(s.value for s in AdapterStatus)
