@@ -14,6 +14,7 @@ from fastapi import HTTPException, Request
 from api.admission import RETRY_AFTER_S
 from api.metrics import ApiMetrics
 from api.state import AppState
+from inference.service.backend import GenerationEvents
 from inference.service.events import GenerationEnded, GenerationEvent, GenerationFailed, GenerationStarted
 from inference.service.protocol import GenerateRequest, InferenceError
 
@@ -51,7 +52,7 @@ class TenantEvents:
     generation underneath (which aborts it when unfinished), even if it was never iterated, and
     gives the tenant's slot back (once)."""
 
-    def __init__(self, events, metrics: ApiMetrics, tenant_id: str, release):
+    def __init__(self, events: GenerationEvents, metrics: ApiMetrics, tenant_id: str, release):
         self._events, self._metrics, self._tenant_id = events, metrics, tenant_id
         self._release = release
 

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from api.admission import TenantConcurrencyLimit
 from api.rate_limit import TenantRateLimiter
+from inference.service.backend import InferenceBackend
 from tenants.platform import Platform
 from tenants.settings import Settings
 
@@ -16,12 +17,12 @@ if TYPE_CHECKING:
 
 @dataclass
 class AppState:
-    """``inference``: an ``InferenceCore`` (embedded) or a ``RemoteInference`` client; both
-    offer ``start``, ``prefetch``, ``drop_adapter``, ``is_ready`` and ``aclose``."""
+    """``inference``: an ``InferenceCore`` (embedded) or a ``RemoteInference`` client (both are
+    an ``InferenceBackend``)."""
 
     settings: Settings
     platform: Platform
-    inference: object
+    inference: InferenceBackend
     tasks: "TaskQueue"
     operator_token: str
     rate_limiter: TenantRateLimiter

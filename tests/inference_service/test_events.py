@@ -53,3 +53,19 @@ def test_malformed_wire_objects_are_refused(obj):
 
 def test_an_error_without_a_message_still_fails():
     assert from_wire({"event": "error"}) == GenerationFailed("generation failed")
+
+
+def test_both_backends_offer_the_interface_the_api_uses():
+    from inference.service.backend import GenerationEvents, InferenceBackend
+    from inference.service.client import RemoteEventStream, RemoteInference
+    from inference.service.core import GenerationStream, InferenceCore
+
+    for backend in (InferenceCore, RemoteInference):
+        for name in ("start", "generate", "prefetch", "drop_adapter", "is_ready", "aclose"):
+            assert callable(getattr(backend, name)), (backend, name)
+    assert {n for n in InferenceBackend.__dict__ if not n.startswith("_")} == {
+        "start", "generate", "prefetch", "drop_adapter", "is_ready", "aclose"}
+    for stream in (GenerationStream, RemoteEventStream):
+        for name in ("__aiter__", "__anext__", "aclose"):
+            assert callable(getattr(stream, name)), (stream, name)
+    assert {"__aiter__", "__anext__", "aclose"} <= set(GenerationEvents.__dict__)
