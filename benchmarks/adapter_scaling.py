@@ -68,7 +68,8 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
     counts = [int(c) for c in args.adapters.split(",")]
     store = scratch / "store"
     llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=args.max_num_seqs,
-              host_adapter_bytes=args.host_mib << 20, adapter_store_dir=str(store))
+              host_adapter_bytes=args.host_mib << 20, adapter_store_dir=str(store),
+              max_lora_rank=args.rank)  # on CUDA the start-up compile then covers only ranks used
     engine = llm.engine
     requests = make_requests(args.num_requests, seed=args.seed, input_len_range=(args.min_input, args.max_input),
                              output_len_range=(args.min_output, args.max_output), tokenizer=engine.tokenizer._tok)

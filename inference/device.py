@@ -19,9 +19,19 @@ def require_available(device: torch.device) -> None:
 def free_memory_bytes(device: torch.device) -> int | None:
     """Free device memory in bytes (CUDA), or None where the device has no memory of its own."""
     if device.type == "cuda":
+        # blocks torch's allocator keeps cached (e.g. the unfused weights after the model fused
+        # them) count as used until they are returned
+        torch.cuda.empty_cache()
         free, _total = torch.cuda.mem_get_info(device)
         return int(free)
     return None
+
+
+def bind_thread(device: torch.device) -> None:
+    """Make ``device`` the calling thread's current CUDA device: Triton launches its kernels on
+    the current device, not on the tensors' (a no-op for other devices)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
 
 
 def pins_host_memory(device: torch.device) -> bool:

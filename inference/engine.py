@@ -29,7 +29,7 @@ from inference.adapters.object_store import LocalFolderStore, ObjectStore
 from inference.adapters.registry import UnknownAdapterError
 from inference.backends import select_backend
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
-from inference.device import free_memory_bytes, require_available
+from inference.device import bind_thread, free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
 from inference.model import LlamaModel
 from inference.model_config import ModelConfig
@@ -88,6 +88,7 @@ class LLMEngine:
         self.model_config = ModelConfig.from_checkpoint(self.checkpoint_dir)
         self.device = torch.device(self.config.device)
         require_available(self.device)
+        bind_thread(self.device)  # the start-up warm-up launches kernels from this thread
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)
         self.backend = select_backend(self.device, self.config.use_triton)

@@ -15,6 +15,7 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from inference.device import bind_thread
 from inference.engine import LLMEngine
 from inference.openmp_workers import release_openmp_workers
 from inference.request import Request, RequestOutput
@@ -185,6 +186,7 @@ class EngineLoop:
             log.exception("output callback for %s failed", output.request_id)
 
     def _run(self) -> None:
+        bind_thread(self.engine.device)  # the kernels launch on this thread's current device
         while not self._stopped.is_set():
             self._drain_commands()
             if not self.engine.has_unfinished():

@@ -508,11 +508,16 @@ _JIT_CACHE: dict = {}
 
 
 def _jit(fn: Callable):
-    """``triton.jit(fn)``, cached per (kernel, interpreter mode)."""
+    """``triton.jit(fn)``, cached per (kernel, interpreter mode).
+
+    Triton compiles a variant per value class of each integer argument (1, a multiple of 16,
+    other). ``stride_pages_s`` is the width of the step's adapter page table, which changes from
+    step to step with its widest adapter, so it is not specialised: otherwise a step with a wider
+    adapter would compile inside the serving loop (the start-up warm-up cannot foresee widths)."""
     key = (fn.__name__, _interpret())
     k = _JIT_CACHE.get(key)
     if k is None:
-        k = triton.jit(fn)
+        k = triton.jit(fn, do_not_specialize=["stride_pages_s"])
         _JIT_CACHE[key] = k
     return k
 

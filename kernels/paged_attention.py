@@ -378,11 +378,13 @@ _JIT_CACHE: dict[bool, Any] = {}
 
 
 def _jit_kernel() -> Any:
-    """``triton.jit(_paged_attention_kernel)``, cached per interpreter mode."""
+    """``triton.jit(_paged_attention_kernel)``, cached per interpreter mode. ``stride_pt_seq``
+    (the page table's width: the step's longest context in pages) changes from step to step, so it
+    is not specialised (a new value class would otherwise compile inside the serving loop)."""
     mode = _interpret_mode()
     kernel = _JIT_CACHE.get(mode)
     if kernel is None:
-        kernel = triton.jit(_paged_attention_kernel)
+        kernel = triton.jit(_paged_attention_kernel, do_not_specialize=["stride_pt_seq"])
         _JIT_CACHE[mode] = kernel
     return kernel
 

@@ -55,10 +55,12 @@ def random_prompts(n: int, vocab: int, gen: torch.Generator, lo: int = 4, hi: in
     return [torch.randint(3, vocab, (k,), generator=gen).tolist() for k in lens]
 
 
-def make_engine(checkpoint: Path, device: torch.device, dtype: str, pool_bytes: int) -> LLMEngine:
+def make_engine(checkpoint: Path, device: torch.device, dtype: str, pool_bytes: int, **options) -> LLMEngine:
     """An engine with a small fixed pool (the default takes most free GPU memory); kernels compile
-    on first use rather than all at start-up where the config offers that (nothing here is timed)."""
+    on first use rather than all at start-up where the config offers that (nothing here is timed).
+    ``options``: further EngineConfig fields."""
     extra = {"warm_up_kernels": False} if "warm_up_kernels" in {f.name for f in dataclasses.fields(EngineConfig)} else {}
+    extra.update(options)
     return LLMEngine(model=str(checkpoint),
                      config=EngineConfig(device=str(device), dtype=dtype, pool_bytes=pool_bytes, **extra))
 

@@ -32,7 +32,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="smaller sizes (same checks)")
     p.add_argument("--sections", default=",".join(s[0] for s in SECTIONS),
                    help="comma-separated subset, in any order (they run in the listed order)")
-    p.add_argument("--budget-s", type=float, default=450.0,
+    p.add_argument("--budget-s", type=float, default=420.0,
                    help="sections that would start after this many seconds are skipped (and count as failed)")
     p.add_argument("--seed", type=int, default=None, help="seed of the random inputs (default: a fresh one)")
     p.add_argument("--cpu-smoke", action="store_true",
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             entry = {"name": name, "title": title, "status": "skipped", "passed": False,
                      "notes": [f"not started: {elapsed:.0f} s of the {args.budget_s:.0f} s budget were used"]}
         else:
-            cap_s = float(cap)
+            cap_s = float(min(cap, max(20.0, args.budget_s - elapsed)))  # no section runs past the budget
             ctx = Context(device=device, sizes=MODES[mode], seed=seed, cap_s=cap_s, smoke=args.cpu_smoke)
             print(f"gpu-check: {name} ...", flush=True)
             entry = rep.run_section(name, title, lambda: _section_fn(name)(ctx), device)

@@ -79,7 +79,10 @@ def run(ctx: Context) -> dict:
     with tempfile.TemporaryDirectory(prefix="gpu-check-peft-") as tmp:
         checkpoint = write_llama(Path(tmp) / "llama", z.small_model, seed=ctx.seed + 1)
         base_runs, expected = _peft_runs(checkpoint, Path(tmp) / "adapters", prompts, n, specs, ctx.device, ctx.seed)
-        engine = make_engine(checkpoint, ctx.device, "float32", pool_bytes=64 << 20 if ctx.smoke else 1 << 30)
+        # a small token budget per step: prefill chunks and decode rows share steps, so the Triton
+        # backend's mixed steps (decode and segment launches together) are checked against PEFT too
+        engine = make_engine(checkpoint, ctx.device, "float32", pool_bytes=64 << 20 if ctx.smoke else 1 << 30,
+                             max_num_batched_tokens=48)
         try:
             for name, (folder, _) in expected.items():
                 engine.adapters.register_dir(name, folder)
