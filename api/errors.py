@@ -24,6 +24,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException
 
 log = logging.getLogger(__name__)
 
@@ -68,11 +69,19 @@ def _unreadable_body(exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": [problem]}, status_code=422)
 
 
+def _unreadable_form(message: str) -> JSONResponse:
+    problem = {"type": "multipart_invalid", "loc": ["body"], "msg": f"the body is not valid form data: {message}"}
+    return JSONResponse({"detail": [problem]}, status_code=422)
+
+
 async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
     """FastAPI turns a body its JSON parser chokes on (other than a plain syntax error, which is
-    already a 422) into a bare 400; answer 422 naming the body like every other invalid input."""
+    already a 422) into a bare 400, and Starlette does the same with a form body it cannot parse;
+    answer 422 naming the body like every other invalid input."""
     if exc.status_code == 400 and exc.detail == FASTAPI_BODY_PARSE_ERROR and exc.__cause__ is not None:
         return _unreadable_body(exc.__cause__)
+    if exc.status_code == 400 and isinstance(exc.__context__, MultiPartException):
+        return _unreadable_form(str(exc.detail))
     return await http_exception_handler(request, exc)
 
 
