@@ -23,7 +23,7 @@ from datetime import datetime, timedelta
 
 from sqlalchemy import select, update
 
-from inference.adapters.storage_keys import TENANTS_ROOT
+from inference.adapters.storage_keys import TENANTS_ROOT, tenant_adapter_of
 from tenants.adapter_validation import ValidationOutcome, give_up
 from tenants.db import session_scope
 from tenants.models import Adapter, AdapterStatus, utcnow
@@ -81,18 +81,17 @@ def _leftover_files(platform: Platform, report: CleanupReport) -> None:
 
 
 def _orphans(platform: Platform, report: CleanupReport) -> None:
-    prefixes: set[str] = set()
+    owners: dict[str, str] = {}  # prefix -> adapter id
     for key in platform.store.list_keys(STORAGE_ROOT):
-        parts = key.split("/")
-        if len(parts) >= 5 and parts[2] == "adapters":
-            prefixes.add("/".join(parts[:4]))
-    if not prefixes:
+        found = tenant_adapter_of(key)
+        if found is not None:
+            owners[found[0]] = found[1]
+    if not owners:
         return
-    ids = {p.split("/")[3] for p in prefixes}
     with session_scope(platform.session_factory) as session:
-        known = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(ids))).all())
-    for prefix in sorted(prefixes):
-        if prefix.split("/")[3] not in known:
+        known = set(session.scalars(select(Adapter.id).where(Adapter.id.in_(set(owners.values())))).all())
+    for prefix in sorted(owners):
+        if owners[prefix] not in known:
             report.orphans_removed += platform.store.delete_prefix(prefix)
 
 

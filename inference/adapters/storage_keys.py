@@ -33,6 +33,15 @@ def tenant_adapter_prefix(tenant_id: str, adapter_id: str) -> str:
     return f"{TENANTS_ROOT}/{tenant_id}/adapters/{adapter_id}"
 
 
+def tenant_adapter_of(key: str) -> tuple[str, str] | None:
+    """``(prefix, adapter_id)`` of a key under some ``tenant_adapter_prefix`` (a file, or anything
+    deeper), else None: the inverse the clean-up job uses to find objects that no row owns."""
+    parts = key.split("/")
+    if len(parts) < 5 or parts[0] != TENANTS_ROOT or parts[2] != "adapters" or not parts[1] or not parts[3]:
+        return None
+    return "/".join(parts[:4]), parts[3]
+
+
 def engine_adapter_prefix(root: str, safe_adapter_id: str, sha256: str) -> str:
     """The engine's prefix of an adapter it stores itself: ``{root}/{safe id}/{sha256[:32]}``."""
     return f"{root}/{safe_adapter_id}/{sha256[:32]}"

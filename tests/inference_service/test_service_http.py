@@ -14,6 +14,7 @@ import pytest
 
 from inference import LLM, FinishReason, SamplingParams
 from inference.adapters.object_store import LocalFolderStore
+from inference.adapters.storage_keys import adapter_file_keys, tenant_adapter_prefix
 from inference.model_config import ModelConfig
 from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference
@@ -110,11 +111,11 @@ def stored_adapter(tmp_path, store: LocalFolderStore, tiny_checkpoint, adapter_i
     path = synthetic_adapter(tmp_path / adapter_id, ModelConfig.from_checkpoint(tiny_checkpoint), r=8,
                              targets=ALL_TARGETS, alpha=16.0, seed=11, std=0.3)
     weights = (path / "adapter_model.safetensors").read_bytes()
-    prefix = f"tenants/t1/adapters/{adapter_id}"
-    store.put(f"{prefix}/adapter_config.json", (path / "adapter_config.json").read_bytes())
-    store.put(f"{prefix}/adapter_model.safetensors", weights)
-    return AdapterSpec(id=adapter_id, config_key=f"{prefix}/adapter_config.json",
-                       weights_key=f"{prefix}/adapter_model.safetensors", sha256=hashlib.sha256(weights).hexdigest())
+    keys = adapter_file_keys(tenant_adapter_prefix("t1", adapter_id))
+    store.put(keys.config, (path / "adapter_config.json").read_bytes())
+    store.put(keys.weights, weights)
+    return AdapterSpec(id=adapter_id, config_key=keys.config, weights_key=keys.weights,
+                       sha256=hashlib.sha256(weights).hexdigest())
 
 
 # --------------------------------------------------------------------------- generation

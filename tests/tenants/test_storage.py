@@ -224,3 +224,21 @@ def test_make_object_store(tmp_path, seaweedfs, s3_bucket):
     s3.put("x/y", b"z")
     assert s3.get("x/y") == b"z"
     assert seaweedfs.secret_access_key not in repr(s3)
+
+
+def test_adapter_keys_are_made_in_one_place_and_read_back():
+    from inference.adapters.storage_keys import (
+        adapter_file_keys,
+        engine_adapter_prefix,
+        tenant_adapter_of,
+        tenant_adapter_prefix,
+    )
+
+    prefix = tenant_adapter_prefix("t" * 32, "a" * 32)
+    assert prefix == f"tenants/{'t' * 32}/adapters/{'a' * 32}"
+    keys = adapter_file_keys(prefix)
+    assert keys == (f"{prefix}/adapter_config.json", f"{prefix}/adapter_model.safetensors")
+    assert tenant_adapter_of(keys.weights) == (prefix, "a" * 32)
+    for other in ("tenants/t/adapters/a", "tenants/t/other/a/x", "elsewhere/t/adapters/a/x", "tenants//adapters/a/x"):
+        assert tenant_adapter_of(other) is None, other
+    assert engine_adapter_prefix("adapters", "alice", "f" * 64) == f"adapters/alice/{'f' * 32}"
