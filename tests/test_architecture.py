@@ -10,7 +10,9 @@ Rules, over every module under ``api/``, ``tenants/``, ``inference/`` and ``kern
 3. nothing in ``inference/`` outside ``inference/service/``, and nothing in ``kernels/``, imports a
    web framework, a database, a task queue or a network client (fastapi, starlette, sqlalchemy,
    celery, boto3, httpx);
-4. ``kernels/`` imports nothing from ``inference/``.
+4. ``kernels/`` imports nothing from ``inference/``;
+5. object-store keys of adapters are built by one module, ``inference/adapters/storage_keys.py``:
+   no other module makes one with an f-string.
 
 The checker's own tests build small bad trees in a temporary folder and expect every rule to fire.
 """
@@ -220,6 +222,35 @@ def forbidden_imports(codebase: Codebase) -> list[Import]:
     return bad
 
 
+KEY_MODULE = "inference.adapters.storage_keys"
+KEY_FRAGMENTS = ("adapter_config.json", "adapter_model.safetensors", "adapters/")
+
+
+@dataclass(frozen=True)
+class KeyBuilder:
+    module: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.module} (line {self.line}) builds a storage key with an f-string"
+
+
+def storage_key_builders(codebase: Codebase) -> list[KeyBuilder]:
+    """Rule 5: f-strings outside ``KEY_MODULE`` whose text names an adapter file or an ``adapters/``
+    folder (routes such as ``/internal/adapters/...`` are URLs, not keys, and are skipped)."""
+    found = []
+    for name, path in codebase.modules.items():
+        if name == KEY_MODULE:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not isinstance(node, ast.JoinedStr):
+                continue
+            text = "".join(v.value for v in node.values if isinstance(v, ast.Constant) and isinstance(v.value, str))
+            if any(fragment in text for fragment in KEY_FRAGMENTS) and "/internal/" not in text:
+                found.append(KeyBuilder(name, node.lineno))
+    return found
+
+
 # --------------------------------------------------------------------------- the codebase
 @pytest.fixture(scope="module")
 def codebase() -> Codebase:
@@ -241,6 +272,20 @@ def test_no_import_cycles(codebase):
 def test_the_layers_import_only_downwards(codebase):
     bad = forbidden_imports(codebase)
     assert not bad, "imports that break the layering:\n" + "\n".join(map(str, bad))
+
+
+# Builders left in files this change could not touch (their owners will move them to storage_keys)
+KEY_BUILDERS_ELSEWHERE = {"inference.adapters.manager"}
+
+
+def test_storage_keys_are_built_in_one_place(codebase):
+    found = storage_key_builders(codebase)
+    unexpected = [b for b in found if b.module not in KEY_BUILDERS_ELSEWHERE]
+    assert not unexpected, "storage keys built outside storage_keys.py:\n" + "\n".join(map(str, unexpected))
+    if found:
+        pytest.xfail("inference/adapters/manager.py (AdapterManager.register_files) still builds its keys with "
+                     "an f-string; it should call inference.adapters.storage_keys.adapter_file_keys: "
+                     + "; ".join(map(str, found)))
 
 
 # --------------------------------------------------------------------------- the checker itself
@@ -293,3 +338,15 @@ def test_the_checker_finds_every_layering_break(tmp_path):
         ("kernels.lora", "inference.engine"),
         ("kernels.lora", "sqlalchemy"),
     }
+
+
+def test_the_checker_finds_storage_keys_built_elsewhere(tmp_path):
+    root = _tree(tmp_path, {
+        "inference/adapters/storage_keys.py": "def keys(p):\n    return f'{p}/adapter_config.json'\n",
+        "tenants/bad.py": "def key(t, a):\n    return f'tenants/{t}/adapters/{a}'\n",
+        "api/bad.py": "def key(p):\n    return f'{p}/adapter_model.safetensors'\n",
+        "inference/service/client.py": "def url(a):\n    return f'/internal/adapters/{a}'\n",  # a URL
+        "api/ok.py": "NAME = 'adapter_model.safetensors'\n",  # a file name alone builds nothing
+    })
+    found = {(b.module, b.line) for b in storage_key_builders(read_codebase(root))}
+    assert found == {("tenants.bad", 2), ("api.bad", 2)}
