@@ -274,18 +274,9 @@ def test_the_layers_import_only_downwards(codebase):
     assert not bad, "imports that break the layering:\n" + "\n".join(map(str, bad))
 
 
-# Builders left in files this change could not touch (their owners will move them to storage_keys)
-KEY_BUILDERS_ELSEWHERE = {"inference.adapters.manager"}
-
-
 def test_storage_keys_are_built_in_one_place(codebase):
     found = storage_key_builders(codebase)
-    unexpected = [b for b in found if b.module not in KEY_BUILDERS_ELSEWHERE]
-    assert not unexpected, "storage keys built outside storage_keys.py:\n" + "\n".join(map(str, unexpected))
-    if found:
-        pytest.xfail("inference/adapters/manager.py (AdapterManager.register_files) still builds its keys with "
-                     "an f-string; it should call inference.adapters.storage_keys.adapter_file_keys: "
-                     + "; ".join(map(str, found)))
+    assert not found, "storage keys built outside storage_keys.py:\n" + "\n".join(map(str, found))
 
 
 # --------------------------------------------------------------------------- the checker itself

@@ -38,6 +38,7 @@ from inference.adapters.object_store import ObjectStore
 from inference.adapters.peft_checkpoint import LoraAdapterWeights, adapter_files_from_dir, validate_adapter_files
 from inference.adapters.registry import AdapterRef, AdapterRegistry
 from inference.adapters.residency import DeviceAdapter, DeviceResidency, module_layout  # noqa: F401
+from inference.adapters.storage_keys import adapter_file_keys, engine_adapter_prefix
 from inference.device import pins_host_memory
 from inference.model_config import ModelConfig
 from inference.page_pool import PagePool
@@ -102,8 +103,8 @@ class AdapterManager:
         version, existing = self.registry.next_version(adapter_id, weights.sha256, new_version)
         if existing is not None:
             return existing
-        base = f"{self.key_prefix}/{_key_safe(adapter_id)}/{weights.sha256[:32]}"
-        config_key, weights_key = f"{base}/adapter_config.json", f"{base}/adapter_model.safetensors"
+        config_key, weights_key = adapter_file_keys(
+            engine_adapter_prefix(self.key_prefix, _key_safe(adapter_id), weights.sha256))
         self.store.put(config_key, config_bytes)
         self.store.put(weights_key, weights_bytes)
         return self._publish(adapter_id, version, weights, config_key, weights_key, started)
