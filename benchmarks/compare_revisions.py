@@ -8,7 +8,7 @@ module (``benchmarks.<name>`` with the arguments after its name) once in the bas
 this one, in alternating order (base first in even rounds), each writing its own JSON. The figures
 each benchmark reports as its result are then printed per revision (median over the rounds, and
 every round): ``engine_vs_hf``'s engine tokens/s and engine/HF ratio; ``adapter_scaling``'s
-throughput ratio of each adapter count against one adapter. Results also go to
+tokens/s per adapter count and its throughput ratio against one adapter. Results also go to
 ``benchmarks/results/compare_revisions-<benchmark>.json``.
 """
 
@@ -37,8 +37,10 @@ def figures(benchmark: str, result: dict) -> dict[str, float]:
             out["engine / HF"] = result["ratio_engine_over_hf"]
         return out
     if benchmark == "adapter_scaling":
-        return {f"{r['adapters']} adapters / 1": r["ratio_vs_one_adapter"] for r in result["results"]
-                if r.get("ratio_vs_one_adapter") is not None}
+        out = {f"{r['adapters']} adapters tokens/s": r["tokens_per_s"] for r in result["results"]}
+        out.update({f"{r['adapters']} adapters / 1": r["ratio_vs_one_adapter"] for r in result["results"]
+                    if r.get("ratio_vs_one_adapter") is not None})
+        return out
     raise ValueError(f"no figures defined for benchmark {benchmark!r}")
 
 
