@@ -47,6 +47,42 @@ class _Call:
     result: list
 
 
+class OutputStream:
+    """The outputs of one submitted request, in order, ending with the finished one.
+
+    The one place that aborts a request whose reader went away: closing the stream before its
+    last output (even before reading any) aborts the request, once; the layers above (``LLM``, the
+    inference core, the HTTP responses) only close the stream they hold."""
+
+    def __init__(self, loop: "EngineLoop", request_id: str, outputs: asyncio.Queue):
+        self._loop = loop
+        self._request_id = request_id
+        self._outputs = outputs
+        self._finished = False
+        self._closed = False
+
+    def __aiter__(self) -> "OutputStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._finished or self._closed:
+            raise StopAsyncIteration
+        output = await self._outputs.get()
+        self._finished = output.finished
+        return output
+
+    def close(self) -> None:
+        """Stop reading; abort the request if its last output has not been read."""
+        if self._closed:
+            return
+        self._closed = True
+        if not self._finished:
+            self._loop.abort(self._request_id)
+
+    async def aclose(self) -> None:
+        self.close()
+
+
 class EngineLoop:
     """Runs ``engine.step()`` on a daemon thread whenever there is work."""
 
@@ -107,28 +143,21 @@ class EngineLoop:
     async def stream(self, request: Request) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as they are produced. Closing or cancelling the iterator
         aborts the request, which frees its pages within one step."""
-        async for output in self.open_stream(request):
-            yield output
+        outputs = self.open_stream(request)
+        try:
+            async for output in outputs:
+                yield output
+        finally:
+            outputs.close()
 
-    def open_stream(self, request: Request) -> AsyncIterator[RequestOutput]:
+    def open_stream(self, request: Request) -> OutputStream:
         """Submit ``request`` now (raising ``QueueFullError`` at once when the queue is full) and
-        return the iterator of its outputs; closing the iterator early aborts the request.
+        return the stream of its outputs; closing the stream early aborts the request.
         Call from a running event loop."""
         loop = asyncio.get_running_loop()
         outputs: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.submit(request, lambda out: loop.call_soon_threadsafe(outputs.put_nowait, out))
-        return self._outputs(request.request_id, outputs)
-
-    async def _outputs(self, request_id: str, outputs: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        finished = False
-        try:
-            while not finished:
-                out = await outputs.get()
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                self.abort(request_id)
+        return OutputStream(self, request.request_id, outputs)
 
     @property
     def alive(self) -> bool:

@@ -5,9 +5,11 @@ it. It renders a chat history with the model's template (trimming the oldest tur
 budget), registers platform adapters from the shared object store on first use, streams typed
 events (``inference.service.events``) and turns every refusal into an ``InferenceError``.
 
-Aborting a request whose reader went away is owned here, by :class:`GenerationStream`: closing it
-before its last event aborts the engine request (once) and counts the abort. Every layer above
-(the internal HTTP app, the remote client, the public API) only closes the stream it holds.
+Aborting a request whose reader went away is owned by the engine loop's
+:class:`~inference.engine_loop.OutputStream`: closing it before its last output aborts the request
+(once). Every layer above only closes the stream it holds: :class:`GenerationStream` closes the
+engine's stream (and counts the abandoned request), the internal HTTP app, the remote client and
+the public API close the ``GenerationStream``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 
 from inference.adapters.peft_checkpoint import AdapterValidationError
 from inference.adapters.registry import AdapterRef
-from inference.engine_loop import QueueFullError
+from inference.engine_loop import OutputStream, QueueFullError
 from inference.llm import LLM
 from inference.request import FinishReason, RequestOutput
 from inference.sampling import SamplingParams
@@ -87,11 +89,11 @@ def render_chat(
 
 
 class GenerationStream:
-    """The events of one generation, and the one place that aborts it when its reader goes away.
+    """The events of one generation.
 
     ``aclose()`` before the last event (ended or failed), even before iterating at all, calls
-    ``abandon`` exactly once (the core aborts the engine request and counts it); closing twice, or
-    after the last event, aborts nothing.
+    ``abandon`` exactly once (the core counts the request and closes the engine's output stream,
+    which aborts it); closing twice, or after the last event, abandons nothing.
     """
 
     def __init__(self, events: AsyncIterator[GenerationEvent], abandon: Callable[[], None]):
@@ -241,12 +243,13 @@ class InferenceCore:
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
         events = self._events(request_id, rendered, outputs)
-        return GenerationStream(events, lambda: self._abandon(request_id))
+        return GenerationStream(events, lambda: self._abandon(outputs))
 
-    def _abandon(self, request_id: str) -> None:
-        """The reader closed the stream before the end: abort the request (frees its pages)."""
+    def _abandon(self, outputs: OutputStream) -> None:
+        """The reader closed the stream before the end: count it, and close the engine's stream,
+        which aborts the request (frees its pages)."""
         self.metrics.finished.labels("abort").inc()
-        self.llm.abort(request_id)
+        outputs.close()
 
     async def _events(self, request_id: str, rendered: RenderedPrompt,
                       outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationEvent]:

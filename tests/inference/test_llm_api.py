@@ -192,3 +192,30 @@ def test_cli_generate_and_prepare(llm, tiny_checkpoint, capsys):
     assert "already prepared" in capsys.readouterr().out
     assert cli_main(["generate", "--model", str(tiny_checkpoint), "--prompt", "", "--max-tokens", "4"]) == 2
     assert "prompt is empty" in capsys.readouterr().err
+
+
+async def test_the_engine_loop_stream_is_the_one_place_that_aborts(llm, monkeypatch):
+    """Closing an output stream before its last output aborts the request exactly once, even when
+    nothing was read; closing it again, or after the last output, aborts nothing."""
+    loop = llm.loop
+    aborted = []
+    real_abort = loop.abort
+    monkeypatch.setattr(loop, "abort", lambda request_id: aborted.append(request_id) or real_abort(request_id))
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+    unread = loop.open_stream(llm.engine.make_request("never read", params, request_id="unread"))
+    unread.close()
+    unread.close()
+    assert aborted == ["unread"]
+    assert [o async for o in unread] == []  # a closed stream yields nothing more
+
+    short = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    done = loop.open_stream(llm.engine.make_request("read to the end", short, request_id="done"))
+    outputs = [o async for o in done]
+    assert outputs[-1].finished and len(outputs[-1].token_ids) == 2
+    await done.aclose()
+    assert aborted == ["unread"]
+    deadline = time.monotonic() + 5
+    while llm.engine.has_unfinished() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    assert not llm.engine.has_unfinished() and llm.engine.pool.occupancy().kv == 0
