@@ -31,6 +31,7 @@ from inference.backends import select_backend
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.device import bind_thread, free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
+from inference.fairness import check_tenant
 from inference.model import LlamaModel
 from inference.model_config import ModelConfig
 from inference.model_runner import ModelRunner
@@ -145,8 +146,13 @@ class LLMEngine:
         params: SamplingParams,
         request_id: str | None = None,
         adapter_id: str | None = None,
+        tenant: str | None = None,
+        tenant_weight: float = 1.0,
     ) -> Request:
-        """Validate and tokenize; raise ValueError naming every problem. Mutates no engine state."""
+        """Validate and tokenize; raise ValueError naming every problem. Mutates no engine state.
+
+        ``tenant`` and ``tenant_weight`` (finite, > 0) set the request's fair share (see
+        inference.fairness)."""
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if isinstance(prompt, str):
@@ -157,12 +163,18 @@ class LLMEngine:
             token_ids = list(prompt)
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return self.request_from_ids(token_ids, params, request_id, adapter_id)
+        return self.request_from_ids(token_ids, params, request_id, adapter_id, tenant, tenant_weight)
 
     def request_from_ids(
-        self, token_ids: list[int], params: SamplingParams, request_id: str | None, adapter_id: str | None
+        self,
+        token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None,
+        adapter_id: str | None,
+        tenant: str | None = None,
+        tenant_weight: float = 1.0,
     ) -> Request:
-        problems = []
+        problems = check_tenant(tenant, tenant_weight)
         vocab = self.model_config.vocab_size
         if not token_ids:
             problems.append("prompt is empty")
@@ -194,6 +206,8 @@ class LLMEngine:
             params=params,
             adapter_id=adapter_id,
             adapter=ref,
+            tenant=tenant,
+            tenant_weight=float(tenant_weight),
         )
         if not params.greedy:
             seed = params.seed

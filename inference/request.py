@@ -41,6 +41,11 @@ class Request:
     # LLMEngine.add until the request finishes; everything below (scheduler, residency, the
     # step's LoRA mapping) works from this reference, never from adapter_id
     adapter: AdapterRef | None = None
+    # who is served: the scheduler orders admission by each tenant's virtual token counter
+    # (inference.fairness); None is one tenant of its own. The weight divides what it is charged.
+    tenant: str | None = None
+    tenant_weight: float = 1.0
+    num_charged_prompt_tokens: int = 0  # prompt tokens already charged to the tenant
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)

@@ -1,4 +1,4 @@
-"""First-come-first-served continuous batching over the unified page pool.
+"""Continuous batching over the unified page pool, fair across tenants.
 
 Every step the scheduler decides which requests run and how many new tokens each contributes:
 
@@ -7,11 +7,15 @@ Every step the scheduler decides which requests run and how many new tokens each
    needs a KV page that is not free makes the *newest* running request give its pages back
    (preemption by recompute: it returns to the head of the queue and later recomputes its prompt
    plus what it generated); if it is itself the newest, it yields.
-2. If nobody was preempted, waiting requests are admitted in arrival order while the budget,
-   ``max_num_seqs`` and free pages allow. A long prompt is split into chunks (chunked prefill).
-   A request whose adapter is still being fetched into host RAM is passed over (it costs its own
-   time, not the batch's) and admitted in its arrival order once the adapter is there; a request
-   whose adapter is warm but finds no pages blocks those behind it, so it is never starved.
+2. If nobody was preempted, waiting requests are admitted while the budget, ``max_num_seqs`` and
+   free pages allow, in virtual-token-counter order (``inference.fairness``): requests preempted
+   before come first; then the head of the tenant that has been served least (weighted tokens
+   divided by its weight), first come first served within a tenant. Every placed chunk is charged
+   to its tenant at once, so the order moves within a step. A long prompt is split into chunks
+   (chunked prefill). A request whose adapter is still being fetched into host RAM is passed over
+   (it costs its own time, not the batch's) and admitted in its turn once the adapter is there; a
+   request whose adapter is warm but finds no pages blocks those behind it in that order, so it
+   is never starved.
 
 Under page pressure idle adapters are evicted first (``AdapterGate.make_room``); only then are
 running requests preempted.
@@ -26,6 +30,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from inference.fairness import AdmissionQueue, VirtualTokenCounters
 from inference.page_pool import PageKind, PagePool
 from inference.request import Request, RequestState
 
@@ -53,16 +58,26 @@ class AdapterGate(Protocol):
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """Limits per step: ``max_num_seqs`` sequences and ``max_num_batched_tokens`` new tokens."""
+    """Limits per step: ``max_num_seqs`` sequences and ``max_num_batched_tokens`` new tokens.
+
+    ``input_token_weight`` and ``output_token_weight`` are the fairness cost of a prompt and of
+    an output token (w_p = 1, w_q = 2 as in the VTC paper).
+    """
 
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    input_token_weight: float = 1.0
+    output_token_weight: float = 2.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
             raise ValueError("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             raise ValueError("max_num_batched_tokens must be >= 1")
+        for name in ("input_token_weight", "output_token_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -104,9 +119,11 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.fairness = VirtualTokenCounters(config.input_token_weight, config.output_token_weight)
 
     def add(self, request: Request) -> None:
         request.state = RequestState.WAITING
+        self.fairness.join(request)
         self.waiting.append(request)
 
     def has_unfinished(self) -> bool:
@@ -119,6 +136,7 @@ class Scheduler:
             self._stopped_running(request)
         elif request in self.waiting:
             self.waiting.remove(request)
+        self.fairness.leave(request)
         self._release(request)
 
     def _release(self, request: Request) -> None:
@@ -174,7 +192,7 @@ class Scheduler:
                 if victim is request:
                     break
             else:
-                chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
+                chunks.append(self._place(request, num_new))
                 scheduled_ids.add(request.request_id)
                 budget -= num_new
                 index += 1
@@ -182,28 +200,42 @@ class Scheduler:
             # `request` itself was preempted; the list shifted, do not advance index
         failed: list[Request] = []
         if not preempted:
-            position = 0
-            while position < len(self.waiting) and budget > 0 and len(self.running) < self.config.max_num_seqs:
-                request = self.waiting[position]
-                if request.adapter is not None and self.adapters is not None:
-                    admission = self.adapters.admit(request.adapter)
-                    if admission is Admission.COLD:
-                        position += 1  # its adapter is on the way; let the requests behind it run
-                        continue
-                    if admission is Admission.FAILED:
-                        del self.waiting[position]
-                        failed.append(request)
-                        continue
-                    if admission is Admission.NO_ROOM:
-                        break
-                num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-                if not self._try_allocate(request, self._pages_needed(request, num_new)):
-                    break
-                del self.waiting[position]
-                request.state = RequestState.RUNNING
-                self.running.append(request)
-                if request.adapter is not None and self.adapters is not None:
-                    self.adapters.on_run(request.adapter)
-                chunks.append(ScheduledChunk(request, request.num_computed_tokens, num_new))
-                budget -= num_new
+            self._admit(budget, chunks, failed)
         return SchedulerOutput(chunks, preempted, failed)
+
+    def _place(self, request: Request, num_new: int) -> ScheduledChunk:
+        """The chunk ``request`` computes this step, charged to its tenant now."""
+        chunk = ScheduledChunk(request, request.num_computed_tokens, num_new)
+        self.fairness.charge(request, chunk.start, num_new, chunk.samples)
+        return chunk
+
+    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[Request]) -> None:
+        """Admit waiting requests in virtual-token-counter order (see the module docstring)."""
+        queue = AdmissionQueue(self.waiting, self.fairness)
+        while budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = queue.peek()
+            if request is None:
+                break
+            if request.adapter is not None and self.adapters is not None:
+                admission = self.adapters.admit(request.adapter)
+                if admission is Admission.COLD:
+                    queue.pop(request)  # its adapter is on the way; let the requests behind it run
+                    continue
+                if admission is Admission.FAILED:
+                    queue.pop(request)
+                    self.waiting.remove(request)
+                    failed.append(request)
+                    continue
+                if admission is Admission.NO_ROOM:
+                    break
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._try_allocate(request, self._pages_needed(request, num_new)):
+                break
+            queue.pop(request)
+            self.waiting.remove(request)
+            request.state = RequestState.RUNNING
+            self.running.append(request)
+            if request.adapter is not None and self.adapters is not None:
+                self.adapters.on_run(request.adapter)
+            chunks.append(self._place(request, num_new))
+            budget -= num_new
