@@ -87,6 +87,7 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        tenant=caller.tenant_id,
     )
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     if not body.stream:

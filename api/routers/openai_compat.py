@@ -104,6 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=stop,
+        tenant=caller.tenant_id,
     )
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

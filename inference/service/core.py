@@ -233,7 +233,8 @@ class InferenceCore:
         request_id = req.request_id or uuid.uuid4().hex
         try:
             request = self.engine.request_from_ids(
-                rendered.token_ids, params, request_id, ref.adapter_id if ref is not None else None
+                rendered.token_ids, params, request_id, ref.adapter_id if ref is not None else None,
+                tenant=req.tenant, tenant_weight=req.tenant_weight,
             )
             outputs = self.llm.loop.open_stream(request)
         except QueueFullError as exc:

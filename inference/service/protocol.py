@@ -53,6 +53,10 @@ class GenerateRequest(BaseModel):
     The service renders ``system_prompt`` + ``messages`` with the model's chat template, dropping
     the oldest messages until the prompt fits ``history_token_budget`` tokens (and the context
     window with ``max_tokens`` room); the last message is never dropped.
+
+    ``tenant`` and ``tenant_weight`` set the request's fair share in the engine's scheduler: it
+    orders admission by each tenant's virtual token counter, charged in weighted tokens divided by
+    ``tenant_weight`` (docs/design.md "Scheduling"); ``None`` is one tenant of its own.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -68,6 +72,8 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    tenant: str | None = Field(None, min_length=1, max_length=200, strict=True)
+    tenant_weight: float = Field(1.0, gt=0, allow_inf_nan=False, strict=True)
 
 
 class PrefetchRequest(BaseModel):

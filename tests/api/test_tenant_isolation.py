@@ -492,3 +492,18 @@ def test_system_prompt_update_applies_to_the_next_chat(world, client, recorder):
             assert SYSTEM_PROMPT_A not in rendered
     finally:
         client.patch("/v1/tenant", json={"system_prompt": None}, headers=bearer(world.b.admin))
+
+
+def test_generations_are_scheduled_as_the_callers_tenant(world, client, recorder):
+    """The platform chat route and the OpenAI-compatible route tell the engine whose request it is
+    (its fair share, docs/design.md "Scheduling"), with the default weight."""
+    mark = recorder.mark()
+    for tenant in (world.a, world.b):
+        r = chat(client, tenant.chat, tenant.user["id"], "fair?")
+        assert r.status_code == 200, r.text
+        assert completion(client, tenant.chat, "shared-style")["status"] == 200
+    requests, prompts = recorder.since(mark)
+    expected = [world.a.tenant["id"]] * 2 + [world.b.tenant["id"]] * 2
+    assert [q.tenant for q in requests] == expected
+    assert [q.tenant_weight for q in requests] == [1.0] * 4
+    assert [p.tenant for p in prompts] == expected

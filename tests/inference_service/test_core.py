@@ -75,3 +75,25 @@ def test_render_chat_keeps_the_newest_turns_that_fit(core):
     with pytest.raises(InferenceError) as info:
         render_chat(tok, None, [{"role": "user", "content": "y " * 500}], 50)
     assert info.value.status == 422
+
+
+async def test_the_tenant_and_its_weight_reach_the_engine(core, monkeypatch):
+    seen = []
+    submit = core.engine.request_from_ids
+
+    def recording(*args, **kwargs):
+        request = submit(*args, **kwargs)
+        seen.append((request.tenant, request.tenant_weight))
+        return request
+
+    monkeypatch.setattr(core.engine, "request_from_ids", recording)
+    await core.generate(GenerateRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                        tenant="t-1", tenant_weight=2.5))
+    await core.generate(GenerateRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=2))
+    assert seen == [("t-1", 2.5), (None, 1.0)]
+
+
+@pytest.mark.parametrize("weight", [0, -1.0, float("nan"), float("inf"), "2", True])
+def test_a_bad_tenant_weight_is_refused_by_the_protocol(weight):
+    with pytest.raises(ValueError, match="tenant_weight"):
+        GenerateRequest(messages=[{"role": "user", "content": "hi"}], tenant_weight=weight)

@@ -6,7 +6,8 @@
   adapter spec, sampling options), in order;
 * ``prompts``: for every request the engine actually accepted, the exact prompt token ids the
   core rendered (system prompt + history + message, with the chat template) and the engine-level
-  adapter id (the platform's adapter id, or None for the base model).
+  adapter id (the platform's adapter id, or None for the base model), and (not compared) the
+  tenant the engine schedules it as.
 
 Use it with ``create_app(settings, inference=RecordingInference(core), platform=platform)``.
 """
@@ -14,7 +15,7 @@ Use it with ``create_app(settings, inference=RecordingInference(core), platform=
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from inference.service.protocol import GenerateRequest
 
@@ -23,6 +24,7 @@ from inference.service.protocol import GenerateRequest
 class EnginePrompt:
     token_ids: tuple[int, ...]
     adapter_id: str | None
+    tenant: str | None = field(default=None, compare=False)
 
 
 class RecordingInference:
@@ -34,10 +36,11 @@ class RecordingInference:
         engine = core.engine
         submit = engine.request_from_ids
 
-        def recording_request_from_ids(token_ids, params, request_id, adapter_id):
-            request = submit(token_ids, params, request_id, adapter_id)  # refused prompts raise: not recorded
+        def recording_request_from_ids(token_ids, params, request_id, adapter_id, tenant=None, tenant_weight=1.0):
+            # refused prompts raise: not recorded
+            request = submit(token_ids, params, request_id, adapter_id, tenant, tenant_weight)
             with self._lock:
-                self.prompts.append(EnginePrompt(tuple(token_ids), adapter_id))
+                self.prompts.append(EnginePrompt(tuple(token_ids), adapter_id, request.tenant))
             return request
 
         engine.request_from_ids = recording_request_from_ids  # this engine instance only
