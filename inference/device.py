@@ -10,10 +10,14 @@ from __future__ import annotations
 import torch
 
 
-def require_available(device: torch.device) -> None:
-    """ValueError when ``device`` is CUDA and this machine has none."""
-    if device.type == "cuda" and not torch.cuda.is_available():
+def require_available(device: torch.device) -> torch.device:
+    """``device`` with its index made explicit (``cuda`` becomes the current ``cuda:N``, so other
+    threads bind the same one); ValueError when it is CUDA and this machine has none."""
+    if device.type != "cuda":
+        return device
+    if not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but CUDA is not available")
+    return device if device.index is not None else torch.device("cuda", torch.cuda.current_device())
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
@@ -29,7 +33,8 @@ def free_memory_bytes(device: torch.device) -> int | None:
 
 def bind_thread(device: torch.device) -> None:
     """Make ``device`` the calling thread's current CUDA device: Triton launches its kernels on
-    the current device, not on the tensors' (a no-op for other devices)."""
+    the current device, not on the tensors' (a no-op for other devices). ``device`` carries its
+    index (:func:`require_available` makes it explicit)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
 

@@ -87,8 +87,7 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.checkpoint_dir = resolve_model(model)
         self.model_config = ModelConfig.from_checkpoint(self.checkpoint_dir)
-        self.device = torch.device(self.config.device)
-        require_available(self.device)
+        self.device = require_available(torch.device(self.config.device))
         bind_thread(self.device)  # the start-up warm-up launches kernels from this thread
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)

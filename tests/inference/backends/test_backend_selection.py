@@ -57,3 +57,16 @@ def test_warm_up_launches_run_and_leave_the_pool_alone(tiny_checkpoint, monkeypa
 def test_cuda_engine_without_cuda_is_refused_clearly(tiny_checkpoint):
     with pytest.raises(ValueError, match="CUDA is not available"):
         LLMEngine(tiny_checkpoint, EngineConfig(device="cuda"))
+
+
+def test_a_cuda_device_without_an_index_becomes_the_current_one(monkeypatch):
+    """``cuda`` is made ``cuda:N`` at start-up, so the loop thread can bind it: torch's
+    ``set_device`` refuses a device without an index (the first GPU check failed there). The
+    machine has no GPU here, so CUDA's presence and current device are stood in for."""
+    from inference.device import require_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert require_available(torch.device("cuda")) == torch.device("cuda", 3)
+    assert require_available(torch.device("cuda", 1)) == torch.device("cuda", 1)
+    assert require_available(torch.device("cpu")) == torch.device("cpu")
