@@ -40,6 +40,7 @@ from inference.page_pool import PageGeometry, PagePool
 from inference.request import FinishReason, Request, RequestOutput, RequestState
 from inference.sampling import SamplingParams, sample
 from inference.scheduler import Scheduler, SchedulerConfig
+from inference.slo import FirstTokenDeadlines, check_ttft_slo
 from inference.tokenizer import Tokenizer
 from inference.weights import load_weights
 
@@ -124,6 +125,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.stats = EngineStats()
+        self.deadlines = FirstTokenDeadlines()
         self.step_observers: list = []  # callables (batch_size: requests, num_tokens: tokens) after each step
         self.last_step_ran = False
         self._requests: dict[str, Request] = {}
@@ -147,11 +149,13 @@ class LLMEngine:
         adapter_id: str | None = None,
         tenant: str | None = None,
         tenant_weight: float = 1.0,
+        ttft_slo_s: float | None = None,
     ) -> Request:
         """Validate and tokenize; raise ValueError naming every problem. Mutates no engine state.
 
         ``tenant`` and ``tenant_weight`` (finite, > 0) set the request's fair share (see
-        inference.fairness)."""
+        inference.fairness); ``ttft_slo_s`` (finite, > 0, or None) its first-token deadline in seconds
+        from now (see inference.slo)."""
         if not isinstance(params, SamplingParams):
             raise ValueError("params must be a SamplingParams")
         if isinstance(prompt, str):
@@ -162,7 +166,7 @@ class LLMEngine:
             token_ids = list(prompt)
         else:
             raise ValueError(f"prompt must be a string or a list of token ids, got {type(prompt).__name__}")
-        return self.request_from_ids(token_ids, params, request_id, adapter_id, tenant, tenant_weight)
+        return self.request_from_ids(token_ids, params, request_id, adapter_id, tenant, tenant_weight, ttft_slo_s)
 
     def request_from_ids(
         self,
@@ -172,8 +176,9 @@ class LLMEngine:
         adapter_id: str | None,
         tenant: str | None = None,
         tenant_weight: float = 1.0,
+        ttft_slo_s: float | None = None,
     ) -> Request:
-        problems = check_tenant(tenant, tenant_weight)
+        problems = check_tenant(tenant, tenant_weight) + check_ttft_slo(ttft_slo_s)
         vocab = self.model_config.vocab_size
         if not token_ids:
             problems.append("prompt is empty")
@@ -207,6 +212,7 @@ class LLMEngine:
             adapter=ref,
             tenant=tenant,
             tenant_weight=float(tenant_weight),
+            ttft_slo_s=None if ttft_slo_s is None else float(ttft_slo_s),
         )
         if not params.greedy:
             seed = params.seed
@@ -263,22 +269,45 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample and post-process. Returns outputs of requests
         that produced tokens or finished in this step."""
+        outputs = self._refuse_late(time.monotonic())
         plan = self.scheduler.schedule()
         self.stats.preemptions = self.scheduler.num_preemptions
         self.last_step_ran = bool(plan.chunks)
-        outputs: list[RequestOutput] = []
         for request in plan.failed:
             request.error = self.adapters.failure(request.adapter) or "adapter could not be loaded"
             self._finish(request, FinishReason.ERROR)
             outputs.append(self.outputs.output(request, [], []))
         if plan.chunks:
+            started = time.perf_counter()
             logits, sampling_chunks = self.runner.run(plan)
             for chunk in plan.chunks:
                 chunk.request.num_computed_tokens += chunk.num_tokens
             self._count_step(plan)
             if sampling_chunks:
                 outputs.extend(self._sample(logits, [c.request for c in sampling_chunks]))
+            self.deadlines.observe_step(plan.num_tokens, time.perf_counter() - started)
         self._prefetch()
+        return outputs
+
+    def _refuse_late(self, now: float) -> list[RequestOutput]:
+        """Refuse the waiting requests that can no longer meet their first-token deadline
+        (S-LoRA's early abort, inference.slo)."""
+        late = self.deadlines.late(self.scheduler.waiting, now)
+        if not late:
+            return []
+        pending = sum(r.num_tokens - r.num_computed_tokens for r in self.scheduler.waiting)
+        retry_after = self.deadlines.retry_after(pending)
+        outputs = []
+        for request in late:
+            request.retry_after_s = retry_after
+            request.error = (
+                f"the first token cannot arrive within the deadline of {request.ttft_slo_s:g} s "
+                f"(queued {now - request.arrival_time:.3f} s; {len(self.scheduler.waiting)} requests waiting); "
+                f"retry in {retry_after:g} s"
+            )
+            self.deadlines.on_refused(request)
+            self._finish(request, FinishReason.DEADLINE)
+            outputs.append(self.outputs.output(request, [], []))
         return outputs
 
     def _count_step(self, plan) -> None:
@@ -302,6 +331,8 @@ class LLMEngine:
             top = result.top_logprobs[i] if result.top_logprobs else None
             token = result.token_ids[i]
             finish = self.outputs.append_token(request, token, result.logprobs[i], top, now)
+            if len(request.output_token_ids) == 1:
+                self.deadlines.on_first_token(request, now)
             if finish is not None:
                 self._finish(request, finish)
             outputs.append(self.outputs.output(request, [token], [result.logprobs[i]]))

@@ -93,4 +93,5 @@ class OutputProcessor:
             error=request.error,
             adapter_id=request.adapter_id,
             num_preemptions=request.num_preemptions,
+            retry_after_s=request.retry_after_s,
         )

@@ -17,6 +17,7 @@ class FinishReason(str, enum.Enum):
     LENGTH = "length"  # max_tokens reached
     ABORT = "abort"  # cancelled by the caller
     ERROR = "error"  # the engine failed this request (the loop goes on)
+    DEADLINE = "deadline"  # refused while queued: its first token could no longer meet its deadline
 
 
 class RequestState(enum.Enum):
@@ -46,6 +47,8 @@ class Request:
     tenant: str | None = None
     tenant_weight: float = 1.0
     num_charged_prompt_tokens: int = 0  # prompt tokens already charged to the tenant
+    # first-token SLO (seconds after arrival_time), None = none; see inference.slo
+    ttft_slo_s: float | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     output_token_ids: list[int] = field(default_factory=list)
     output_logprobs: list[float | None] = field(default_factory=list)
@@ -63,6 +66,16 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finish_time: float | None = None
+    retry_after_s: float | None = None  # set when refused for its deadline: when a retry may be served
+    # prefix cache (inference.prefix_cache): the hash chain of its full pages known so far, and how
+    # many of its leading KV pages are entered in the cache (or were taken from it)
+    page_hashes: list[bytes] = field(default_factory=list)
+    num_cached_pages: int = 0
+
+    @property
+    def ttft_deadline(self) -> float | None:
+        """Monotonic time by which the first token is due, or None."""
+        return None if self.ttft_slo_s is None else self.arrival_time + self.ttft_slo_s
 
     @property
     def num_tokens(self) -> int:
@@ -108,3 +121,4 @@ class RequestOutput:
     error: str | None = None
     adapter_id: str | None = None
     num_preemptions: int = 0
+    retry_after_s: float | None = None  # with FinishReason.DEADLINE: seconds until a retry may be served

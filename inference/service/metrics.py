@@ -75,6 +75,25 @@ class EngineCollector(Collector):
         resident.add_metric(["device"], device)
         yield resident
         yield _gauge("tailor_adapters_registered", "Adapters known to the engine.", len(engine.adapters.registry))
+        yield from _slo_families(engine)
+
+
+def _slo_families(engine: LLMEngine):
+    """First-token SLO outcomes per tenant (inference.slo); tenant label "" for requests without one."""
+    families = {
+        "attained": CounterMetricFamily("tailor_slo_ttft_attained", "Requests whose first token met its deadline.",
+                                        labels=["tenant"]),
+        "missed": CounterMetricFamily("tailor_slo_ttft_missed",
+                                      "Requests whose first token missed its deadline, early aborts included.",
+                                      labels=["tenant"]),
+        "early_aborts": CounterMetricFamily("tailor_slo_early_aborts",
+                                            "Queued requests refused because their deadline could no longer be met.",
+                                            labels=["tenant"]),
+    }
+    for tenant, counts in list(engine.deadlines.by_tenant.items()):
+        for name, family in families.items():
+            family.add_metric([tenant or ""], getattr(counts, name))
+    yield from families.values()
 
 
 def _counter(name: str, help_text: str, value: float) -> CounterMetricFamily:
