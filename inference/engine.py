@@ -37,6 +37,7 @@ from inference.model_config import ModelConfig
 from inference.model_runner import ModelRunner
 from inference.output_processor import OutputProcessor
 from inference.page_pool import PageGeometry, PagePool
+from inference.prefix_cache import PrefixCache
 from inference.request import FinishReason, Request, RequestOutput, RequestState
 from inference.sampling import SamplingParams, sample
 from inference.scheduler import Scheduler, SchedulerConfig
@@ -116,8 +117,10 @@ class LLMEngine:
             fetch_threads=self.config.adapter_fetch_threads,
         )
         self.runner = ModelRunner(self.model, self.pool, self.adapters, self.backend)
+        self.prefix_cache = PrefixCache(self.pool, enabled=self.config.enable_prefix_cache)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters,
+            self.prefix_cache,
         )
         eos = set(self.model_config.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -280,8 +283,7 @@ class LLMEngine:
         if plan.chunks:
             started = time.perf_counter()
             logits, sampling_chunks = self.runner.run(plan)
-            for chunk in plan.chunks:
-                chunk.request.num_computed_tokens += chunk.num_tokens
+            self.scheduler.computed(plan)
             self._count_step(plan)
             if sampling_chunks:
                 outputs.extend(self._sample(logits, [c.request for c in sampling_chunks]))

@@ -21,6 +21,8 @@ class EngineConfig:
     * ``max_num_seqs`` / ``max_num_batched_tokens``: per-step batch limits.
     * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
     * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
+    * ``enable_prefix_cache``: keep the KV pages of earlier requests and reuse them for requests
+      that start with the same tokens, per tenant and adapter version (``inference.prefix_cache``).
     * ``use_triton``: picks the backend (``inference/backends``): None means the Triton backend on
       CUDA and the CPU backend's torch ops on CPU. ``warm_up_kernels``: compile every kernel
       variant at start-up (Triton backend on CUDA; a no-op elsewhere).
@@ -40,6 +42,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
     max_waiting: int = 4096
+    enable_prefix_cache: bool = True
     use_triton: bool | None = None
     warm_up_kernels: bool = True
     max_lora_rank: int = 128

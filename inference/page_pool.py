@@ -15,7 +15,9 @@ Geometry (see docs/design.md for the arithmetic):
   less than one page, whatever the hidden and intermediate widths are.
 
 The allocator is a free list of page ids with a kind per allocation (KV or adapter), so occupancy
-by kind is known at any time without scanning.
+by kind is known at any time without scanning. KV pages the prefix cache keeps but no request holds
+(``inference.prefix_cache``) count as free: an allocation that finds the free list short reclaims
+them first, through the pool's ``reclaimer``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import enum
 import threading
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -38,6 +41,17 @@ class PageKind(enum.Enum):
 
 class OutOfPagesError(RuntimeError):
     """Not enough free pages for an allocation."""
+
+
+class PageReclaimer(Protocol):
+    """Allocated KV pages that may be taken back at any time (the prefix cache's idle pages)."""
+
+    @property
+    def num_reclaimable(self) -> int: ...
+
+    def reclaim(self, num_pages: int) -> list[int]:
+        """Give up to ``num_pages`` pages; the pool frees them."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -87,13 +101,17 @@ class PageGeometry:
 
 @dataclass(frozen=True)
 class PoolOccupancy:
-    """Pages by kind at one moment; ``total == free + kv + adapter``."""
+    """Pages by kind at one moment; ``total == free + kv + adapter + cached``.
+
+    ``kv``: KV pages held by requests (shared cached pages included); ``cached``: idle pages of the
+    prefix cache (reclaimable, so an allocator may count them as free)."""
 
     total: int
     free: int
     kv: int
     adapter: int
     page_bytes: int
+    cached: int = 0
 
 
 class PagePool:
@@ -118,6 +136,7 @@ class PagePool:
         self._kind_of: dict[int, PageKind] = {}
         self._counts = {PageKind.KV: 0, PageKind.ADAPTER: 0}
         self._lock = threading.Lock()
+        self.reclaimer: PageReclaimer | None = None
 
     @classmethod
     def with_bytes(cls, geometry: PageGeometry, pool_bytes: int, device, dtype) -> "PagePool":
@@ -135,15 +154,23 @@ class PagePool:
 
     @property
     def num_free(self) -> int:
-        return len(self._free)
+        """Pages an allocation can have now: free ones and reclaimable ones."""
+        return len(self._free) + self._num_reclaimable()
+
+    def _num_reclaimable(self) -> int:
+        return 0 if self.reclaimer is None else self.reclaimer.num_reclaimable
 
     def can_allocate(self, num_pages: int) -> bool:
-        return num_pages <= len(self._free)
+        return num_pages <= self.num_free
 
     def allocate(self, num_pages: int, kind: PageKind) -> list[int]:
-        """Take ``num_pages`` free page ids for ``kind``; raise :class:`OutOfPagesError` if too few."""
+        """Take ``num_pages`` free page ids for ``kind``, reclaiming idle cached pages when the free
+        list is short; raise :class:`OutOfPagesError` if too few."""
         if num_pages < 0:
             raise ValueError("num_pages must be >= 0")
+        short = num_pages - len(self._free)
+        if short > 0 and self.reclaimer is not None:
+            self.free(self.reclaimer.reclaim(short))
         with self._lock:
             if num_pages > len(self._free):
                 raise OutOfPagesError(f"asked for {num_pages} pages, {len(self._free)} free")
@@ -166,10 +193,12 @@ class PagePool:
     def occupancy(self) -> PoolOccupancy:
         """Pages by kind, consistent at one instant."""
         with self._lock:
+            cached = self._num_reclaimable()
             return PoolOccupancy(
                 total=self.num_pages,
                 free=len(self._free),
-                kv=self._counts[PageKind.KV],
+                kv=self._counts[PageKind.KV] - cached,
                 adapter=self._counts[PageKind.ADAPTER],
                 page_bytes=self.geometry.page_bytes,
+                cached=cached,
             )

@@ -17,8 +17,12 @@ Every step the scheduler decides which requests run and how many new tokens each
    request whose adapter is warm but finds no pages blocks those behind it in that order, so it
    is never starved.
 
-Under page pressure idle adapters are evicted first (``AdapterGate.make_room``); only then are
-running requests preempted.
+A request admitted with nothing computed first takes the longest prefix of its tokens that the
+prefix cache holds (``inference.prefix_cache``) and computes from there; every page that becomes
+full is entered in the cache, and a request's pages go back to it when it stops.
+
+Under page pressure the pool first reclaims idle cached pages (on allocation), then idle adapters
+are evicted (``AdapterGate.make_room``); only then are running requests preempted.
 
 The scheduler only moves page ids; it does no I/O and never touches tensors.
 """
@@ -32,6 +36,7 @@ from typing import Protocol
 
 from inference.fairness import AdmissionQueue, VirtualTokenCounters
 from inference.page_pool import PageKind, PagePool
+from inference.prefix_cache import PrefixCache
 from inference.request import Request, RequestState
 
 
@@ -109,13 +114,16 @@ class Scheduler:
     """Owns the waiting queue, the running list and every request's KV pages.
 
     ``adapters`` (optional) makes requests' adapters resident before they run and frees idle
-    adapter pages before any request is preempted.
+    adapter pages before any request is preempted. ``prefix_cache`` (optional; default: a disabled
+    one, which only counts lookups) lends admitted requests the pages of their cached prefix.
     """
 
-    def __init__(self, config: SchedulerConfig, pool: PagePool, adapters: AdapterGate | None = None):
+    def __init__(self, config: SchedulerConfig, pool: PagePool, adapters: AdapterGate | None = None,
+                 prefix_cache: PrefixCache | None = None):
         self.config = config
         self.pool = pool
         self.adapters = adapters
+        self.prefix_cache = prefix_cache or PrefixCache(pool, enabled=False)
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
@@ -140,10 +148,15 @@ class Scheduler:
         self._release(request)
 
     def _release(self, request: Request) -> None:
-        if request.kv_pages:
-            self.pool.free(request.kv_pages)
-            request.kv_pages = []
+        self.prefix_cache.release(request)
         request.num_computed_tokens = 0
+
+    def computed(self, plan: SchedulerOutput) -> None:
+        """The step of ``plan`` ran: advance each request's computed tokens and enter its pages
+        that became full in the prefix cache."""
+        for chunk in plan.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+            self.prefix_cache.register(chunk.request)
 
     def _pages_needed(self, request: Request, num_new: int) -> int:
         total = self.pool.geometry.pages_for_tokens(request.num_computed_tokens + num_new)
@@ -228,9 +241,12 @@ class Scheduler:
                     continue
                 if admission is Admission.NO_ROOM:
                     break
+            reused = self.prefix_cache.match(request) if request.num_computed_tokens == 0 else 0
             num_new = min(request.num_tokens - request.num_computed_tokens, budget)
             if not self._try_allocate(request, self._pages_needed(request, num_new)):
+                self._release(request)  # the cached pages it was lent go back, idle
                 break
+            self.prefix_cache.count_admission(request, reused)
             queue.pop(request)
             self.waiting.remove(request)
             request.state = RequestState.RUNNING

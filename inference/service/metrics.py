@@ -4,7 +4,7 @@
 happen (time to first token, time per output token, end-to-end latency, batch size, adapter load
 latency), and a collector that reads the engine's counters and gauges at scrape time (tokens,
 preemptions, queue lengths, pool pages by kind, staged adapter bytes, adapter cache behaviour per
-tier).
+tier, prefix-cache lookups per tenant, first-token SLO outcomes per tenant).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ class EngineCollector(Collector):
 
         occupancy = engine.pool.occupancy()
         pages = GaugeMetricFamily("tailor_pool_pages", "Unified pool pages by kind.", labels=["kind"])
-        for kind, value in (("kv", occupancy.kv), ("adapter", occupancy.adapter), ("free", occupancy.free)):
+        for kind, value in (("kv", occupancy.kv), ("adapter", occupancy.adapter), ("free", occupancy.free),
+                            ("cached", occupancy.cached)):
             pages.add_metric([kind], value)
         yield pages
         yield _gauge("tailor_pool_pages_total", "Pages in the unified pool.", occupancy.total)
@@ -75,7 +76,28 @@ class EngineCollector(Collector):
         resident.add_metric(["device"], device)
         yield resident
         yield _gauge("tailor_adapters_registered", "Adapters known to the engine.", len(engine.adapters.registry))
+        yield from _prefix_cache_families(engine)
         yield from _slo_families(engine)
+
+
+def _prefix_cache_families(engine: LLMEngine):
+    """Prefix-cache lookups per tenant in tokens, and its pages by state (inference.prefix_cache)."""
+    cache = engine.prefix_cache
+    queries = CounterMetricFamily("tailor_prefix_cache_queries_tokens",
+                                  "Tokens of admitted requests looked up in the prefix cache.", labels=["tenant"])
+    hits = CounterMetricFamily("tailor_prefix_cache_hits_tokens",
+                               "Tokens reused from the prefix cache instead of computed.", labels=["tenant"])
+    for tenant, counts in list(cache.stats.items()):
+        queries.add_metric([tenant or ""], counts.queries)
+        hits.add_metric([tenant or ""], counts.hits)
+    yield queries
+    yield hits
+    pages = GaugeMetricFamily("tailor_prefix_cache_pages",
+                              "Pages in the prefix cache: in_use (held by requests) and idle (reclaimable).",
+                              labels=["state"])
+    pages.add_metric(["in_use"], cache.num_in_use)
+    pages.add_metric(["idle"], cache.num_reclaimable)
+    yield pages
 
 
 def _slo_families(engine: LLMEngine):

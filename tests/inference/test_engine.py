@@ -65,8 +65,9 @@ def test_chunked_prefill_and_tiny_budget_give_identical_tokens(tiny_checkpoint):
 
 
 def _kv_pages_held(engine: LLMEngine) -> int:
+    """Distinct KV pages held by live requests (cached prefix pages may be shared)."""
     live = list(engine.scheduler.running) + list(engine.scheduler.waiting)
-    return sum(len(r.kv_pages) for r in live)
+    return len({page for r in live for page in r.kv_pages})
 
 
 def test_no_page_leaks_under_random_finish_cancel_and_preempt(tiny_checkpoint):
@@ -91,10 +92,11 @@ def test_no_page_leaks_under_random_finish_cancel_and_preempt(tiny_checkpoint):
                 live.remove(out.request_id)
         occ = engine.pool.occupancy()
         assert occ.kv == _kv_pages_held(engine), f"seed {seed} step {step}"
-        assert occ.free + occ.kv + occ.adapter == occ.total
+        assert occ.free + occ.kv + occ.adapter + occ.cached == occ.total
     run_to_completion(engine)
     assert engine.scheduler.num_preemptions > 0, f"seed {seed}: the pool was never tight"
-    assert engine.pool.occupancy().free == engine.pool.num_pages
+    occ = engine.pool.occupancy()
+    assert occ.kv == 0 and occ.free + occ.cached == engine.pool.num_pages
 
 
 def test_cancel_frees_pages_immediately(tiny_checkpoint):

@@ -27,3 +27,33 @@ def test_staged_adapter_bytes_are_exported(tmp_path, tiny_checkpoint):
         assert metrics.registry.get_sample_value("tailor_adapter_staged_bytes") == expected
     finally:
         llm.close()
+
+
+def test_prefix_cache_and_slo_metrics_per_tenant(tiny_checkpoint):
+    """What a scrape reads equals what the engine did: tokens looked up and reused per tenant, the
+    cache's pages by state, the pool's idle cached pages, and first-token SLO outcomes per tenant."""
+    from inference.engine import LLMEngine
+    from inference.engine_config import EngineConfig
+    from support.engine_helpers import run_to_completion
+
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20))
+    metrics = InferenceMetrics(engine)
+    sample = metrics.registry.get_sample_value
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    prompt = list(range(10, 31))  # 21 tokens: 5 full pages reusable
+    for tenant, slo in (("a", 3600.0), ("a", 3600.0), ("b", 1e-9)):
+        engine.add(engine.request_from_ids(prompt, params, None, None, tenant=tenant, ttft_slo_s=slo))
+        run_to_completion(engine)
+    assert sample("tailor_prefix_cache_queries_tokens_total", {"tenant": "a"}) == 2 * 21
+    assert sample("tailor_prefix_cache_hits_tokens_total", {"tenant": "a"}) == 20
+    assert sample("tailor_prefix_cache_queries_tokens_total", {"tenant": "b"}) is None  # refused before admission
+    idle = engine.prefix_cache.num_reclaimable
+    assert idle == 5  # a's pages: the full pages of 21 prompt + 1 computed output token
+    assert sample("tailor_prefix_cache_pages", {"state": "idle"}) == idle
+    assert sample("tailor_prefix_cache_pages", {"state": "in_use"}) == 0
+    assert sample("tailor_pool_pages", {"kind": "cached"}) == idle
+    assert sample("tailor_pool_pages", {"kind": "kv"}) == 0
+    assert sample("tailor_slo_ttft_attained_total", {"tenant": "a"}) == 2
+    assert sample("tailor_slo_ttft_missed_total", {"tenant": "a"}) == 0
+    assert sample("tailor_slo_ttft_missed_total", {"tenant": "b"}) == 1
+    assert sample("tailor_slo_early_aborts_total", {"tenant": "b"}) == 1
