@@ -115,6 +115,7 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1)
     host_adapter_bytes: int = Field(2 << 30, gt=0)
     max_lora_rank: int = Field(128, ge=1)
+    prefix_cache: bool = True  # reuse KV pages of earlier requests per tenant and adapter (inference.prefix_cache)
 
     # --- limits ------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(256 << 20, gt=0)
@@ -198,13 +199,14 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
 
     def engine_options(self) -> dict:
-        """Keyword arguments for ``EngineConfig`` (device, dtype, pool and adapter budgets)."""
+        """Keyword arguments for ``EngineConfig`` (device, dtype, pool and adapter budgets, prefix cache)."""
         options = {
             "device": self.device,
             "dtype": self.dtype,
             "max_waiting": self.max_waiting,
             "host_adapter_bytes": self.host_adapter_bytes,
             "max_lora_rank": self.max_lora_rank,
+            "enable_prefix_cache": self.prefix_cache,
         }
         if self.pool_bytes is not None:
             options["pool_bytes"] = self.pool_bytes

@@ -120,7 +120,7 @@ def test_the_required_alerts_exist():
     ttft = exprs["TailorFirstTokenLatencySLO"]
     assert "histogram_quantile(0.9" in ttft and "tailor_inference_time_to_first_token_seconds_bucket" in ttft
     assert ttft.rstrip().endswith("> 6")
-    assert 'kind="free"' in exprs["TailorPagePoolExhausted"] and "< 0.05" in exprs["TailorPagePoolExhausted"]
+    assert 'kind=~"free|cached"' in exprs["TailorPagePoolExhausted"] and "< 0.05" in exprs["TailorPagePoolExhausted"]
     thrash = exprs["TailorAdapterThrash"]
     assert "tailor_adapter_evictions_total" in thrash and "tailor_adapter_loads_total" in thrash
     assert "tailor_worker_queue_length" in exprs["TailorWorkerQueueBacklog"]
