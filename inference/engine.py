@@ -31,7 +31,7 @@ from inference.backends import select_backend
 from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.device import bind_thread, free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
-from inference.fairness import check_tenant
+from inference.fairness import admission_order, check_tenant
 from inference.model import LlamaModel
 from inference.model_config import ModelConfig
 from inference.model_runner import ModelRunner
@@ -119,7 +119,9 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.pool, self.adapters, self.backend)
         self.prefix_cache = PrefixCache(self.pool, enabled=self.config.enable_prefix_cache)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens), self.pool, self.adapters,
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
+                            self.config.fairness_input_token_weight, self.config.fairness_output_token_weight),
+            self.pool, self.adapters,
             self.prefix_cache,
         )
         eos = set(self.model_config.eos_token_ids)
@@ -342,9 +344,10 @@ class LLMEngine:
         return outputs
 
     def _prefetch(self) -> None:
-        """Start fetches and page-ins for the adapters of the requests next in line."""
+        """Start fetches and page-ins for the adapters of the requests next in line (in the fair
+        admission order, so a light tenant's adapter is not stuck behind a heavy tenant's queue)."""
         refs = []
-        for request in itertools.islice(self.scheduler.waiting, self.config.max_num_seqs):
+        for request in admission_order(self.scheduler.waiting, self.scheduler.fairness, self.config.max_num_seqs):
             if request.adapter is not None:
                 refs.append(request.adapter)
         if refs:

@@ -21,6 +21,8 @@ class EngineConfig:
     * ``max_num_seqs`` / ``max_num_batched_tokens``: per-step batch limits.
     * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
     * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
+    * ``fairness_input_token_weight`` / ``fairness_output_token_weight``: what a prompt token and an
+      output token cost a tenant in the fair scheduler's virtual token counters (``inference.fairness``).
     * ``enable_prefix_cache``: keep the KV pages of earlier requests and reuse them for requests
       that start with the same tokens, per tenant and adapter version (``inference.prefix_cache``).
     * ``use_triton``: picks the backend (``inference/backends``): None means the Triton backend on
@@ -43,6 +45,8 @@ class EngineConfig:
     max_model_len: int | None = None
     max_waiting: int = 4096
     enable_prefix_cache: bool = True
+    fairness_input_token_weight: float = 1.0
+    fairness_output_token_weight: float = 2.0
     use_triton: bool | None = None
     warm_up_kernels: bool = True
     max_lora_rank: int = 128
@@ -77,6 +81,10 @@ class EngineConfig:
             problems.append("host_adapter_bytes must be positive")
         if not 0.0 <= self.prefetch_reserve_fraction < 1.0:
             problems.append("prefetch_reserve_fraction must be in [0, 1)")
+        for name in ("fairness_input_token_weight", "fairness_output_token_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                problems.append(f"{name} must be a finite number >= 0, got {value!r}")
         if self.adapter_fetch_threads < 1:
             problems.append("adapter_fetch_threads must be >= 1")
         if problems:

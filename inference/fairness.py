@@ -126,3 +126,36 @@ class AdmissionQueue:
         queue.popleft()
         if not queue:
             del self.tenants[request.tenant]
+
+
+class _SimulatedCounters:
+    """A copy of the counters that :func:`admission_order` charges as it walks the queue."""
+
+    def __init__(self, counters: VirtualTokenCounters):
+        self.values = dict(counters.counters)
+        self.input_weight = counters.input_weight
+
+    def counter(self, tenant: str | None) -> float:
+        return self.values.get(tenant, 0.0)
+
+    def charge_prompt(self, request: Request) -> None:
+        cost = self.input_weight * (request.num_tokens - request.num_computed_tokens)
+        self.values[request.tenant] = self.counter(request.tenant) + cost / request.tenant_weight
+
+
+def admission_order(waiting: Iterable[Request], counters: VirtualTokenCounters, limit: int) -> list[Request]:
+    """The first ``limit`` waiting requests in the order the scheduler would admit them if nothing
+    else arrived: each pick charges its tenant's copy of the counter with its prompt, so a busy
+    tenant's queue does not take every place. Nothing is mutated (used to prefetch adapters)."""
+    simulated = _SimulatedCounters(counters)
+    queue = AdmissionQueue(waiting, simulated)  # type: ignore[arg-type]  (duck-typed: counter())
+    order: list[Request] = []
+    while len(order) < limit:
+        request = queue.peek()
+        if request is None:
+            break
+        queue.pop(request)
+        simulated.charge_prompt(request)
+        order.append(request)
+    return order
+

@@ -20,7 +20,7 @@ import pytest
 
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
-from inference.fairness import AdmissionQueue, VirtualTokenCounters
+from inference.fairness import AdmissionQueue, VirtualTokenCounters, admission_order
 from inference.sampling import SamplingParams
 
 SEQS = 4  # max_num_seqs
@@ -205,3 +205,28 @@ def test_a_bad_tenant_weight_is_refused(tiny_checkpoint, weight):
         engine.make_request([5, 6, 7], params, tenant="a", tenant_weight=weight)
     with pytest.raises(ValueError, match="tenant must be"):
         engine.make_request([5, 6, 7], params, tenant=3)
+
+
+def test_adapters_are_prefetched_in_the_fair_order(tiny_checkpoint):
+    """With a heavy tenant's ten requests queued before a light tenant's one, the prefetch order
+    (the first four the scheduler would admit) interleaves them: the light request comes second,
+    where first come, first served would not reach it at all. The queue and counters are untouched."""
+    engine = _engine(tiny_checkpoint)
+    heavy = _submit(engine, "heavy", 10)
+    light = _submit(engine, "light", 1, seed=1)
+    counters = dict(engine.scheduler.fairness.counters)
+    order = admission_order(engine.scheduler.waiting, engine.scheduler.fairness, 4)
+    assert order[:2] == [heavy[0], light[0]] and order[2:] == heavy[1:3]
+    assert list(engine.scheduler.waiting) == heavy + light
+    assert engine.scheduler.fairness.counters == counters
+    weighted = _submit(engine, "weighted", 2, weight=1e-3, seed=2)  # a tiny weight pays 1000x per token
+    order = admission_order(engine.scheduler.waiting, engine.scheduler.fairness, 6)
+    assert weighted[0] in order[:3] and weighted[1] not in order
+
+
+def test_the_cost_weights_come_from_the_engine_config(tiny_checkpoint):
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20,
+                                                     fairness_input_token_weight=0.5, fairness_output_token_weight=3.0))
+    assert (engine.scheduler.fairness.input_weight, engine.scheduler.fairness.output_weight) == (0.5, 3.0)
+    with pytest.raises(ValueError, match="fairness_output_token_weight"):
+        EngineConfig(fairness_output_token_weight=-1.0)
