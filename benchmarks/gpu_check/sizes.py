@@ -54,6 +54,12 @@ class Sizes:
     tp_input: tuple[int, int]
     tp_output: tuple[int, int]
     tp_max_num_seqs: int
+    # prefix cache: users, turns, shared system prefix tokens, new tokens per turn (range), outputs
+    pc_users: int = 4
+    pc_turns: int = 6
+    pc_prefix: int = 1024
+    pc_turn_tokens: tuple[int, int] = (16, 64)
+    pc_new_tokens: int = 16
 
 
 LLAMA_SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -86,7 +92,7 @@ QUICK = Sizes(
     copy_bytes=2 << 30, bw_rows=256, bw_rank=64, bw_features=4096,
     bw_attn_seqs=64, bw_attn_ctx=1024, bw_attn_heads=32, bw_attn_kv_heads=32, bw_iters=10,
     tp_model=LLAMA_MID, tp_adapters=(1, 100, 1000), tp_requests=400, tp_input=(8, 24), tp_output=(4, 12),
-    tp_max_num_seqs=128,
+    tp_max_num_seqs=128, pc_users=3, pc_turns=4, pc_prefix=512,
 )
 
 # For the test suite only: every section at toy sizes on the CPU (kernels under TRITON_INTERPRET=1).
@@ -101,6 +107,7 @@ SMOKE = Sizes(
     bw_attn_seqs=2, bw_attn_ctx=8, bw_attn_heads=2, bw_attn_kv_heads=2, bw_iters=1,
     tp_model=LLAMA_TINY, tp_adapters=(1, 2, 3), tp_requests=4, tp_input=(3, 6), tp_output=(2, 2),
     tp_max_num_seqs=8,
+    pc_users=2, pc_turns=3, pc_prefix=12, pc_turn_tokens=(2, 5), pc_new_tokens=2,
 )
 
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}
