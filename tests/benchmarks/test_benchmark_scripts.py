@@ -84,3 +84,63 @@ def test_compare_revisions_smoke(tmp_path, tiny_checkpoint):
     assert len(row["base_rounds"]) == 2 and len(row["head_rounds"]) == 2
     assert all(x > 0 for x in row["base_rounds"] + row["head_rounds"])
     assert row["head_over_base"] == row["head"] / row["base"]
+
+
+def test_tenant_fairness_smoke(tmp_path, tiny_checkpoint):
+    """The three phases through a real server at toy sizes: every light chat answered in A and B,
+    the same trace replayed, tokens served to both tenants in C (weights applied, or the missing
+    endpoint named)."""
+    from benchmarks import tenant_fairness
+
+    out = tmp_path / "fairness.json"
+    assert tenant_fairness.main([
+        "--model", str(tiny_checkpoint), "--max-tokens", "3", "--heavy-users", "2",
+        "--capacity-warmup-s", "0.5", "--capacity-seconds", "1", "--capacity-concurrency", "4",
+        "--light-requests", "4", "--light-rate", "4", "--flood-factor", "2", "--heavy-max-outstanding", "8",
+        "--flood-warmup-s", "1", "--phase-c-concurrency", "4", "--phase-c-warmup-s", "0.5", "--phase-c-seconds", "1",
+        "--out", str(out),
+    ]) == 0
+    report = json.loads(out.read_text())
+    assert report["capacity"]["requests_per_s"] > 0 and report["light_rate"] == 4
+    assert report["server_settings"]["TAILOR_RATE_LIMIT_PER_MINUTE"] == "0"
+    for phase in ("phase_a", "phase_b"):
+        p = report[phase]
+        assert p["requests"] == p["ok"] == 4 and not p["failed"]
+        assert 0 < p["ttft_p50_s"] <= p["ttft_p95_s"] <= p["ttft_max_s"]
+        assert all(0 <= s <= t for s, t in zip(p["start_s"], p["ttft_s"]))
+    assert report["ttft_p95_ratio_b_over_a"] == report["phase_b"]["ttft_p95_s"] / report["phase_a"]["ttft_p95_s"]
+    assert report["phase_b"]["heavy_sent"] >= 1
+    c = report["phase_c"]
+    assert all(s["completion_tokens"] > 0 and s["prompt_tokens"] > 0 for s in c["served"].values())
+    if c["note"] is None:
+        assert c["weights_applied"] == {"heavy": 2.0, "light": 1.0}
+    else:
+        assert "PATCH /v1/tenants/{id}" in c["note"] and c["weights_applied"] == {"heavy": 1.0, "light": 1.0}
+    assert c["weighted_service_ratio"] == c["served"]["heavy"]["weighted_service"] / c["served"]["light"]["weighted_service"]
+
+
+def test_multi_turn_chat_smoke(tmp_path, tiny_checkpoint):
+    """Two engines, the prefix cache on and off, the same turns: the cache-off engine computes
+    every prompt token, the cache-on engine reuses pages from the second turn on, and the counts
+    add up."""
+    from benchmarks import multi_turn_chat
+
+    out = tmp_path / "multi_turn.json"
+    assert multi_turn_chat.main(["--model", str(tiny_checkpoint), "--users", "2", "--turns", "3", "--system-tokens", "60",
+                                 "--max-tokens", "2", "--history-token-budget", "400", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = report["requests"]
+    assert [(r["turn"], r["user"]) for r in rows] == [(t, u) for t in range(3) for u in range(2)]
+    assert [r["first"] for r in rows] == ["on", "off"] * 3  # which engine goes first alternates
+    for r in rows:
+        assert r["on"]["prompt_tokens"] == r["off"]["prompt_tokens"]  # the same prompts on both sides
+        assert r["off"]["computed_tokens"] == r["off"]["prompt_tokens"] and r["off"]["cache_hit_tokens"] == 0
+        assert r["on"]["computed_tokens"] + r["on"]["cache_hit_tokens"] == r["on"]["prompt_tokens"]
+        assert r["on"]["cache_queried_tokens"] == r["on"]["prompt_tokens"]
+        assert r["identical"] == (r["on"]["text"] == r["off"]["text"])
+    assert all(r["on"]["cache_hit_tokens"] > 0 for r in rows if r["turn"] >= 1)
+    assert all(r["on"]["messages_used"] == 2 * r["turn"] + 1 for r in rows)  # the history comes back each turn
+    summary = report["summary"]
+    assert summary["identical_answers"] == sum(r["identical"] for r in rows)
+    assert summary["computed_fraction_later_turns"]["off"] == 1.0 > summary["computed_fraction_later_turns"]["on"]
+    assert report["system_prompt_tokens"] >= 60 and len(report["per_turn"]) == 3
