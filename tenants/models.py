@@ -21,6 +21,7 @@ from sqlalchemy import (
     BigInteger,
     CheckConstraint,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -28,6 +29,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 from sqlalchemy.types import TypeDecorator
@@ -125,12 +127,28 @@ def _tenant_fk() -> Mapped[str]:
 
 
 class Tenant(Base):
+    """A company using Tailor.
+
+    ``fair_share_weight`` (> 0, default 1; set by the operator only) is the tenant's weight in the
+    engine's fair scheduler: its requests are charged tokens divided by it, so a tenant of weight 2
+    is served about twice the tokens of a tenant of weight 1 while both are backlogged
+    (docs/design.md "Scheduling"). ``ttft_slo_s`` (> 0 or NULL) is the default first-token deadline
+    of the tenant's chats in seconds; a request may bring its own, and without either the service's
+    ``TAILOR_TTFT_SLO_S`` applies.
+    """
+
     __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("fair_share_weight > 0", name="fair_share_weight_positive"),
+        CheckConstraint("ttft_slo_s IS NULL OR ttft_slo_s > 0", name="ttft_slo_positive"),
+    )
 
     id: Mapped[str] = _id_column()
     name: Mapped[str] = mapped_column(String(200), nullable=False, unique=True)
     system_prompt: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[datetime] = _created_at()
+    fair_share_weight: Mapped[float] = mapped_column(Float, nullable=False, default=1.0, server_default=text("1"))
+    ttft_slo_s: Mapped[float | None] = mapped_column(Float, nullable=True)
 
     def __repr__(self) -> str:
         return f"Tenant(id={self.id!r}, name={self.name!r})"

@@ -152,16 +152,16 @@ def test_idempotency_key_migration_keeps_data_and_constraints(empty_database_url
     factory = make_session_factory(engine)
     try:
         with session_scope(factory) as s:
-            tenant = Tenant(name="idem-migration")
-            s.add(tenant)
-            s.flush()
-            user = User(tenant_id=tenant.id, external_id="u")
+            # the tenants table of 0001 (the model has later columns): plain SQL
+            s.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t-idem', 'idem-migration', "
+                           "CURRENT_TIMESTAMP)"))
+            user = User(tenant_id="t-idem", external_id="u")
             s.add(user)
             s.flush()
             s.execute(text("INSERT INTO adapters (id, tenant_id, name, version, status, target_modules, created_at) "
-                           "VALUES ('a1', :t, 'old', 1, 'ready', '[]', CURRENT_TIMESTAMP)"), {"t": tenant.id})
+                           "VALUES ('a1', :t, 'old', 1, 'ready', '[]', CURRENT_TIMESTAMP)"), {"t": "t-idem"})
             s.execute(text("UPDATE users SET current_adapter_id = 'a1' WHERE id = :u"), {"u": user.id})
-            tenant_id, user_id = tenant.id, user.id
+            tenant_id, user_id = "t-idem", user.id
     finally:
         engine.dispose()
 
@@ -192,5 +192,65 @@ def test_idempotency_key_migration_keeps_data_and_constraints(empty_database_url
         with engine.connect() as conn:
             count = conn.execute(text("SELECT count(*) FROM adapters WHERE tenant_id = :t"), {"t": tenant_id}).scalar()
         assert count == 3
+    finally:
+        engine.dispose()
+
+
+def test_tenant_share_and_slo_migration_keeps_data_and_constraints(empty_database_url):
+    """0002 -> 0003 on a database with rows: existing tenants get weight 1 and no SLO, the rows
+    that point at them survive (SQLite rebuilds the tenants table) and still cascade, a weight or
+    SLO that is not > 0 is refused by the CHECK constraints; and 0003 -> 0002 drops both columns
+    without losing a row."""
+    url = empty_database_url
+    migrate.upgrade(url, "0002_idempotency_key")
+    engine = make_engine(url)
+    try:
+        with engine.begin() as conn:  # the 0002 schema: no ORM (the models have the new columns)
+            conn.execute(text("INSERT INTO tenants (id, name, created_at) VALUES ('t1', 'old', CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO users (id, tenant_id, external_id, created_at) "
+                              "VALUES ('u1', 't1', 'x', CURRENT_TIMESTAMP)"))
+    finally:
+        engine.dispose()
+
+    migrate.upgrade(url)
+    assert {"fair_share_weight", "ttft_slo_s"} <= _columns(url, "tenants") and _schema_diff(url) == []
+    engine = make_engine(url)
+    factory = make_session_factory(engine)
+    try:
+        with session_scope(factory) as s:
+            old = s.get(Tenant, "t1")
+            assert (old.name, old.fair_share_weight, old.ttft_slo_s) == ("old", 1.0, None)
+            assert s.get(User, "u1").tenant_id == "t1"
+            fresh = Tenant(name="fresh")
+            s.add(fresh)
+            s.flush()
+            assert (fresh.fair_share_weight, fresh.ttft_slo_s) == (1.0, None)
+            old.fair_share_weight, old.ttft_slo_s = 2.5, 0.75
+        with session_scope(factory) as s:
+            assert (s.get(Tenant, "t1").fair_share_weight, s.get(Tenant, "t1").ttft_slo_s) == (2.5, 0.75)
+        for column, value in (("fair_share_weight", 0.0), ("fair_share_weight", -1.0), ("ttft_slo_s", 0.0),
+                              ("ttft_slo_s", -0.5)):
+            with pytest.raises(IntegrityError), session_scope(factory) as s:
+                s.execute(text(f"UPDATE tenants SET {column} = :v WHERE id = 't1'"), {"v": value})
+        with pytest.raises(IntegrityError), session_scope(factory) as s:
+            s.execute(text("UPDATE tenants SET fair_share_weight = NULL WHERE id = 't1'"))
+        with session_scope(factory) as s:  # ON DELETE CASCADE into users survived the rebuild
+            s.execute(text("DELETE FROM tenants WHERE id = :id"), {"id": fresh.id})
+            s.add(User(tenant_id="t1", external_id="y"))
+    finally:
+        engine.dispose()
+
+    migrate.downgrade(url, "0002_idempotency_key")
+    assert not {"fair_share_weight", "ttft_slo_s"} & _columns(url, "tenants")
+    engine = make_engine(url)
+    try:
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT name FROM tenants")).scalars().all() == ["old"]
+            assert conn.execute(text("SELECT count(*) FROM users WHERE tenant_id = 't1'")).scalar() == 2
+            conn.execute(text("DELETE FROM tenants WHERE id = 't1'"))
+            if engine.dialect.name == "sqlite":
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+            assert conn.execute(text("SELECT count(*) FROM users")).scalar() == 0  # still cascades
+            conn.rollback()
     finally:
         engine.dispose()
