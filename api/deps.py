@@ -45,9 +45,15 @@ SessionDep = Annotated[Session, Depends(get_session)]
 
 @dataclass(frozen=True)
 class Caller:
+    """Who called: the key's tenant and scope, and that tenant's scheduling settings as stored
+    when the key was looked up (read with the key in one query): its fair-share weight and its
+    default first-token SLO (None: none)."""
+
     tenant_id: str
     scope: str
     key_id: str
+    tenant_weight: float = 1.0
+    tenant_ttft_slo_s: float | None = None
 
 
 bearer_scheme = HTTPBearer(auto_error=False, description="an API key (tk_...) or, for POST /v1/tenants, the operator token")
@@ -71,7 +77,7 @@ def get_caller(request: Request, credentials: BearerDep, state: StateDep) -> Cal
         key = repo.find_api_key(session, token, pepper=state.settings.api_key_pepper.get_secret_value())
     if key is None:
         raise HTTPException(401, "invalid or revoked API key", headers=AUTH_HEADERS)
-    caller = Caller(key.tenant_id, key.scope, key.id)
+    caller = Caller(key.tenant_id, key.scope, key.id, key.tenant.fair_share_weight, key.tenant.ttft_slo_s)
     request.state.tenant_id = key.tenant_id
     wait_s = state.rate_limiter.acquire(key.tenant_id)
     if wait_s is not None:

@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tenants.settings import MAX_TTFT_SLO_S
+
 Scope = Literal["admin", "chat"]
 # tenants.models.AdapterStatus's values, spelled out so the OpenAPI schema stays an inline enum
 # (tests/api/test_platform_api.py keeps the two equal)
@@ -22,19 +24,54 @@ class StrictBody(BaseModel):
 
 
 # --- tenants and keys -----------------------------------------------------------------------------
+MAX_FAIR_SHARE_WEIGHT = 1000.0
+TTFT_SLO_DESCRIPTION = ("first-token deadline in seconds: a request still queued when its first token can no longer "
+                        "arrive in time is refused with 503 and Retry-After instead of being served late")
+
+
+def _weight(default=...):
+    """A fair-share weight: finite, > 0, at most ``MAX_FAIR_SHARE_WEIGHT``."""
+    return Field(default, gt=0, le=MAX_FAIR_SHARE_WEIGHT,
+                 description="the tenant's weight in the engine's fair scheduler (1: an equal share; 2: twice the "
+                             "tokens of a weight-1 tenant while both are backlogged)")
+
+
+def _slo(description: str = TTFT_SLO_DESCRIPTION):
+    """An optional first-token SLO: finite seconds, > 0, at most ``MAX_TTFT_SLO_S``."""
+    return Field(None, gt=0, le=MAX_TTFT_SLO_S, description=description)
+
+
 class TenantCreate(StrictBody):
+    """A new tenant (operator only), optionally with its fair-share weight and default SLO."""
+
     name: str = Field(min_length=1, max_length=200, pattern=r"^\S(.*\S)?$")
     system_prompt: str | None = Field(None, max_length=8000)
+    fair_share_weight: float = _weight(1.0)
+    ttft_slo_s: float | None = _slo(f"the default {TTFT_SLO_DESCRIPTION} (null: TAILOR_TTFT_SLO_S applies)")
 
 
 class TenantUpdate(StrictBody):
+    """What a tenant's admin may change. The fair-share weight is not among it (the operator sets
+    it): sending it is refused like every unknown field. An SLO only makes the tenant's own
+    requests stricter."""
+
     system_prompt: str | None = Field(None, max_length=8000)
+    ttft_slo_s: float | None = _slo(f"the default {TTFT_SLO_DESCRIPTION} (null: TAILOR_TTFT_SLO_S applies)")
+
+
+class TenantOperatorUpdate(StrictBody):
+    """What the operator may change on any tenant; omitted fields stay as they are."""
+
+    fair_share_weight: float = _weight(None)  # omitted: unchanged; null is refused (a weight is always set)
+    ttft_slo_s: float | None = _slo(f"the default {TTFT_SLO_DESCRIPTION} (null: TAILOR_TTFT_SLO_S applies)")
 
 
 class TenantPublic(BaseModel):
     id: str
     name: str
     system_prompt: str | None
+    fair_share_weight: float
+    ttft_slo_s: float | None
     created_at: datetime
 
 
@@ -104,6 +141,8 @@ class ChatRequest(StrictBody):
     temperature: float = Field(0.7, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
     seed: int | None = Field(None, ge=0, lt=2**63)
+    ttft_slo_s: float | None = _slo(f"this request's {TTFT_SLO_DESCRIPTION} (default: the tenant's, else "
+                                    "TAILOR_TTFT_SLO_S)")
 
 
 class Usage(BaseModel):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from sqlalchemy import func, select, text, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from tenants.models import Adapter, AdapterStatus, ApiKey, Conversation, Message, Tenant, User, new_id, utcnow
 
@@ -62,8 +62,10 @@ def split_api_key(presented: str) -> tuple[str, str] | None:
 # --- tenants and keys ---------------------------------------------------------------------------
 
 
-def create_tenant(session: Session, name: str, system_prompt: str | None = None) -> Tenant:
-    tenant = Tenant(name=name, system_prompt=system_prompt)
+def create_tenant(session: Session, name: str, system_prompt: str | None = None, *, fair_share_weight: float = 1.0,
+                  ttft_slo_s: float | None = None) -> Tenant:
+    """A new tenant; ``IntegrityError`` on flush when the name is taken."""
+    tenant = Tenant(name=name, system_prompt=system_prompt, fair_share_weight=fair_share_weight, ttft_slo_s=ttft_slo_s)
     session.add(tenant)
     session.flush()
     return tenant
@@ -75,10 +77,25 @@ def get_tenant(session: Session, tenant_id: str) -> Tenant | None:
 
 def set_system_prompt(session: Session, tenant_id: str, system_prompt: str | None) -> Tenant:
     """Set (None: remove) the prompt that opens every chat of the tenant's users."""
+    return update_tenant(session, tenant_id, system_prompt=system_prompt)
+
+
+TENANT_SETTINGS = frozenset({"system_prompt", "fair_share_weight", "ttft_slo_s"})
+
+
+def update_tenant(session: Session, tenant_id: str, **changes) -> Tenant:
+    """Set some of a tenant's settings (``TENANT_SETTINGS``: ``system_prompt``, ``fair_share_weight``,
+    ``ttft_slo_s``); the values are checked by the caller and by the table's CHECK constraints.
+    Which caller may change which setting is the route's business: the fair-share weight is the
+    operator's alone."""
+    unknown = set(changes) - TENANT_SETTINGS
+    if unknown:
+        raise ValueError(f"not tenant settings: {sorted(unknown)}")
     tenant = get_tenant(session, tenant_id)
     if tenant is None:
         raise NotFound(f"no tenant {tenant_id!r}")
-    tenant.system_prompt = system_prompt
+    for name, value in changes.items():
+        setattr(tenant, name, value)
     session.flush()
     return tenant
 
@@ -106,11 +123,12 @@ def create_api_key(
 
 
 def find_api_key(session: Session, presented: str, *, pepper: str | bytes | None = None) -> ApiKey | None:
-    """The live (not revoked) key matching a presented key, else None."""
+    """The live (not revoked) key matching a presented key, else None. Its ``tenant`` comes in the
+    same query (a join), so the caller's fair-share weight and default SLO cost no round trip."""
     parts = split_api_key(presented)
     if parts is None:
         return None
-    key = session.scalar(select(ApiKey).where(ApiKey.prefix == parts[0]))
+    key = session.scalar(select(ApiKey).options(joinedload(ApiKey.tenant)).where(ApiKey.prefix == parts[0]))
     if key is None or not constant_time_equals(key.key_hash, hash_api_key(presented, pepper)):
         return None
     return None if key.revoked_at is not None else key

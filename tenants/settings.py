@@ -25,6 +25,7 @@ PLACEHOLDERS = {"", "change-me", "changeme", "secret", "password", "minioadmin",
 # Every secret in .env.example contains this marker: those values are published, so never secret.
 EXAMPLE_MARKER = "example-only"
 MIN_SECRET_LENGTH = 16
+MAX_TTFT_SLO_S = 3600.0  # the largest first-token SLO accepted anywhere (setting, tenant, request)
 
 Service = Literal["api", "inference", "worker", "embedded"]
 
@@ -127,6 +128,9 @@ class Settings(BaseSettings):
     max_tokens_limit: int = Field(2048, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
     max_concurrent_per_tenant: int = Field(64, ge=0)  # generations in flight per tenant and api process; 0 disables
+    # the default first-token deadline of a chat in seconds (None: none), when neither the request
+    # nor its tenant sets one; a queued request that can no longer meet it is refused (503)
+    ttft_slo_s: float | None = Field(None, gt=0, le=MAX_TTFT_SLO_S, allow_inf_nan=False)
 
     # --- clean-up -----------------------------------------------------------------------------------
     cleanup_interval_s: float = Field(300.0, ge=0)  # 0 disables the periodic clean-up

@@ -1,7 +1,7 @@
 """Fuzzing every operation of /openapi.json, and the inputs JSON cannot echo back.
 
 * ``test_operations_conform_to_the_schema``: schemathesis strategies (driven by hypothesis) with
-  valid and invalid inputs, an admin key and a chat key (the operator token for tenant creation);
+  valid and invalid inputs, an admin key and a chat key (the operator token for the operator's tenant routes);
   user ids in paths point at a real user half of the time, so chat bodies reach the engine. Every
   response is validated against the schema: no 5xx, a documented status code, a documented content
   type and headers, a body that matches the documented schema, and (negative mode) invalid data
@@ -43,9 +43,9 @@ CONFORMANCE_CHECKS = [not_a_server_error, status_code_conformance, content_type_
 
 @pytest.fixture(scope="module")
 def fuzz_tenant(client):
-    _tenant, admin = create_tenant(client, OPERATOR_TOKEN, "fuzz-tenant")
+    tenant, admin = create_tenant(client, OPERATOR_TOKEN, "fuzz-tenant")
     user = create_user(client, admin, "fuzz-user")
-    return {"admin": admin, "chat": create_key(client, admin, "chat"), "user_id": user["id"]}
+    return {"admin": admin, "chat": create_key(client, admin, "chat"), "user_id": user["id"], "tenant_id": tenant["id"]}
 
 
 def _schema(app):
@@ -57,7 +57,7 @@ def _operations(app):
 
 
 def _key_for(path: str, fuzz_tenant: dict, scope: str) -> str:
-    return OPERATOR_TOKEN if path == "/v1/tenants" else fuzz_tenant[scope]
+    return OPERATOR_TOKEN if path.startswith("/v1/tenants") else fuzz_tenant[scope]
 
 
 @pytest.mark.parametrize("scope,mode,examples", [
@@ -130,13 +130,15 @@ PLACEHOLDER = "@@hostile@@"
 # A valid body for every operation that takes JSON; every leaf of it (and every top-level property
 # of the operation's schema) gets each hostile value in turn. {user_id} is the fuzz tenant's user.
 VALID_BODIES = {
-    ("POST", "/v1/tenants"): {"name": "hostile-tenant", "system_prompt": "Be brief."},
-    ("PATCH", "/v1/tenant"): {"system_prompt": "Be brief."},
+    ("POST", "/v1/tenants"): {"name": "hostile-tenant", "system_prompt": "Be brief.", "fair_share_weight": 1.0,
+                              "ttft_slo_s": 30.0},
+    ("PATCH", "/v1/tenants/{tenant_id}"): {"fair_share_weight": 1.0, "ttft_slo_s": 30.0},
+    ("PATCH", "/v1/tenant"): {"system_prompt": "Be brief.", "ttft_slo_s": 30.0},
     ("POST", "/v1/api-keys"): {"scope": "chat"},
     ("POST", "/v1/users"): {"external_id": "hostile-user"},
     ("PUT", "/v1/users/{user_id}/adapter"): {"adapter_id": None},
     ("POST", "/v1/users/{user_id}/chat"): {"message": "hi", "stream": False, "max_tokens": 2, "temperature": 0.5,
-                                          "top_p": 1.0, "seed": 1},
+                                          "top_p": 1.0, "seed": 1, "ttft_slo_s": 30.0},
     ("POST", "/v1/chat/completions"): {
         "model": "base",
         "messages": [{"role": "system", "content": "Be brief.", "name": "sys"},
@@ -211,7 +213,8 @@ def hostile_body(body: dict, path: tuple, token: bytes) -> bytes:
 
 def _send(client, method: str, path: str, raw: bytes, fuzz_tenant: dict):
     headers = {**bearer(_key_for(path, fuzz_tenant, "admin")), "Content-Type": "application/json"}
-    return client.request(method, path.replace("{user_id}", fuzz_tenant["user_id"]), content=raw, headers=headers)
+    path = path.replace("{user_id}", fuzz_tenant["user_id"]).replace("{tenant_id}", fuzz_tenant["tenant_id"])
+    return client.request(method, path, content=raw, headers=headers)
 
 
 def names(loc: tuple, path: tuple) -> bool:

@@ -236,6 +236,21 @@ def _patch_tenant(w: World):
     assert r.status_code == 200 and r.json()["system_prompt"] is None
 
 
+@probe("PATCH", "/v1/tenants/{tenant_id}")
+def _patch_tenant_as_operator(w: World):
+    """The operator's route: no tenant key may use it, not even on its own tenant (a tenant must
+    never raise its own fair share)."""
+    before = {t.tenant["id"]: w.client.get("/v1/tenant", headers=bearer(t.admin)).json() for t in (w.a, w.b)}
+    for key in w.b.keys:
+        for target in (w.a, w.b):
+            r = w.client.patch(f"/v1/tenants/{target.tenant['id']}", json={"fair_share_weight": 50.0},
+                               headers=bearer(key))
+            assert r.status_code == 401, r.text
+    for t in (w.a, w.b):
+        assert w.client.get("/v1/tenant", headers=bearer(t.admin)).json() == before[t.tenant["id"]]
+    a_is_intact(w)
+
+
 @probe("POST", "/v1/api-keys")
 def _create_key(w: World):
     r = w.client.post("/v1/api-keys", json={"scope": "chat"}, headers=bearer(w.b.admin))

@@ -125,3 +125,13 @@ def test_the_inference_service_in_production_refuses_the_development_secret():
     with pytest.raises(ValueError, match="TAILOR_INFERENCE_SECRET"):
         settings.check_for("inference")
     settings.model_copy(update={"inference_secret": SecretStr(REAL + "-inference")}).check_for("inference")
+
+
+def test_the_ttft_slo_setting_is_off_by_default_and_validated(monkeypatch):
+    assert Settings().ttft_slo_s is None
+    monkeypatch.setenv("TAILOR_TTFT_SLO_S", "2.5")
+    assert Settings().ttft_slo_s == 2.5
+    for bad in ("0", "-1", "nan", "inf", "3601", "soon"):
+        monkeypatch.setenv("TAILOR_TTFT_SLO_S", bad)
+        with pytest.raises(ValidationError, match="ttft_slo_s"):
+            Settings()
