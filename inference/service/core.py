@@ -183,7 +183,8 @@ class InferenceCore:
         limit = min(room, req.history_token_budget or room)
         ref = await self.ensure_adapter(req.adapter) if req.adapter is not None else None
         messages = [m.model_dump() for m in req.messages]
-        rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit)
+        rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit,
+                                           req.history_trim_step_tokens)
         request_id = req.request_id or uuid.uuid4().hex
         try:
             request = self.engine.request_from_ids(

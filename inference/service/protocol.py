@@ -52,7 +52,11 @@ class GenerateRequest(BaseModel):
 
     The service renders ``system_prompt`` + ``messages`` with the model's chat template, dropping
     the oldest messages until the prompt fits ``history_token_budget`` tokens (and the context
-    window with ``max_tokens`` room); the last message is never dropped.
+    window with ``max_tokens`` room); the last message is never dropped. With
+    ``history_trim_step_tokens`` (S) the oldest kept message may only be at stable anchors about S
+    tokens apart, so the window jumps by about S tokens at a time and most turns' prompts extend the
+    previous turn's exactly, for the prefix cache (``inference.service.chat_prompt``); ``None``
+    drops exactly as many as needed.
 
     ``tenant`` and ``tenant_weight`` set the request's fair share in the engine's scheduler: it
     orders admission by each tenant's virtual token counter, charged in weighted tokens divided by
@@ -65,6 +69,7 @@ class GenerateRequest(BaseModel):
     messages: list[ChatTurn] = Field(min_length=1)
     system_prompt: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     history_token_budget: int | None = Field(None, ge=1)
+    history_trim_step_tokens: int | None = Field(None, ge=1, strict=True)
     adapter: AdapterSpec | None = None
     max_tokens: int = Field(256, ge=1)
     temperature: float = Field(1.0, ge=0)
