@@ -28,7 +28,10 @@ StateDep = Annotated[AppState, Depends(get_state)]
 def get_session(state: StateDep) -> Iterator[Session]:
     """A session per request: committed when the handler returns normally, else rolled back.
     For short routes only: generation routes open their own short sessions around the
-    generation, never across it."""
+    generation, never across it. ``SessionDep`` scopes it to the route function, so the commit
+    happens before the answer is sent (FastAPI's default for ``yield`` dependencies ends them
+    after the response: a client acting on a 2xx at once could miss the write, and a failing
+    commit would follow a 2xx)."""
     session = state.platform.session_factory()
     try:
         yield session
@@ -40,7 +43,7 @@ def get_session(state: StateDep) -> Iterator[Session]:
         session.close()
 
 
-SessionDep = Annotated[Session, Depends(get_session)]
+SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
 @dataclass(frozen=True)
