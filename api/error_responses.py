@@ -33,7 +33,8 @@ DESCRIPTIONS = {
     413: "the request body is larger than the limit",
     422: "invalid input: every problem, each naming its field when it has one",
     429: "rate limit, the tenant's concurrent generations or the engine queue is full (see Retry-After)",
-    503: "a backing service (database, object store or inference) is unavailable (see Retry-After)",
+    503: "a backing service (database, object store or inference) is unavailable, or the request's first-token "
+         "deadline (ttft_slo_s) cannot be met (see Retry-After)",
 }
 
 

@@ -12,11 +12,22 @@ import json
 from fastapi import HTTPException, Request
 
 from api.admission import RETRY_AFTER_S
+from api.deps import Caller
 from api.metrics import ApiMetrics
 from api.state import AppState
 from inference.service.backend import GenerationEvents
 from inference.service.events import GenerationEnded, GenerationEvent, GenerationFailed, GenerationStarted
 from inference.service.protocol import GenerateRequest, InferenceError
+from tenants.settings import Settings
+
+
+def scheduling(caller: Caller, settings: Settings, ttft_slo_s: float | None = None) -> dict:
+    """The ``GenerateRequest`` fields that schedule a caller's generation: its tenant, the tenant's
+    fair-share weight, and the first-token SLO in effect: ``ttft_slo_s`` of the request when
+    given, else the tenant's default, else ``TAILOR_TTFT_SLO_S`` (None: no deadline)."""
+    if ttft_slo_s is None:
+        ttft_slo_s = caller.tenant_ttft_slo_s if caller.tenant_ttft_slo_s is not None else settings.ttft_slo_s
+    return {"tenant": caller.tenant_id, "tenant_weight": caller.tenant_weight, "ttft_slo_s": ttft_slo_s}
 
 
 def inference_http_error(exc: InferenceError) -> HTTPException:
@@ -30,7 +41,9 @@ async def open_generation(state: AppState, http_request: Request, request: Gener
                           tenant_id: str) -> TenantEvents:
     """Submit ``request``; refusals become HTTPExceptions before any byte of the answer is sent:
     429 when the tenant already has its share of generations in flight (``TenantConcurrencyLimit``)
-    or the engine queue is full, 422 or 503 from the engine. The tenant's slot is held until the
+    or the engine queue is full, 422 or 503 from the engine, and 503 with ``Retry-After`` when a
+    request with a first-token deadline was dropped from the engine's queue (for such a request
+    the backend returns only once its first token is there). The tenant's slot is held until the
     returned events are closed; its prompt and completion tokens are counted at the end."""
     slots = state.generation_slots
     if not slots.try_acquire(tenant_id):
@@ -42,6 +55,8 @@ async def open_generation(state: AppState, http_request: Request, request: Gener
     except BaseException as exc:
         slots.release(tenant_id)
         if isinstance(exc, InferenceError):
+            if exc.is_deadline:
+                http_request.state.reject_reason = "deadline"
             raise inference_http_error(exc) from None
         raise
     return TenantEvents(events, http_request.app.state.metrics, tenant_id, lambda: slots.release(tenant_id))

@@ -117,7 +117,7 @@ class ApiMetrics:
                                      ["tenant", "direction"], registry=self.registry)
         self.rejected = Counter("tailor_rejected_requests", "Requests refused, by reason.", ["service", "reason"],
                                 registry=self.registry)
-        for reason in sorted(set(REJECTION_BY_STATUS.values()) | {"rate_limit", "tenant_concurrency"}):
+        for reason in sorted(set(REJECTION_BY_STATUS.values()) | {"rate_limit", "tenant_concurrency", "deadline"}):
             self.rejected.labels(SERVICE, reason)
         self.tenant_names = TenantNames()
         self.registry.register(self.tenant_names)

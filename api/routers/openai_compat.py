@@ -17,7 +17,7 @@ from starlette.background import BackgroundTask
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from api.deps import ChatDep, SessionDep, StateDep
 from api.error_responses import errors
-from api.generation import TenantEvents, collect, open_generation
+from api.generation import TenantEvents, collect, open_generation, scheduling
 from api.state import AppState
 from inference.service.events import GenerationEnded, GenerationFailed, TextDelta
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
@@ -104,7 +104,7 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         stop=stop,
-        tenant=caller.tenant_id,
+        **scheduling(caller, state.settings),  # the tenant's default SLO, else TAILOR_TTFT_SLO_S
     )
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())

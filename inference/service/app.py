@@ -4,7 +4,9 @@ Routes (every ``/internal/*`` route needs the shared secret in ``X-Tailor-Infere
 
 * ``POST /internal/generate`` (``GenerateRequest``) -> ``application/x-ndjson``: one event per line
   (see ``inference.service.protocol``). Refusals come back before streaming as JSON
-  ``{"detail": [problem, ...]}`` with status 422, 429 or 503 (and ``Retry-After``).
+  ``{"detail": [problem, ...]}`` with status 422, 429 or 503 (and ``Retry-After``); a request with
+  a first-token deadline is answered once its first token is there, or refused with 503,
+  ``Retry-After`` and ``"reason": "deadline"`` when the engine dropped it from the queue.
 * ``POST /internal/adapters/prefetch`` (``PrefetchRequest``) -> ``{"adapter_id", "tier"}``.
 * ``DELETE /internal/adapters/{adapter_id}?timeout_s=`` -> ``{"dropped": bool}``; 409 when its
   in-flight requests did not finish in time.
@@ -113,9 +115,11 @@ class EventStreamResponse(StreamingResponse):
 
 # --------------------------------------------------------------------------- the app
 def _error_response(exc: InferenceError) -> JSONResponse:
-    """``{"detail": [problems]}`` with the error's status and, when set, ``Retry-After``."""
+    """``{"detail": [problems]}`` (and ``"reason"`` when the error has one, e.g. ``"deadline"``)
+    with the error's status and, when set, ``Retry-After``."""
     headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-    return JSONResponse({"detail": exc.problems}, status_code=exc.status, headers=headers)
+    body = {"detail": exc.problems, **({"reason": exc.reason} if exc.reason is not None else {})}
+    return JSONResponse(body, status_code=exc.status, headers=headers)
 
 
 def create_inference_app(core: InferenceCore, secret: str) -> FastAPI:

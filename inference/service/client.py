@@ -1,7 +1,8 @@
 """``RemoteInference``: the api's client of the inference service, with ``InferenceCore``'s interface.
 
 Refusals arrive as ``InferenceError`` before the first event, as in-process: 422 and 429 keep the
-service's status, problems and ``Retry-After``; an unreachable, timed-out, failing or misconfigured
+service's status, problems and ``Retry-After``, and so does a 503 for a request's first-token
+deadline (``reason`` ``"deadline"``: ``InferenceError.deadline``); an unreachable, timed-out, failing or misconfigured
 service (connection refused, 5xx, a refused shared secret) is a 503 with ``retry_after`` (5 s
 unless the service said otherwise). Once streaming, transport failures become a final ``GenerationFailed``
 event instead of an exception, so consumers handle one shape. NDJSON lines become typed events
@@ -25,7 +26,14 @@ from inference.service.events import (
     is_terminal,
     run_to_end,
 )
-from inference.service.protocol import SECRET_HEADER, AdapterSpec, GenerateRequest, InferenceError, PrefetchRequest
+from inference.service.protocol import (
+    DEADLINE_REASON,
+    SECRET_HEADER,
+    AdapterSpec,
+    GenerateRequest,
+    InferenceError,
+    PrefetchRequest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +72,23 @@ def _retry_after(response: httpx.Response) -> int | None:
         return None
 
 
+def _reason(response: httpx.Response) -> str | None:
+    """The ``reason`` of an error answer's JSON body (``"deadline"``), or None."""
+    try:
+        reason = response.json().get("reason")
+    except (ValueError, AttributeError):
+        return None
+    return reason if isinstance(reason, str) else None
+
+
 def error_from_response(response: httpx.Response) -> InferenceError:
     """The InferenceError a non-success answer of the service stands for (see the module doc)."""
     problems = _problems(response)
     retry_after = _retry_after(response)
     if response.status_code in PASSED_THROUGH:
         return InferenceError(response.status_code, problems, retry_after)
+    if response.status_code == 503 and _reason(response) == DEADLINE_REASON:  # the request's own deadline
+        return InferenceError.deadline(problems, retry_after if retry_after is not None else 1)
     if response.status_code in (401, 403):
         log.error("the inference service refused the shared secret (TAILOR_INFERENCE_SECRET differs)")
     message = f"the inference service answered {response.status_code}: {'; '.join(problems)}"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -168,8 +169,13 @@ class InferenceCore:
         """Validate, render and submit ``req``; return the stream of its events.
 
         Everything that can be refused is refused here, before the first event: InferenceError
-        422 (bad request), 429 (queue full) or 503 (engine stopped, adapter unavailable).
-        Closing the returned stream early aborts the request.
+        422 (bad request), 429 (queue full) or 503 (engine stopped, adapter unavailable). A request
+        with a first-token deadline (``ttft_slo_s``) may also be refused by the engine while it is
+        queued (early abort), so for it ``start`` returns only once the first token is there, or
+        raises ``InferenceError.deadline`` (503 with ``Retry-After``): the refusal still comes
+        before any byte of a 200, and the first token is not delayed (it is what ends the wait).
+        Requests without a deadline return at once. Closing the returned stream early aborts the
+        request.
         """
         if not self.ready():
             raise InferenceError.unavailable("the engine is not running")
@@ -186,10 +192,11 @@ class InferenceCore:
         rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit,
                                            req.history_trim_step_tokens)
         request_id = req.request_id or uuid.uuid4().hex
+        started = time.monotonic()
         try:
             request = self.engine.request_from_ids(
                 rendered.token_ids, params, request_id, ref.adapter_id if ref is not None else None,
-                tenant=req.tenant, tenant_weight=req.tenant_weight,
+                tenant=req.tenant, tenant_weight=req.tenant_weight, ttft_slo_s=req.ttft_slo_s,
             )
             outputs = self.llm.loop.open_stream(request)
         except QueueFullError as exc:
@@ -198,8 +205,27 @@ class InferenceCore:
             raise InferenceError.invalid(str(exc)) from exc
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
-        events = self._events(request_id, rendered, outputs)
+        first = await self._first_output(outputs, started) if req.ttft_slo_s is not None else None
+        events = self._events(request_id, rendered, outputs, started, first)
         return GenerationStream(events, lambda: self._abandon(outputs))
+
+    async def _first_output(self, outputs: OutputStream, started: float) -> RequestOutput:
+        """The request's first output (its first token, or its end); an early abort for its
+        deadline (``FinishReason.DEADLINE``) is counted and raised as ``InferenceError.deadline``
+        with the engine's message and ``Retry-After`` (its estimate, rounded up to whole seconds).
+        Cancelled while waiting (the caller went away): the request is aborted."""
+        try:
+            first = await anext(outputs)
+        except BaseException:
+            self._abandon(outputs)
+            raise
+        if first.finish_reason is FinishReason.DEADLINE:
+            self.metrics.on_finish(first, time.monotonic() - started, None)
+            await outputs.aclose()  # its last output was read: nothing to abort
+            retry_after = math.ceil(first.retry_after_s) if first.retry_after_s is not None else 1
+            raise InferenceError.deadline(first.error or "the first token could not arrive within its deadline",
+                                          retry_after)
+        return first
 
     def _abandon(self, outputs: OutputStream) -> None:
         """The reader closed the stream before the end: count it, and close the engine's stream,
@@ -207,15 +233,16 @@ class InferenceCore:
         self.metrics.finished.labels("abort").inc()
         outputs.close()
 
-    async def _events(self, request_id: str, rendered: RenderedPrompt,
-                      outputs: AsyncIterator[RequestOutput]) -> AsyncIterator[GenerationEvent]:
-        """The engine's outputs as typed events (and the request's metrics on the way)."""
-        started = time.monotonic()
+    async def _events(self, request_id: str, rendered: RenderedPrompt, outputs: OutputStream, started: float,
+                      first: RequestOutput | None = None) -> AsyncIterator[GenerationEvent]:
+        """The engine's outputs (``first`` when it was read already, then the rest) as typed
+        events, and the request's metrics on the way; ``started``: when it was submitted."""
         prompt_tokens = len(rendered.token_ids)
         first_token_at: float | None = None
+        stream = _outputs_after(first, outputs)
         try:
             yield GenerationStarted(request_id, prompt_tokens, rendered.messages_used)
-            async for output in outputs:
+            async for output in stream:
                 if output.new_token_ids and first_token_at is None:
                     first_token_at = time.monotonic() - started
                     self.metrics.on_first_token(first_token_at)
@@ -225,7 +252,8 @@ class InferenceCore:
                     self.metrics.on_finish(output, time.monotonic() - started, first_token_at)
                     yield _last_event(output, prompt_tokens)
         finally:
-            await outputs.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()
+            await outputs.aclose()
 
     async def generate(self, req: GenerateRequest) -> GenerationEnded:
         """Run ``req`` to the end and return its ``GenerationEnded`` (or raise InferenceError(503)
@@ -233,7 +261,17 @@ class InferenceCore:
         return await run_to_end(await self.start(req))
 
 
+async def _outputs_after(first: RequestOutput | None, outputs: OutputStream) -> AsyncIterator[RequestOutput]:
+    """``first`` (when not None), then the rest of ``outputs`` unless ``first`` was the last."""
+    if first is not None:
+        yield first
+        if first.finished:
+            return
+    async for output in outputs:
+        yield output
+
+
 def _last_event(output: RequestOutput, prompt_tokens: int) -> GenerationEnded | GenerationFailed:
-    if output.finish_reason is FinishReason.ERROR:
+    if output.finish_reason in (FinishReason.ERROR, FinishReason.DEADLINE):  # a deadline: refused in start()
         return GenerationFailed(output.error or "generation failed")
     return GenerationEnded(output.finish_reason, prompt_tokens, len(output.token_ids), output.text)

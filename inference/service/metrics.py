@@ -145,7 +145,7 @@ class InferenceMetrics:
                                 ["finish_reason"], registry=self.registry)
         self.load = Histogram("tailor_adapter_load_seconds", "Time to load an adapter into a tier.", ["tier"],
                               buckets=LOAD_BUCKETS, registry=self.registry)
-        for reason in ("stop", "length", "abort", "error"):
+        for reason in ("stop", "length", "abort", "error", "deadline"):
             self.finished.labels(reason)
         for tier in ("host", "device"):
             self.load.labels(tier)
@@ -159,7 +159,7 @@ class InferenceMetrics:
     def on_finish(self, output: RequestOutput, seconds: float, first_token_seconds: float | None) -> None:
         reason = output.finish_reason.value if output.finish_reason is not None else "error"
         self.finished.labels(reason).inc()
-        if reason == "error":
+        if reason in ("error", "deadline"):  # no answer: no latency to observe (a deadline: refused while queued)
             return
         self.e2e.observe(seconds)
         generated = len(output.token_ids)

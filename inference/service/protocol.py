@@ -11,7 +11,10 @@ failed); over HTTP each is one JSON object per line (``application/x-ndjson``):
 * ``{"event": "error", "message"}`` last, when the request failed inside the engine.
 
 Problems found before anything is scheduled are raised as :class:`InferenceError` (HTTP status
-422, 429 or 503 on the wire) instead of being streamed.
+422, 429 or 503 on the wire) instead of being streamed. So is the early abort of a request with a
+first-token deadline (``ttft_slo_s``): the service answers only once the first token (or the
+refusal) is there, the refusal as 503 with ``Retry-After`` and ``{"detail": [...], "reason":
+"deadline"}``.
 """
 
 from __future__ import annotations
@@ -61,6 +64,10 @@ class GenerateRequest(BaseModel):
     ``tenant`` and ``tenant_weight`` set the request's fair share in the engine's scheduler: it
     orders admission by each tenant's virtual token counter, charged in weighted tokens divided by
     ``tenant_weight`` (docs/design.md "Scheduling"); ``None`` is one tenant of its own.
+
+    ``ttft_slo_s`` (seconds, or None) is the request's first-token deadline: while it is still
+    queued and the deadline can no longer be met, the engine refuses it (early abort), and the
+    service answers 503 with ``Retry-After`` before any event (``InferenceError.deadline``).
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -79,6 +86,7 @@ class GenerateRequest(BaseModel):
     stop: list[str] = Field(default_factory=list, max_length=16)
     tenant: str | None = Field(None, min_length=1, max_length=200, strict=True)
     tenant_weight: float = Field(1.0, gt=0, allow_inf_nan=False, strict=True)
+    ttft_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
 
 
 class PrefetchRequest(BaseModel):
@@ -87,14 +95,21 @@ class PrefetchRequest(BaseModel):
     adapter: AdapterSpec
 
 
+DEADLINE_REASON = "deadline"
+
+
 class InferenceError(Exception):
     """A generation refused before it started: ``status`` is the HTTP status the api answers
-    with (422 bad request, 429 overloaded, 503 unavailable); ``retry_after`` in seconds."""
+    with (422 bad request, 429 overloaded, 503 unavailable); ``retry_after`` in seconds.
+    ``reason`` tells refusals of one status apart where callers care: ``"deadline"`` for a request
+    whose first-token deadline could not be met (503), else None."""
 
-    def __init__(self, status: int, problems: list[str] | str, retry_after: int | None = None):
+    def __init__(self, status: int, problems: list[str] | str, retry_after: int | None = None,
+                 reason: str | None = None):
         self.status = status
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.retry_after = retry_after
+        self.reason = reason
         super().__init__("; ".join(self.problems))
 
     @classmethod
@@ -108,3 +123,13 @@ class InferenceError(Exception):
     @classmethod
     def unavailable(cls, message: str, retry_after: int = 5) -> InferenceError:
         return cls(503, message, retry_after)
+
+    @classmethod
+    def deadline(cls, problems: list[str] | str, retry_after: int) -> InferenceError:
+        """The engine refused the queued request: its first token could no longer arrive before
+        its deadline (``FinishReason.DEADLINE``); ``retry_after``: whole seconds, at least 1."""
+        return cls(503, problems, max(1, retry_after), DEADLINE_REASON)
+
+    @property
+    def is_deadline(self) -> bool:
+        return self.reason == DEADLINE_REASON

@@ -73,6 +73,10 @@ def test_operations_conform_to_the_schema(client, fuzz_tenant, scope, mode, exam
     # the chat routes); one report per distinct (operation, status, failed checks).
     failures: dict[tuple, str] = {}
     for operation in operations:
+        # a fuzzed PATCH /v1/tenant may leave a first-token SLO no chat can meet: start each operation
+        # without one, so that fuzzed chats get as far as an answer
+        r = client.patch("/v1/tenant", json={"ttft_slo_s": None}, headers=bearer(fuzz_tenant["admin"]))
+        assert r.status_code == 200, r.text
 
         # the key is a fixed header of the strategy: negative cases then never claim to have left it out
         headers = bearer(_key_for(operation.path, fuzz_tenant, scope))
@@ -86,9 +90,14 @@ def test_operations_conform_to_the_schema(client, fuzz_tenant, scope, mode, exam
             # 413 refuses invalid data too (a generated string past its maxLength can make the body
             # larger than TAILOR_MAX_BODY_BYTES); schemathesis does not count it among refusals
             refused_as_too_large = mode is GenerationMode.NEGATIVE and response.status_code == 413
+            # a valid chat whose first-token deadline (fuzzed: down to 5e-324 s) cannot be met is refused
+            # with 503 and Retry-After by design: a documented answer, not a server error
+            missed_deadline = (response.status_code == 503 and "retry-after" in response.headers
+                               and "deadline" in str(response.json().get("detail")))
             try:
-                case.validate_response(response, checks=CONFORMANCE_CHECKS if refused_as_too_large else checks,
-                                       headers=headers)
+                case.validate_response(response, checks=CONFORMANCE_CHECKS if refused_as_too_large
+                                       else [c for c in checks if c is not not_a_server_error] if missed_deadline
+                                       else checks, headers=headers)
             except FailureGroup as group:
                 titles = tuple(sorted({f.title for f in group.exceptions}))
                 failures.setdefault((operation.label, response.status_code, titles),

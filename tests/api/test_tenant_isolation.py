@@ -509,16 +509,42 @@ def test_system_prompt_update_applies_to_the_next_chat(world, client, recorder):
         client.patch("/v1/tenant", json={"system_prompt": None}, headers=bearer(world.b.admin))
 
 
-def test_generations_are_scheduled_as_the_callers_tenant(world, client, recorder):
-    """The platform chat route and the OpenAI-compatible route tell the engine whose request it is
-    (its fair share, docs/design.md "Scheduling"), with the default weight."""
+def _scheduled(client, recorder, tenants) -> tuple[list, list]:
+    """One platform chat and one OpenAI-compatible completion per tenant, in order: what the api
+    sent (tenant, weight, SLO) and what the engine's requests got."""
     mark = recorder.mark()
-    for tenant in (world.a, world.b):
+    for tenant in tenants:
         r = chat(client, tenant.chat, tenant.user["id"], "fair?")
         assert r.status_code == 200, r.text
         assert completion(client, tenant.chat, "shared-style")["status"] == 200
     requests, prompts = recorder.since(mark)
-    expected = [world.a.tenant["id"]] * 2 + [world.b.tenant["id"]] * 2
-    assert [q.tenant for q in requests] == expected
-    assert [q.tenant_weight for q in requests] == [1.0] * 4
-    assert [p.tenant for p in prompts] == expected
+    return ([(q.tenant, q.tenant_weight, q.ttft_slo_s) for q in requests],
+            [(p.tenant, p.tenant_weight, p.ttft_slo_s) for p in prompts])
+
+
+def test_generations_are_scheduled_as_the_callers_tenant(world, client, recorder):
+    """The platform chat route and the OpenAI-compatible route tell the engine whose request it is
+    (its fair share, docs/design.md "Scheduling") with that tenant's own weight and default SLO:
+    the default weight and no SLO first; then the operator gives A and B different weights and A
+    an SLO, B's admin gives B another SLO, and each request carries its own tenant's values
+    (never the other's, nor the first caller's), from the very next request on, in any order."""
+    a, b = world.a, world.b
+    a_id, b_id = a.tenant["id"], b.tenant["id"]
+    sent, engine = _scheduled(client, recorder, (a, b))
+    assert sent == engine == [(a_id, 1.0, None)] * 2 + [(b_id, 1.0, None)] * 2
+    try:
+        for tenant_id, body in ((a_id, {"fair_share_weight": 3.0, "ttft_slo_s": 120.0}),
+                                (b_id, {"fair_share_weight": 0.5})):
+            r = client.patch(f"/v1/tenants/{tenant_id}", json=body, headers=bearer(OPERATOR_TOKEN))
+            assert r.status_code == 200 and r.json()["id"] == tenant_id, r.text
+        r = client.patch("/v1/tenant", json={"ttft_slo_s": 240.0}, headers=bearer(b.admin))
+        assert r.status_code == 200 and (r.json()["fair_share_weight"], r.json()["ttft_slo_s"]) == (0.5, 240.0), r.text
+        expected_a, expected_b = [(a_id, 3.0, 120.0)] * 2, [(b_id, 0.5, 240.0)] * 2
+        for order, expected in (((a, b), expected_a + expected_b), ((b, a), expected_b + expected_a)):
+            sent, engine = _scheduled(client, recorder, order)
+            assert sent == engine == expected
+    finally:
+        for tenant_id in (a_id, b_id):
+            r = client.patch(f"/v1/tenants/{tenant_id}", json={"fair_share_weight": 1.0, "ttft_slo_s": None},
+                             headers=bearer(OPERATOR_TOKEN))
+            assert r.status_code == 200, r.text

@@ -7,7 +7,7 @@
 * ``prompts``: for every request the engine actually accepted, the exact prompt token ids the
   core rendered (system prompt + history + message, with the chat template) and the engine-level
   adapter id (the platform's adapter id, or None for the base model), and (not compared) the
-  tenant the engine schedules it as.
+  tenant the engine schedules it as, with the weight and first-token SLO the engine request got.
 
 Use it with ``create_app(settings, inference=RecordingInference(core), platform=platform)``.
 """
@@ -25,6 +25,8 @@ class EnginePrompt:
     token_ids: tuple[int, ...]
     adapter_id: str | None
     tenant: str | None = field(default=None, compare=False)
+    tenant_weight: float = field(default=1.0, compare=False)
+    ttft_slo_s: float | None = field(default=None, compare=False)
 
 
 class RecordingInference:
@@ -36,11 +38,13 @@ class RecordingInference:
         engine = core.engine
         submit = engine.request_from_ids
 
-        def recording_request_from_ids(token_ids, params, request_id, adapter_id, tenant=None, tenant_weight=1.0):
+        def recording_request_from_ids(token_ids, params, request_id, adapter_id, tenant=None, tenant_weight=1.0,
+                                       ttft_slo_s=None):
             # refused prompts raise: not recorded
-            request = submit(token_ids, params, request_id, adapter_id, tenant, tenant_weight)
+            request = submit(token_ids, params, request_id, adapter_id, tenant, tenant_weight, ttft_slo_s)
             with self._lock:
-                self.prompts.append(EnginePrompt(tuple(token_ids), adapter_id, request.tenant))
+                self.prompts.append(EnginePrompt(tuple(token_ids), adapter_id, request.tenant, request.tenant_weight,
+                                                 request.ttft_slo_s))
             return request
 
         engine.request_from_ids = recording_request_from_ids  # this engine instance only
