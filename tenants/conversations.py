@@ -1,9 +1,10 @@
 """A user's chat history: what a chat request needs from the database, and storing an exchange.
 
 Each user has one running conversation (created on the first chat). The history sent to inference
-is the newest ``history_max_messages`` messages; inference then keeps the newest ones that fit the
-token budget. Both messages of an exchange are stored together after the reply is complete, so a
-failed or abandoned generation leaves no half-exchange behind.
+is a stepped window of at most ``history_max_messages`` messages (:func:`history_window`), so that
+it does not shift by one exchange every turn (which would defeat the prefix cache); inference then
+keeps the newest ones that fit the token budget. Both messages of an exchange are stored together
+after the reply is complete, so a failed or abandoned generation leaves no half-exchange behind.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, select
+from sqlalchemy import case, delete, func, select
 from sqlalchemy.orm import Session
 
 from inference.service.protocol import AdapterSpec, ChatTurn
@@ -29,7 +30,11 @@ class ChatContext:
     adapter_status: AdapterStatus | None  # status of the user's assigned adapter (None: none assigned)
 
 
-def load_chat_context(session: Session, tenant_id: str, user: User, max_messages: int) -> ChatContext:
+def load_chat_context(session: Session, tenant_id: str, user: User, max_messages: int,
+                      step_messages: int = 1) -> ChatContext:
+    """What a chat request needs: the tenant's system prompt, the user's history window
+    (:func:`history_window` of ``max_messages`` messages moving by ``step_messages``) and their
+    adapter (its spec only when it is ready)."""
     tenant = repo.get_tenant(session, tenant_id)
     spec, status = None, None
     if user.current_adapter_id is not None:
@@ -38,8 +43,43 @@ def load_chat_context(session: Session, tenant_id: str, user: User, max_messages
             status = adapter.status
             if adapter.status == AdapterStatus.READY:
                 spec = adapter_spec(adapter)
-    history = [ChatTurn(role=m.role, content=m.content) for m in repo.recent_messages(session, tenant_id, user.id, max_messages)]
+    history = [ChatTurn(role=m.role, content=m.content)
+               for m in history_window(session, tenant_id, user.id, max_messages, step_messages)]
     return ChatContext(user.id, tenant.system_prompt if tenant else None, history, spec, status)
+
+
+def history_window(
+    session: Session, tenant_id: str, user_id: str, max_messages: int, step_messages: int = 1
+) -> list[Message]:
+    """The user's newest messages for a chat's history, oldest first, in one query.
+
+    Messages are numbered 0, 1, ... from the user's first in ``(created_at, id)`` order; the window
+    starts at the smallest multiple of ``step_messages`` that leaves at most ``max_messages``, so it
+    holds between ``max_messages - step_messages + 1`` and ``max_messages`` messages (all of them
+    while there are fewer) and its start only moves every ``step_messages`` messages, by that many,
+    instead of one exchange every turn. An even step starts it at a user message, as exchanges are
+    stored in pairs. ``step_messages=1`` is the newest ``max_messages`` messages.
+    """
+    if max_messages < 1 or step_messages < 1:
+        raise ValueError(f"max_messages and step_messages must be at least 1, got {max_messages} and {step_messages}")
+    numbered = (
+        select(
+            Message.id.label("id"),
+            (func.row_number().over(order_by=(Message.created_at, Message.id)) - 1).label("position"),
+            func.count().over().label("total"),
+        )
+        .where(Message.tenant_id == tenant_id, Message.user_id == user_id)
+        .subquery()
+    )
+    excess = numbered.c.total - max_messages  # messages beyond the window; the start rounds it up to a step
+    start = case((excess > 0, (excess + (step_messages - 1)) // step_messages * step_messages), else_=0)
+    query = (
+        select(Message)
+        .join(numbered, Message.id == numbered.c.id)
+        .where(Message.tenant_id == tenant_id, numbered.c.position >= start)
+        .order_by(numbered.c.position)
+    )
+    return list(session.scalars(query).all())
 
 
 def current_conversation(session: Session, tenant_id: str, user_id: str) -> Conversation:
