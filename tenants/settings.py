@@ -124,6 +124,8 @@ class Settings(BaseSettings):
     max_archive_members: int = Field(16, ge=2)
     history_token_budget: int = Field(1536, ge=64)
     history_max_messages: int = Field(100, ge=1)
+    # the history window moves by this share of the budget at a time, for the prefix cache (0: exact fit)
+    history_trim_step_fraction: float = Field(1 / 3, ge=0, lt=1, allow_inf_nan=False)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
     rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
@@ -179,6 +181,23 @@ class Settings(BaseSettings):
         """Keyword arguments for ``tenants.db.make_engine``: the connection pool's bounds."""
         return {"pool_size": self.db_pool_size, "max_overflow": self.db_max_overflow,
                 "pool_timeout": self.db_pool_timeout_s, "connect_timeout_s": self.db_connect_timeout_s}
+
+    @property
+    def history_trim_step_tokens(self) -> int | None:
+        """Tokens the inference side's history window moves by at a time (``GenerateRequest.
+        history_trim_step_tokens``): ``TAILOR_HISTORY_TRIM_STEP_FRACTION`` of the token budget;
+        None (exact fit) when that is 0. A fixed number per deployment, so that the anchors of a
+        conversation do not move with a request's ``max_tokens``."""
+        step = round(self.history_trim_step_fraction * self.history_token_budget)
+        return step if step >= 1 else None
+
+    @property
+    def history_step_messages(self) -> int:
+        """Messages the database's history window moves by at a time (``conversations.history_window``):
+        ``TAILOR_HISTORY_TRIM_STEP_FRACTION`` of ``TAILOR_HISTORY_MAX_MESSAGES``, rounded down to
+        whole exchanges (even); 1 (slides every turn) when that is under 2."""
+        step = round(self.history_trim_step_fraction * self.history_max_messages)
+        return max(1, step - step % 2)
 
     @property
     def resolved_storage_dir(self) -> Path:

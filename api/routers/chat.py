@@ -37,7 +37,8 @@ def message_public(m) -> MessagePublic:
 def _context(state: AppState, tenant_id: str, user_id: str) -> ChatContext:
     with session_scope(state.platform.session_factory) as session:
         user = load_user(session, tenant_id, user_id)
-        return load_chat_context(session, tenant_id, user, state.settings.history_max_messages)
+        return load_chat_context(session, tenant_id, user, state.settings.history_max_messages,
+                                 state.settings.history_step_messages)
 
 
 def _record(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest, end: GenerationEnded,
@@ -82,6 +83,7 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
         messages=[*ctx.history, ChatTurn(role="user", content=body.message)],
         system_prompt=ctx.system_prompt,
         history_token_budget=state.settings.history_token_budget,
+        history_trim_step_tokens=state.settings.history_trim_step_tokens,
         adapter=ctx.adapter,
         max_tokens=max_tokens,
         temperature=body.temperature,

@@ -99,6 +99,7 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
     request = GenerateRequest(
         messages=[ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages],
         adapter=spec,
+        history_trim_step_tokens=state.settings.history_trim_step_tokens,  # when it outgrows the context
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,

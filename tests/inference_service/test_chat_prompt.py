@@ -22,7 +22,7 @@ WORDS = ("the a cache page prompt tenant adapter engine window history budget st
          "reply question answer quickly slowly because while after before every some many few "
          "kept dropped stays moves jumps, fits. why? yes! no: 42 2026 café naïve 東京").split()
 SYSTEM = "You are a patient tutor. Answer in plain words and keep every answer short."
-BUDGET, STEP = 1536, 512  # the defaults of TAILOR_HISTORY_TOKEN_BUDGET and TAILOR_HISTORY_TRIM_STEP_TOKENS
+BUDGET, STEP = 1536, 512  # the defaults: TAILOR_HISTORY_TOKEN_BUDGET and 1/3 of it (TAILOR_HISTORY_TRIM_STEP_FRACTION)
 
 
 @pytest.fixture(scope="module")
