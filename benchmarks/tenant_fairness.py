@@ -19,7 +19,9 @@ the results): ``TAILOR_RATE_LIMIT_PER_MINUTE=0`` (per-tenant rate limit off),
 ``TAILOR_HISTORY_MAX_MESSAGES=1``: the newest stored message is always an assistant answer, which
 the chat rendering drops (a history does not open with half an exchange), so every prompt is the
 tenant's system prompt plus the new message, the same in every phase however many chats a user
-has had. ``TAILOR_PREFIX_CACHE=true`` (the default, said explicitly). The engine runs otherwise
+has had. ``TAILOR_PREFIX_CACHE=true`` (the default, said explicitly). No other ``TAILOR_*``
+variable reaches the server (none inherited from the caller's environment): in particular no
+first-token SLO (with one, the api would send ``start`` only at the first token). The engine runs
 with its defaults (``EngineConfig``: ``max_num_seqs`` 128, ``max_num_batched_tokens`` 2048).
 
 Phases, in one run:
@@ -29,7 +31,7 @@ Phases, in one run:
   starts as one wave), the requests the engine finished in ``--capacity-seconds`` (its
   ``tailor_inference_requests_finished`` counter) give its capacity in chats per second for this
   request shape. On a CPU a step that prefills ``max_num_batched_tokens`` takes seconds, so the
-  window must hold many steps.
+  window must hold many steps: it lasts until ``max_num_seqs`` chats have ended in it too.
 * **A, light alone**: the light tenant sends ``--light-requests`` chats, open loop (each sent at
   its arrival time whatever is still running; Poisson arrivals at ``--light-fraction`` of the
   capacity, or ``--light-rate``): its p50 / p95 TTFT.
@@ -47,15 +49,19 @@ Phases, in one run:
   ``PATCH /v1/tenants/{id}`` ``{"fair_share_weight": w}``), both tenants backlogged (closed loops
   of ``--phase-c-concurrency`` chats each, more than ``max_num_seqs``, so each always has chats
   waiting). After a warm-up (``--phase-c-warmup-s`` and at least ``2 x max_num_seqs`` chats
-  finished, fewer when both loops together hold fewer), the tokens served per tenant over ``--phase-c-seconds`` (the api's
-  ``tailor_tenant_tokens`` counters: prompt and completion tokens of the chats that ended in the
-  window) and their ratio against the weights. Where the endpoint is missing (404 or 405) the
-  phase runs with both weights at 1 and says so.
+  finished, fewer when both loops together hold fewer), the tokens served per tenant over
+  ``--phase-c-seconds`` (and until each tenant has ``--phase-c-min-chats`` chats ended in the
+  window): the api's ``tailor_tenant_tokens`` counters, prompt and completion tokens of the chats
+  that ended in the window; and their ratio against the weights. Where the endpoint is missing
+  (404 or 405) the phase runs with both weights at 1 and says so.
 
-Between phases the engine is drained (waiting and running 0). Mean engine step time and batch
-size per phase come from the server's ``/metrics``; CPU used by the server, by this process and by
-other processes is recorded per phase (on a small machine the load generator and the server
-compete for the same cores: other processes should be ~0 for a figure to be quoted).
+Between phases the engine is drained (waiting and running 0). The mean batch per phase comes from
+the server's ``/metrics``; the light chats' time per output token after the first is about one
+engine step at the batch they ran in, so their wait in the engine can be read in steps (on a CPU
+a step with the flood's full batch takes several times a step with one chat, which bounds what
+B / A can be there). CPU used by the server, by this process and by other processes is recorded
+per phase (on a small machine the load generator and the server compete for the same cores:
+other processes should be ~0 for a figure to be quoted).
 
 Not measured here: a FCFS control. The VTC order cannot be switched off by configuration; the
 engine-level tests (``tests/inference/test_fairness.py``) compare it with FCFS and no-lift controls.
@@ -72,6 +78,7 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import math
 import os
 import platform
 import re
@@ -99,6 +106,7 @@ SERVER_SETTINGS = {
     "TAILOR_HISTORY_MAX_MESSAGES": "1",
     "TAILOR_CLEANUP_INTERVAL_S": "0",
     "TAILOR_PREFIX_CACHE": "true",
+    "TAILOR_DRAIN_TIMEOUT_S": "5",
 }
 SYSTEM_PROMPTS = {
     "heavy": "You are the writing assistant of a busy newsroom. Answer at length, in plain prose.",
@@ -128,6 +136,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--phase-c-concurrency", type=int, default=None, help="per tenant; default 2 x max_num_seqs")
     p.add_argument("--phase-c-warmup-s", type=float, default=5.0)
     p.add_argument("--phase-c-seconds", type=float, default=40.0)
+    p.add_argument("--phase-c-min-chats", type=int, default=20,
+                   help="the window lasts until each tenant has at least this many chats ended in it")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
@@ -152,7 +162,8 @@ def max_num_seqs() -> int:
 
 # --------------------------------------------------------------------------- server and tenants
 def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, **SERVER_SETTINGS, "TAILOR_DATA_DIR": str(data_dir), "TAILOR_MODEL": str(args.model),
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TAILOR_")}  # only the settings named here
+    env = {**inherited, **SERVER_SETTINGS, "TAILOR_DATA_DIR": str(data_dir), "TAILOR_MODEL": str(args.model),
            "TAILOR_PORT": str(port), "TAILOR_DEVICE": args.device, "TAILOR_OPERATOR_TOKEN": OPERATOR_TOKEN}
     log = open(data_dir / "server.log", "wb")
     return subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -350,6 +361,14 @@ async def warm_up(metrics_client: httpx.AsyncClient, min_s: float, completions: 
     return time.perf_counter() - started
 
 
+async def hold_window(min_s: float, enough, max_s: float = 600.0) -> None:
+    """Sleep at least ``min_s`` seconds and until ``enough()`` (at most ``max_s``)."""
+    started = time.perf_counter()
+    await asyncio.sleep(min_s)
+    while not enough() and time.perf_counter() - started < max_s:
+        await asyncio.sleep(0.25)
+
+
 class ClosedLoop:
     """``concurrency`` workers, each sending its next chat as soon as the last one ended."""
 
@@ -425,7 +444,7 @@ async def measure_capacity(args, heavy: Tenant, metrics_client, server_pid: int)
         loop = ClosedLoop(http, heavy, concurrency, args.max_tokens, "capacity")
         warmup = await warm_up(metrics_client, args.capacity_warmup_s, concurrency)
         m0, cpu0, t0 = await scrape(metrics_client), cpu_snapshot(server_pid), time.perf_counter()
-        await asyncio.sleep(args.capacity_seconds)
+        await hold_window(args.capacity_seconds, lambda: len(loop.ended_between(t0, math.inf)) >= concurrency)
         m1, cpu1, t1 = await scrape(metrics_client), cpu_snapshot(server_pid), time.perf_counter()
         await loop.stop()
     failed = [r for r in loop.results if r["status"] is not None and not ok(r)]
@@ -483,6 +502,8 @@ async def sample_engine(metrics_client, samples: list[dict[str, float]], stop: a
 def light_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
     good = [r for r in results if ok(r)]
     ttft = [r["ttft_s"] for r in good]
+    # time per output token after the first: about one engine step at the batch the chat ran in
+    tpot = [(r["e2e_s"] - r["ttft_s"]) / (r["completion_tokens"] - 1) for r in good if (r["completion_tokens"] or 0) > 1]
     return {"requests": len(results), "ok": len(good),
             "failed": [{"status": r["status"], "error": r["error"]} for r in results if not ok(r)],
             "ttft_p50_s": float(np.percentile(ttft, 50)) if ttft else None,
@@ -493,6 +514,7 @@ def light_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             "in_engine_p50_s": float(np.percentile([r["ttft_s"] - r["start_s"] for r in good], 50)) if good else None,
             "in_engine_p95_s": float(np.percentile([r["ttft_s"] - r["start_s"] for r in good], 95)) if good else None,
             "e2e_p50_s": float(np.percentile([r["e2e_s"] for r in good], 50)) if good else None,
+            "tpot_p50_s": float(np.percentile(tpot, 50)) if tpot else None,
             "send_lag_max_s": max(r["send_lag_s"] for r in results),
             "ttft_s": ttft, "start_s": [r["start_s"] for r in good]}
 
@@ -512,7 +534,7 @@ async def phase_light(args, light: Tenant, trace, metrics_client, server_pid: in
     summary = light_summary(results)
     summary.update(
         wall_s=t1 - t0, cpu=cpu_use(cpu0, cpu1, t1 - t0),
-        mean_step_ms=(t1 - t0) / steps * 1e3 if steps else None,
+        steps=steps,  # wall / steps is a step's time only while the engine never idles (B, not A)
         mean_batch=(e1["batch_sum"] - e0["batch_sum"]) / steps if steps else None,
         engine_waiting={"min": min(g["waiting"] for g in gauges), "median": statistics.median(g["waiting"] for g in gauges),
                         "max": max(g["waiting"] for g in gauges)} if gauges else None,
@@ -568,7 +590,8 @@ async def phase_c(args, heavy: Tenant, light: Tenant, metrics_client, server_pid
                  for role, tenant in (("heavy", heavy), ("light", light))}
         warmup = await warm_up(metrics_client, args.phase_c_warmup_s, 2 * min(max_num_seqs(), 2 * concurrency))
         m0, cpu0, t0 = await scrape(metrics_client), cpu_snapshot(server_pid), time.perf_counter()
-        await asyncio.sleep(args.phase_c_seconds)
+        await hold_window(args.phase_c_seconds, lambda: all(
+            sum(1 for r in loop.ended_between(t0, math.inf) if ok(r)) >= args.phase_c_min_chats for loop in loops.values()))
         m1, cpu1, t1 = await scrape(metrics_client), cpu_snapshot(server_pid), time.perf_counter()
         for loop in loops.values():
             await loop.stop()
@@ -653,8 +676,8 @@ def report(args: argparse.Namespace, phases: dict[str, Any]) -> int:
           f"phase B flood offered {b['heavy_rate_offered']:.1f} chats/s ({args.flood_factor:g}x capacity), at most "
           f"{args.heavy_max_outstanding} in flight")
     print("\n| phase | light chats ok | light TTFT p50 ms | light TTFT p95 ms | max ms | of which to `start` p50 / p95 ms "
-          "| of which `start` to first token p50 / p95 ms | engine waiting (min / median) | engine running (median) "
-          "| mean step ms | mean batch | heavy sent / skipped at cap | CPUs: server / client / others |")
+          "| of which `start` to first token p50 / p95 ms | light ms per output token p50 | engine waiting (min / median) "
+          "| engine running (median) | mean batch | heavy sent / skipped at cap | CPUs: server / client / others |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for label, ph, heavy in (("A: light alone", a, "-"),
                              ("B: light + heavy flood", b, f"{b['heavy_sent']} / {b['heavy_skipped_at_cap']}")):
@@ -662,10 +685,16 @@ def report(args: argparse.Namespace, phases: dict[str, Any]) -> int:
         cpu = ph["cpu"]
         print(f"| {label} | {ph['ok']}/{ph['requests']} | {_ms(ph['ttft_p50_s'])} | {_ms(ph['ttft_p95_s'])} | "
               f"{_ms(ph['ttft_max_s'])} | {_ms(ph['start_p50_s'])} / {_ms(ph['start_p95_s'])} | "
-              f"{_ms(ph['in_engine_p50_s'])} / {_ms(ph['in_engine_p95_s'])} | {waiting['min']:.0f} / {waiting['median']:.0f} | "
-              f"{ph['engine_running_median']:.0f} | {ph['mean_step_ms'] or 0:.0f} | {ph['mean_batch'] or 0:.1f} | {heavy} | "
+              f"{_ms(ph['in_engine_p50_s'])} / {_ms(ph['in_engine_p95_s'])} | {_ms(ph['tpot_p50_s'])} | "
+              f"{waiting['min']:.0f} / {waiting['median']:.0f} | "
+              f"{ph['engine_running_median']:.0f} | {ph['mean_batch'] or 0:.1f} | {heavy} | "
               + (f"{cpu['server']:.2f} / {cpu['client']:.2f} / {cpu['others']:.2f} |" if cpu else "- |"))
     print(f"\nLight p95 TTFT, B / A: {ratio:.2f} (goal <= 2)" if ratio is not None else "\nLight p95 TTFT, B / A: n/a")
+    for label, ph in (("A", a), ("B", b)):
+        if ph["tpot_p50_s"] and ph["in_engine_p50_s"] is not None:
+            print(f"{label}: the light chats' p50 wait in the engine (start to first token) is "
+                  f"{ph['in_engine_p50_s'] / ph['tpot_p50_s']:.1f} times their p50 time per output token "
+                  f"({_ms(ph['tpot_p50_s'])} ms, about one engine step at the batch they ran in)")
     if not b["backlogged_before_light"]:
         print(f"(the engine had no waiting queue after {b['flood_warmup_s']:.1f} s of flood: the heavy tenant was "
               "not backlogged when the light trace started)")

@@ -98,7 +98,7 @@ def test_tenant_fairness_smoke(tmp_path, tiny_checkpoint):
         "--capacity-warmup-s", "0.5", "--capacity-seconds", "1", "--capacity-concurrency", "4",
         "--light-requests", "4", "--light-rate", "4", "--flood-factor", "2", "--heavy-max-outstanding", "8",
         "--flood-warmup-s", "1", "--phase-c-concurrency", "4", "--phase-c-warmup-s", "0.5", "--phase-c-seconds", "1",
-        "--out", str(out),
+        "--phase-c-min-chats", "2", "--out", str(out),
     ]) == 0
     report = json.loads(out.read_text())
     assert report["capacity"]["requests_per_s"] > 0 and report["light_rate"] == 4
@@ -111,7 +111,8 @@ def test_tenant_fairness_smoke(tmp_path, tiny_checkpoint):
     assert report["ttft_p95_ratio_b_over_a"] == report["phase_b"]["ttft_p95_s"] / report["phase_a"]["ttft_p95_s"]
     assert report["phase_b"]["heavy_sent"] >= 1
     c = report["phase_c"]
-    assert all(s["completion_tokens"] > 0 and s["prompt_tokens"] > 0 for s in c["served"].values())
+    assert all(s["chats_completed"] >= 2 and s["completion_tokens"] > 0 and s["prompt_tokens"] > 0
+               for s in c["served"].values())
     if c["note"] is None:
         assert c["weights_applied"] == {"heavy": 2.0, "light": 1.0}
     else:
