@@ -10,10 +10,16 @@ its user's history, so every user's next prompt starts with their previous one.
 Two in-process engines serve it, identical but for ``EngineConfig.enable_prefix_cache`` (True /
 False), each wrapped in the platform's ``InferenceCore``: every request is a ``GenerateRequest``
 with the tenant's ``system_prompt``, the user's history plus the new message, the platform's
-``history_token_budget`` (``--history-token-budget``, default the api's 1536) and ``tenant``, so
-the real chat rendering and history trimming apply (when the history outgrows the budget the
-oldest turns are dropped, the prompt's start moves, and only the system prompt is still shared
-with the cached pages: the table's ``messages used`` column shows where that starts).
+``history_token_budget`` and ``history_trim_step_tokens`` the api sends (from
+``--history-token-budget``, default the api's 1536, and ``--history-trim-step-fraction``, default
+the api's 1/3) and ``tenant``, so the real chat rendering and history trimming apply. When the
+history outgrows the budget the oldest turns are dropped; with a trim step the window's start moves
+only by about a step at a time, at stable anchors, so most turns still extend the previous prompt,
+while at each move only the system prompt is still shared with the cached pages (the table's
+``messages used`` column shows where; ``--history-trim-step-fraction 0`` is the exact fit, whose
+start moves every turn once the budget is reached). The api's database window
+(``TAILOR_HISTORY_MAX_MESSAGES``, 100) does not come into play: a user's history here has at most
+``2 x turns - 1`` messages.
 
 Both engines see the same prompts: the answer fed back into the history is the cache-on engine's
 (the product's configuration); the cache-off engine's answer to the same prompt is only compared
@@ -194,15 +200,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--history-token-budget", type=int, default=None,
                    help="the platform's TAILOR_HISTORY_TOKEN_BUDGET (default: the api's default, 1536)")
+    p.add_argument("--history-trim-step-fraction", type=float, default=None,
+                   help="the platform's TAILOR_HISTORY_TRIM_STEP_FRACTION (default: the api's, 1/3; 0: exact fit, "
+                        "the window slides every turn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     if args.users < 1 or args.turns < 2 or args.max_tokens < 1 or args.system_tokens < 1:
         p.error("--users >= 1, --turns >= 2, --max-tokens >= 1 and --system-tokens >= 1")
-    if args.history_token_budget is None:
-        from tenants.settings import Settings
+    from tenants.settings import Settings
 
+    if args.history_token_budget is None:
         args.history_token_budget = Settings.model_fields["history_token_budget"].default
+    if args.history_trim_step_fraction is None:
+        args.history_trim_step_fraction = Settings.model_fields["history_trim_step_fraction"].default
+    # what the api sends as GenerateRequest.history_trim_step_tokens for these settings
+    args.history_trim_step_tokens = Settings(
+        history_token_budget=args.history_token_budget, history_trim_step_fraction=args.history_trim_step_fraction,
+    ).history_trim_step_tokens
     return args
 
 
@@ -237,7 +252,8 @@ async def run_trace(args: argparse.Namespace, cores: dict[str, Any]) -> tuple[st
 
     def request(messages: list[ChatTurn], tenant: str) -> GenerateRequest:
         return GenerateRequest(messages=messages, system_prompt=system, history_token_budget=args.history_token_budget,
-                               max_tokens=args.max_tokens, temperature=0.0, tenant=tenant)
+                               history_trim_step_tokens=args.history_trim_step_tokens, max_tokens=args.max_tokens,
+                               temperature=0.0, tenant=tenant)
 
     for core in cores.values():  # warm-up under another tenant: the trace's tenant starts cold
         await run_one(core, request([ChatTurn(role="user", content="Hello, who are you?")], WARMUP_TENANT))
@@ -318,7 +334,8 @@ def report(args, system: str, system_tokens: int, rows: list[dict[str, Any]], en
            other_cpus: float | None) -> int:
     summary = summarize(rows)
     print(f"\n{args.users} users x {args.turns} turns, round-robin, one request at a time; system prompt "
-          f"{system_tokens} tokens; history budget {args.history_token_budget} tokens; greedy, {args.max_tokens} "
+          f"{system_tokens} tokens; history budget {args.history_token_budget} tokens, trim step "
+          f"{args.history_trim_step_tokens or 'none (exact fit)'}; greedy, {args.max_tokens} "
           f"tokens; engines alternate request by request ({args.device})")
     print("| turn | prompt tokens (mean) | messages used (mean) | computed, cache on (mean) | computed, cache off (mean) "
           "| cache hits (mean) | TTFT on ms (median) | TTFT off ms (median) | off / on | identical |")

@@ -284,8 +284,8 @@ async def chat(client: httpx.AsyncClient, tenant: Tenant, user: str, message: st
     time, completion tokens."""
     body = {"message": message, "stream": True, "max_tokens": max_tokens, "temperature": 0}
     sent = time.perf_counter()
-    result: dict[str, Any] = {"sent": sent, "status": None, "start_s": None, "ttft_s": None, "completion_tokens": None,
-                              "error": None}
+    result: dict[str, Any] = {"sent": sent, "status": None, "start_s": None, "ttft_s": None, "prompt_tokens": None,
+                              "completion_tokens": None, "error": None}
     try:
         async with client.stream("POST", f"/v1/users/{user}/chat", json=body,
                                  headers={"Authorization": f"Bearer {tenant.chat_key}"}) as r:
@@ -302,7 +302,8 @@ async def chat(client: httpx.AsyncClient, tenant: Tenant, user: str, message: st
                         elif event == "delta" and result["ttft_s"] is None:
                             result["ttft_s"] = time.perf_counter() - sent
                     elif line.startswith("data: ") and event == "done":
-                        result["completion_tokens"] = json.loads(line[6:])["usage"]["completion_tokens"]
+                        usage = json.loads(line[6:])["usage"]
+                        result["prompt_tokens"], result["completion_tokens"] = usage["prompt_tokens"], usage["completion_tokens"]
                     elif line.startswith("data: ") and event == "error":
                         result["error"] = line[6:300]
     except httpx.HTTPError as exc:
@@ -516,7 +517,8 @@ def light_summary(results: list[dict[str, Any]]) -> dict[str, Any]:
             "e2e_p50_s": float(np.percentile([r["e2e_s"] for r in good], 50)) if good else None,
             "tpot_p50_s": float(np.percentile(tpot, 50)) if tpot else None,
             "send_lag_max_s": max(r["send_lag_s"] for r in results),
-            "ttft_s": ttft, "start_s": [r["start_s"] for r in good]}
+            "ttft_s": ttft, "start_s": [r["start_s"] for r in good],
+            "prompt_tokens": [r["prompt_tokens"] for r in results]}  # trace order: A's and B's must match
 
 
 async def phase_light(args, light: Tenant, trace, metrics_client, server_pid: int):

@@ -108,6 +108,8 @@ def test_tenant_fairness_smoke(tmp_path, tiny_checkpoint):
         assert p["requests"] == p["ok"] == 4 and not p["failed"]
         assert 0 < p["ttft_p50_s"] <= p["ttft_p95_s"] <= p["ttft_max_s"]
         assert all(0 <= s <= t for s, t in zip(p["start_s"], p["ttft_s"]))
+    # the same trace, and no history in the prompts (TAILOR_HISTORY_MAX_MESSAGES=1): the same prompts in A and B
+    assert report["phase_a"]["prompt_tokens"] == report["phase_b"]["prompt_tokens"]
     assert report["ttft_p95_ratio_b_over_a"] == report["phase_b"]["ttft_p95_s"] / report["phase_a"]["ttft_p95_s"]
     assert report["phase_b"]["heavy_sent"] >= 1
     c = report["phase_c"]
