@@ -146,7 +146,7 @@ class LongStream:
 
     def __init__(self, client: httpx.Client, key: str):
         body = {"model": "base", "messages": [{"role": "user", "content": long_text(1800)}], "stream": True,
-                "max_tokens": 64, "temperature": 1.0, "seed": 7}
+                "max_tokens": 24, "temperature": 1.0, "seed": 7}
         self._context = client.stream("POST", "/v1/chat/completions", json=body, headers=bearer(key))
         self.response = self._context.__enter__()
         assert self.response.status_code == 200, self.response.read()

@@ -27,11 +27,13 @@ COUNTERS = {
     "tailor_inference_requests_finished_total", "tailor_adapter_cache_hits_total",
     "tailor_adapter_cache_misses_total", "tailor_adapter_loads_total", "tailor_adapter_evictions_total",
     "tailor_adapter_fetch_failures_total", "tailor_worker_validations_total",
+    "tailor_slo_ttft_attained_total", "tailor_slo_ttft_missed_total", "tailor_slo_early_aborts_total",
+    "tailor_prefix_cache_queries_tokens_total", "tailor_prefix_cache_hits_tokens_total",
 }
 GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
     "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
-    "tailor_worker_queue_length", "tailor_tenant_info",
+    "tailor_worker_queue_length", "tailor_tenant_info", "tailor_prefix_cache_pages",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",

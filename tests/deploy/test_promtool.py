@@ -121,6 +121,9 @@ def test_the_required_alerts_exist():
     assert "histogram_quantile(0.9" in ttft and "tailor_inference_time_to_first_token_seconds_bucket" in ttft
     assert ttft.rstrip().endswith("> 6")
     assert 'kind=~"free|cached"' in exprs["TailorPagePoolExhausted"] and "< 0.05" in exprs["TailorPagePoolExhausted"]
+    slo = exprs["TailorTenantSLOAttainmentLow"]
+    assert "tailor_slo_ttft_attained_total" in slo and "tailor_slo_ttft_missed_total" in slo and "by (tenant)" in slo
+    assert "< 0.9" in slo and "[10m]" in slo
     thrash = exprs["TailorAdapterThrash"]
     assert "tailor_adapter_evictions_total" in thrash and "tailor_adapter_loads_total" in thrash
     assert "tailor_worker_queue_length" in exprs["TailorWorkerQueueBacklog"]

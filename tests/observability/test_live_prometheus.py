@@ -3,13 +3,13 @@
 The services shape runs (the api in this process over PostgreSQL, SeaweedFS S3 and a Celery worker
 on Redis; ``tailor serve inference`` as a subprocess), a real Prometheus (Debian package
 ``prometheus``) scrapes the three as jobs ``api``, ``inference`` and ``worker`` every second and
-evaluates ``docker/prometheus/rules``. Traffic: a tenant, users, an adapter upload that the worker
-validates, chats (the first through the adapter loads it cold in inference; one streamed), OpenAI
-compatible calls, and requests refused with 401, 422 and 404. Then every PromQL expression of
-every dashboard panel, dashboard variable and alert rule (``support.promql``) runs against it:
-each must be valid, each panel and variable query must return data, each rule must evaluate; the
-tenants dashboard shows the tenant's name. After a few quiet seconds the panels run again over a
-window without traffic: none may show NaN.
+evaluates ``docker/prometheus/rules``. Traffic: a tenant with a first-token SLO that every chat
+meets, users, an adapter upload that the worker validates, chats (the first through the adapter
+loads it cold in inference; one streamed), OpenAI compatible calls, and requests refused with 401,
+422 and 404. Then every PromQL expression of every dashboard panel, dashboard variable and alert
+rule (``support.promql``) runs against it: each must be valid, each panel and variable query must
+return data, each rule must evaluate; the tenants dashboard shows the tenant's name. After a few
+quiet seconds the panels run again over a window without traffic: none may show NaN.
 """
 
 from __future__ import annotations
@@ -138,6 +138,9 @@ def drive_traffic(base_url: str, model_config: ModelConfig, workdir: Path) -> No
     OpenAI-compatible) and refused requests (401, 422, 404)."""
     with httpx.Client(base_url=base_url, timeout=120) as client:
         _tenant, admin = create_tenant(client, OPERATOR_TOKEN, TENANT_NAME)
+        # a first-token deadline that every chat meets: the SLO panels and rule have outcomes to show
+        r = client.patch("/v1/tenant", json={"ttft_slo_s": 300.0}, headers=bearer(admin))
+        assert r.status_code == 200 and r.json()["ttft_slo_s"] == 300.0, r.text
         chat_key = create_key(client, admin, "chat")
         alice, bob = create_user(client, admin, "alice@prom"), create_user(client, admin, "bob@prom")
 
