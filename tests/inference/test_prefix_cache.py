@@ -151,40 +151,48 @@ def test_another_tenant_gets_no_timing_advantage(bundled_checkpoint):
 
 
 def test_shared_pages_survive_an_abort_and_every_page_is_accounted(tiny_checkpoint):
-    """Requests drawn from a few shared prefixes, started, aborted and preempted at random: at
-    every step the pool's KV pages are exactly the distinct pages live requests hold, idle cached
-    pages plus those add up to the pool, and outputs equal the engine without the cache."""
+    """Requests drawn from a few shared prefixes, started, aborted and preempted at random (one
+    trace, fixed in advance, replayed on both engines): at every step the pool's KV pages are
+    exactly the distinct pages live requests hold, idle cached pages plus those add up to the pool,
+    and every request that finished on both engines has the same tokens."""
     seed = random.getrandbits(64)
+    rng = random.Random(seed)
+    prefixes = [_tokens(rng, rng.randint(8, 24)) for _ in range(3)]
+    trace: list[tuple[str, object]] = []  # per step: ("add", (prompt, max_tokens)), ("abort", step) or ("", None)
+    for step in range(300):
+        if rng.random() < 0.3:
+            trace.append(("add", (rng.choice(prefixes) + _tokens(rng, rng.randint(1, 6)), rng.randint(1, 12))))
+        elif rng.random() < 0.05:
+            trace.append(("abort", rng.randrange(step + 1)))  # the request added at that step, if any
+        else:
+            trace.append(("", None))
     finals = []
     for cache in (True, False):
-        rng = random.Random(seed)
-        engine = _engine(tiny_checkpoint, cache, pool_bytes=20 * TINY_PAGE_BYTES, max_num_batched_tokens=32)
-        prefixes = [_tokens(rng, rng.randint(8, 24)) for _ in range(3)]
-        live: list[str] = []
-        final = {}
-        for step in range(300):
-            if rng.random() < 0.3 and len(live) < 8:
-                prompt = rng.choice(prefixes) + _tokens(rng, rng.randint(1, 6))
-                request = engine.request_from_ids(prompt, _greedy(rng.randint(1, 12)), f"r{step}", None,
-                                                  tenant="t")
-                engine.add(request)
-                live.append(request.request_id)
-            elif rng.random() < 0.05 and live:
-                engine.abort(live.pop(rng.randrange(len(live))))
+        engine = _engine(tiny_checkpoint, cache, pool_bytes=12 * TINY_PAGE_BYTES, max_num_batched_tokens=32)
+        aborted: set[str] = set()
+        final: dict[str, list[int]] = {}
+        for step, (action, arg) in enumerate(trace):
+            if action == "add" and engine.num_waiting + engine.num_running < 8:
+                prompt, max_tokens = arg
+                engine.add(engine.request_from_ids(prompt, _greedy(max_tokens), f"r{step}", None, tenant="t"))
+            elif action == "abort" and engine.abort(f"r{arg}") is not None:
+                aborted.add(f"r{arg}")
             for out in engine.step():
-                if out.finished and out.request_id in live:
-                    live.remove(out.request_id)
+                if out.finished:
                     final[out.request_id] = out.token_ids
             held = {p for r in list(engine.scheduler.running) + list(engine.scheduler.waiting) for p in r.kv_pages}
             occupancy = engine.pool.occupancy()
             assert occupancy.kv == len(held), f"seed {seed} step {step}"
             assert occupancy.free + occupancy.kv + occupancy.cached == occupancy.total
-        for request_id, out in run_to_completion(engine).items():
-            final[request_id] = out.token_ids
-        finals.append((final, _hits(engine, "t"), engine.scheduler.num_preemptions))
-    (cached, hits, preemptions), (plain, _, _) = finals
-    assert hits > 0 and preemptions > 0, f"seed {seed}: the trace never shared or never filled the pool"
-    assert {k: v for k, v in cached.items() if k in plain} == {k: v for k, v in plain.items() if k in cached}
+        final.update({rid: out.token_ids for rid, out in run_to_completion(engine).items()})
+        finals.append((engine, {rid: tokens for rid, tokens in final.items() if rid not in aborted}))
+    (cached, cached_final), (plain, plain_final) = finals
+    assert _hits(cached, "t") > 0 and cached.scheduler.num_preemptions > 0, \
+        f"seed {seed}: the trace never shared or never filled the pool"
+    assert cached.pool.occupancy().kv == 0
+    both = cached_final.keys() & plain_final.keys()
+    assert len(both) >= 10, f"seed {seed}: too few requests finished on both engines"
+    assert {rid: cached_final[rid] for rid in both} == {rid: plain_final[rid] for rid in both}, f"seed {seed}"
 
 
 def test_idle_cached_pages_go_before_idle_adapters_and_before_preemption(tiny_checkpoint, adapters):
