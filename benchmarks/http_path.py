@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+
+from benchmarks.live_server import free_port, start_server, stop_server, wait_ready, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPERATOR_TOKEN = "op_benchmark_http_path_0123456789"
@@ -56,29 +54,6 @@ def conversations(n: int) -> list[list[dict]]:
 
 
 # --------------------------------------------------------------------------- the server side
-def start_server(model: str, data_dir: Path, port: int) -> subprocess.Popen:
-    env = {**os.environ, "TAILOR_DATA_DIR": str(data_dir), "TAILOR_MODEL": model, "TAILOR_PORT": str(port),
-           "TAILOR_OPERATOR_TOKEN": OPERATOR_TOKEN, "TAILOR_RATE_LIMIT_PER_MINUTE": "0",
-           "TAILOR_CLEANUP_INTERVAL_S": "0"}
-    log = open(data_dir / "server.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[1])
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become ready")
-
-
 def chat_key(base: str) -> str:
     auth = {"Authorization": f"Bearer {OPERATOR_TOKEN}"}
     admin = httpx.post(f"{base}/v1/tenants", json={"name": f"bench-{time.time_ns()}"}, headers=auth).json()["api_key"]
@@ -145,12 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     from inference import LLM
 
     convs = conversations(args.concurrency)
-    with socket.socket() as probe:  # a free port for the server
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="tailor-bench-http-") as tmp:
-        server = start_server(args.model, Path(tmp), port)
+        settings = {"TAILOR_MODEL": args.model, "TAILOR_OPERATOR_TOKEN": OPERATOR_TOKEN,
+                    "TAILOR_RATE_LIMIT_PER_MINUTE": "0", "TAILOR_CLEANUP_INTERVAL_S": "0"}
+        server = start_server(settings, Path(tmp), port)
         try:
             wait_ready(base, server)
             key = chat_key(base)
@@ -168,8 +143,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 llm.close()
         finally:
-            server.terminate()
-            server.wait(60)
+            stop_server(server)
     return report(args, rows)
 
 
@@ -199,10 +173,7 @@ def report(args: argparse.Namespace, rows: dict[str, list[dict]]) -> int:
         "tokens_per_s_median": medians, "ratio_median": medians["http"] / medians["inprocess"],
         "ratio_per_round": per_round,
     }
-    out = args.out or RESULTS / f"http_path-cpu{'-stream' if args.stream else ''}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(result, args.out or RESULTS / f"http_path-cpu{'-stream' if args.stream else ''}.json")
     return 0
 
 

@@ -56,7 +56,6 @@ import argparse
 import asyncio
 import dataclasses
 import datetime as dt
-import json
 import os
 import platform
 import random
@@ -64,6 +63,8 @@ import statistics
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.live_server import write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TENANT = "bench-multi-turn"
@@ -379,10 +380,7 @@ def report(args, system: str, system_tokens: int, rows: list[dict[str, Any]], en
         "wall_s": wall, "other_cpus": other_cpus,
         "summary": summary, "per_turn": per_turn, "requests": rows,
     }
-    out = args.out or RESULTS / f"multi_turn_chat-{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(result, args.out or RESULTS / f"multi_turn_chat-{args.device.split(':')[0]}.json")
     return 0
 
 

@@ -81,10 +81,7 @@ import json
 import math
 import os
 import platform
-import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -95,6 +92,8 @@ from typing import Any
 import httpx
 import numpy as np
 
+from benchmarks.live_server import (cpu_snapshot, cpu_use, free_port, metric, scrape, start_server, stop_server,
+                                    wait_ready, write_results)
 from benchmarks.workload import gamma_arrivals
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -161,29 +160,6 @@ def max_num_seqs() -> int:
 
 
 # --------------------------------------------------------------------------- server and tenants
-def start_server(args: argparse.Namespace, data_dir: Path, port: int) -> subprocess.Popen:
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("TAILOR_")}  # only the settings named here
-    env = {**inherited, **SERVER_SETTINGS, "TAILOR_DATA_DIR": str(data_dir), "TAILOR_MODEL": str(args.model),
-           "TAILOR_PORT": str(port), "TAILOR_DEVICE": args.device, "TAILOR_OPERATOR_TOKEN": OPERATOR_TOKEN}
-    log = open(data_dir / "server.log", "wb")
-    return subprocess.Popen([sys.executable, "-m", "api.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parents[1])
-
-
-def wait_ready(base: str, process: subprocess.Popen, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"the server exited with {process.returncode}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2.0).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError("the server did not become ready")
-
-
 @dataclass
 class Tenant:
     name: str
@@ -221,24 +197,6 @@ def set_weight(base: str, tenant: Tenant, weight: float) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- metrics and CPU
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)")
-_LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-
-
-async def scrape(client: httpx.AsyncClient) -> list[tuple[str, dict[str, str], float]]:
-    text = (await client.get("/metrics", timeout=30.0)).text
-    samples = []
-    for line in text.splitlines():
-        m = _SAMPLE.match(line)
-        if m and not line.startswith("#"):
-            samples.append((m.group(1), dict(_LABEL.findall(m.group(2) or "")), float(m.group(3))))
-    return samples
-
-
-def metric(samples, name: str, **labels: str) -> float:
-    return sum(v for n, lab, v in samples if n == name and all(lab.get(k) == x for k, x in labels.items()))
-
-
 def engine_counters(samples) -> dict[str, float]:
     return {"steps": metric(samples, "tailor_inference_steps_total"),
             "batch_sum": metric(samples, "tailor_inference_batch_size_sum"),
@@ -252,29 +210,6 @@ def engine_counters(samples) -> dict[str, float]:
 def tenant_tokens(samples, tenant: Tenant) -> dict[str, float]:
     return {d: metric(samples, "tailor_tenant_tokens_total", tenant=tenant.id, direction=d)
             for d in ("prompt", "completion")}
-
-
-def cpu_snapshot(server_pid: int) -> tuple[float, float, float] | None:
-    """(CPU seconds all processes were busy, this process's, the server's), Linux only."""
-    try:
-        with open("/proc/stat") as f:
-            values = [int(v) for v in f.readline().split()[1:9]]
-        with open(f"/proc/{server_pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        hz = os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError):
-        return None
-    own = os.times()
-    return ((sum(values) - values[3] - values[4]) / hz, own.user + own.system,
-            (int(fields[11]) + int(fields[12])) / hz)
-
-
-def cpu_use(before, after, wall: float) -> dict[str, float] | None:
-    """Average CPUs kept busy over ``wall`` seconds by the server, this process and the rest."""
-    if before is None or after is None or wall <= 0:
-        return None
-    total, own, server = ((a - b) / wall for a, b in zip(after, before))
-    return {"server": round(server, 3), "client": round(own, 3), "others": round(max(0.0, total - own - server), 3)}
 
 
 # --------------------------------------------------------------------------- one chat
@@ -636,12 +571,12 @@ async def run_phases(args, heavy: Tenant, light: Tenant, server_pid: int) -> dic
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     args.base = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory(prefix="tailor-bench-fairness-") as tmp:
-        server = start_server(args, Path(tmp), port)
+        settings = {**SERVER_SETTINGS, "TAILOR_MODEL": str(args.model), "TAILOR_DEVICE": args.device,
+                    "TAILOR_OPERATOR_TOKEN": OPERATOR_TOKEN}
+        server = start_server(settings, Path(tmp), port, inherit_tailor_env=False)  # only the settings named here
         try:
             wait_ready(args.base, server)
             heavy = make_tenant(args.base, "heavy", args.heavy_users)
@@ -652,12 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--- server log (tail) ---\n" + log[-3000:], file=sys.stderr)
             raise
         finally:
-            server.terminate()
-            try:
-                server.wait(60)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
+            stop_server(server)
     return report(args, phases)
 
 
@@ -722,10 +652,7 @@ def report(args: argparse.Namespace, phases: dict[str, Any]) -> int:
         "server_settings": SERVER_SETTINGS, "max_num_seqs": max_num_seqs(),
         **phases, "ttft_p95_ratio_b_over_a": ratio,
     }
-    out = args.out or RESULTS / f"tenant_fairness-{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(result, args.out or RESULTS / f"tenant_fairness-{args.device.split(':')[0]}.json")
     return 0
 
 
