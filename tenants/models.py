@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Boolean,
     CheckConstraint,
     DateTime,
     Float,
@@ -56,9 +57,31 @@ class AdapterStatus(enum.StrEnum):
     DELETED = "deleted"
 
 
+class TrainingStatus(enum.StrEnum):
+    """A training job's life: ``queued`` until a worker takes it, ``running``, then ``succeeded``,
+    ``failed`` or ``cancelled`` (the three final states)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class ExampleSource(enum.StrEnum):
+    """Where a training example came from: posted through the API, or made from chat feedback."""
+
+    API = "api"
+    FEEDBACK = "feedback"
+
+
 API_KEY_SCOPES = ("admin", "chat")
 ADAPTER_STATUSES = tuple(s.value for s in AdapterStatus)
+TRAINING_STATUSES = tuple(s.value for s in TrainingStatus)
+ACTIVE_TRAINING_STATUSES = (TrainingStatus.QUEUED.value, TrainingStatus.RUNNING.value)
+EXAMPLE_SOURCES = tuple(s.value for s in ExampleSource)
 MESSAGE_ROLES = ("user", "assistant", "system")
+FEEDBACK_RATINGS = (1, -1)
 
 ID_LENGTH = 32
 IDEMPOTENCY_KEY_LENGTH = 255
@@ -234,6 +257,9 @@ class Adapter(Base):
     storage_key: Mapped[str | None] = mapped_column(String(1024), nullable=True)
     idempotency_key: Mapped[str | None] = mapped_column(String(IDEMPOTENCY_KEY_LENGTH), nullable=True)
     created_at: Mapped[datetime] = _created_at()
+    # where a trained version came from: {"training_job_id", "example_count", "train_loss",
+    # "eval_loss_before", "eval_loss_after", ...}; NULL for an upload
+    provenance: Mapped[dict | None] = mapped_column(JSON, nullable=True)
 
     owner: Mapped[User | None] = relationship(foreign_keys=[owner_user_id])
 
@@ -276,3 +302,107 @@ class Message(Base):
     content: Mapped[str] = mapped_column(Text, nullable=False)
     token_count: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = _created_at()
+    # the adapter version that wrote an assistant message (NULL: the base model, or a user message);
+    # no foreign key: the answer keeps naming the version it came from whatever happens to the row
+    adapter_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), nullable=True)
+
+
+def _user_fk() -> Mapped[str]:
+    return mapped_column(String(ID_LENGTH), ForeignKey("users.id", ondelete="CASCADE"), nullable=False, index=True)
+
+
+class TrainingExample(Base):
+    """One training example of a user: a conversation ending with the assistant turn to learn.
+
+    ``source`` is ``api`` (posted) or ``feedback`` (made from a rated chat message, ``message_id``;
+    the conversation is copied, so erasing the chat history keeps the example: it is the user's
+    training data until deleted through its own route)."""
+
+    __tablename__ = "training_examples"
+    __table_args__ = (
+        CheckConstraint(_in("source", EXAMPLE_SOURCES), name="source"),
+        Index("ix_training_examples_tenant_user_created", "tenant_id", "user_id", "created_at"),
+    )
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    user_id: Mapped[str] = _user_fk()
+    source: Mapped[ExampleSource] = mapped_column(StrEnumString(ExampleSource, 16), nullable=False)
+    message_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("messages.id", ondelete="SET NULL"), nullable=True, index=True
+    )
+    messages: Mapped[list[dict]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = _created_at()
+
+
+class MessageFeedback(Base):
+    """A user's rating of one assistant message (one per message: rating again replaces it).
+    ``example_id``: the training example it made (an approval or a correction), NULL for a
+    rejection without a correction (recorded, not trained on)."""
+
+    __tablename__ = "message_feedback"
+    __table_args__ = (
+        UniqueConstraint("message_id"),
+        CheckConstraint("rating IN (1, -1)", name="rating"),
+    )
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    user_id: Mapped[str] = _user_fk()
+    message_id: Mapped[str] = mapped_column(
+        String(ID_LENGTH), ForeignKey("messages.id", ondelete="CASCADE"), nullable=False
+    )
+    rating: Mapped[int] = mapped_column(Integer, nullable=False)
+    correction: Mapped[str | None] = mapped_column(Text, nullable=True)
+    example_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("training_examples.id", ondelete="SET NULL"), nullable=True
+    )
+    created_at: Mapped[datetime] = _created_at()
+
+
+class TrainingJob(Base):
+    """A job that trains a user's adapter from their examples (tenants.training.jobs).
+
+    ``heartbeat_at`` is renewed by the process running the job; a ``running`` job whose heartbeat
+    is older than ``TAILOR_TRAINING_STALE_AFTER_S`` lost its process and is failed by the clean-up.
+    ``promoted``: the new version became the user's adapter (its evaluation loss fell); a
+    succeeded job that did not improve stores no adapter and says so in ``result``. At most one
+    queued or running job per user (a partial unique index)."""
+
+    __tablename__ = "training_jobs"
+    __table_args__ = (
+        CheckConstraint(_in("status", TRAINING_STATUSES), name="status"),
+        CheckConstraint("step >= 0 AND total_steps >= 0", name="steps_nonnegative"),
+        CheckConstraint("example_count >= 0", name="example_count_nonnegative"),
+        Index("ix_training_jobs_tenant_user_created", "tenant_id", "user_id", "created_at"),
+        Index("uq_training_jobs_active_user", "user_id", unique=True,
+              sqlite_where=text(_in("status", ACTIVE_TRAINING_STATUSES)),
+              postgresql_where=text(_in("status", ACTIVE_TRAINING_STATUSES))),
+    )
+
+    id: Mapped[str] = _id_column()
+    tenant_id: Mapped[str] = _tenant_fk()
+    user_id: Mapped[str] = _user_fk()
+    status: Mapped[TrainingStatus] = mapped_column(
+        StrEnumString(TrainingStatus, 16), nullable=False, default=TrainingStatus.QUEUED
+    )
+    parameters: Mapped[dict] = mapped_column(JSON, nullable=False, default=dict)
+    example_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    step: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    total_steps: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    train_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss_before: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss_after: Mapped[float | None] = mapped_column(Float, nullable=True)
+    adapter_id: Mapped[str | None] = mapped_column(
+        String(ID_LENGTH), ForeignKey("adapters.id", ondelete="SET NULL"), nullable=True
+    )
+    promoted: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=text("false"))
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
+                                                   server_default=text("false"))
+    worker: Mapped[str | None] = mapped_column(String(255), nullable=True)
+    created_at: Mapped[datetime] = _created_at()
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)

@@ -13,7 +13,8 @@ from tenants import migrate
 from tenants.db import make_engine, make_session_factory, normalize_url, session_scope
 from tenants.models import Adapter, Base, Conversation, Message, Tenant, User
 
-TABLES = {"tenants", "api_keys", "users", "adapters", "conversations", "messages"}
+TABLES = {"tenants", "api_keys", "users", "adapters", "conversations", "messages", "training_examples",
+          "message_feedback", "training_jobs"}
 
 
 def _tables(url: str) -> set[str]:
