@@ -125,6 +125,8 @@ class AdapterPublic(BaseModel):
     size_bytes: int | None
     sha256: str | None
     created_at: datetime
+    provenance: dict | None = Field(None, description="for a version made by a training job: the job's id, its "
+                                    "example count and losses (null for an upload)")
 
 
 class AdapterList(BaseModel):

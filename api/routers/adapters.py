@@ -28,16 +28,14 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
-from sqlalchemy.exc import IntegrityError
-
 from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.schemas import AdapterList, AdapterPublic
 from tenants import repositories as repo
+from tenants.adapter_intake import IdempotencyConflict, StoreFailed, VersionConflict, insert_pending, store_files
 from tenants.adapter_uploads import StagedAdapter, UploadError, UploadLimits, stage_upload
 from tenants.db import session_scope
-from inference.adapters.storage_keys import adapter_file_keys, tenant_adapter_prefix
-from tenants.models import Adapter, AdapterStatus, new_id
+from tenants.models import Adapter, AdapterStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["adapters"])
@@ -48,14 +46,13 @@ REPLAYED_HEADER = "Idempotent-Replayed"
 STORE_RETRY_AFTER_S = 10
 STATUS_PATTERN = f"^({'|'.join(AdapterStatus)})$"
 _COPY_CHUNK = 1 << 20
-_INSERT_ATTEMPTS = 5
 
 
 def adapter_public(a: Adapter) -> AdapterPublic:
     return AdapterPublic(
         id=a.id, name=a.name, version=a.version, status=AdapterStatus(a.status).value, failure_reason=a.failure_reason,
         user_id=a.owner_user_id, rank=a.rank, target_modules=list(a.target_modules or []),
-        size_bytes=a.size_bytes, sha256=a.sha256, created_at=a.created_at,
+        size_bytes=a.size_bytes, sha256=a.sha256, created_at=a.created_at, provenance=a.provenance,
     )
 
 
@@ -71,71 +68,24 @@ def _receive(files: list[UploadFile], into: Path) -> list[tuple[str, Path]]:
     return received
 
 
-def _same_upload(existing: Adapter, name: str, user_id: str | None, staged: StagedAdapter, key: str) -> None:
-    """Raise 422 unless ``existing`` (the row an earlier upload with ``key`` made) came from the
-    same payload: the same weights (sha256), name and user."""
-    differs = [f"{field} differs (first upload: {then!r}, this one: {now!r})"
-               for field, then, now in (("name", existing.name, name), ("user_id", existing.owner_user_id, user_id),
-                                        ("the weights' sha256", existing.sha256, staged.sha256)) if then != now]
-    if differs:
-        raise HTTPException(422, [f"Idempotency-Key {key!r} was already used for another upload "
-                                  f"(adapter {existing.id}): {d}" for d in differs])
-
-
-def _existing_upload(session, tenant_id: str, key: str | None) -> Adapter | None:
-    if key is None:
-        return None
-    return repo.get_adapter_by_idempotency_key(session, tenant_id, key)
-
-
 def _insert_pending(state, tenant_id: str, name: str, user_id: str | None, staged: StagedAdapter,
                     idempotency_key: str | None = None) -> tuple[Adapter, bool]:
-    """``(row, True)``: a new ``pending`` row for the next version of ``name``; or ``(row, False)``:
-    the row an earlier upload with the same ``idempotency_key`` made. A lost race (the version, or
-    the key: the unique constraints) is retried, and the retry finds the winner's row by its key."""
-    for _attempt in range(_INSERT_ATTEMPTS):
-        adapter_id = new_id()
-        try:
-            with session_scope(state.platform.session_factory) as session:
-                existing = _existing_upload(session, tenant_id, idempotency_key)
-                if existing is not None:
-                    _same_upload(existing, name, user_id, staged, idempotency_key)
-                    session.expunge(existing)
-                    return existing, False
-                if user_id is not None and repo.get_user(session, tenant_id, user_id) is None:
-                    raise not_found("user", user_id)
-                adapter = repo.create_adapter(
-                    session, tenant_id, name, repo.next_adapter_version(session, tenant_id, name),
-                    adapter_id=adapter_id, owner_user_id=user_id, status=AdapterStatus.PENDING, rank=staged.rank,
-                    target_modules=staged.target_modules, size_bytes=staged.size_bytes, sha256=staged.sha256,
-                    storage_key=tenant_adapter_prefix(tenant_id, adapter_id), idempotency_key=idempotency_key,
-                )
-                session.expunge(adapter)
-                return adapter, True
-        except IntegrityError:
-            continue
-    raise HTTPException(409, f"could not allocate a version for adapter {name!r}; retry")
+    """``tenants.adapter_intake.insert_pending`` with its refusals as HTTP answers."""
+    try:
+        return insert_pending(state.platform, tenant_id, name, user_id, staged, idempotency_key=idempotency_key)
+    except repo.NotFound:
+        raise not_found("user", user_id) from None
+    except IdempotencyConflict as exc:
+        raise HTTPException(422, exc.problems) from None
+    except VersionConflict as exc:
+        raise HTTPException(409, str(exc)) from None
 
 
 def _store_files(state, adapter: Adapter, staged: StagedAdapter) -> None:
-    """Stream both files to the object store. On failure: remove what was written (best effort:
-    the store may be down; the clean-up job removes objects without a row later), delete the row,
-    and answer 503 with Retry-After."""
-    store = state.platform.store
+    """``tenants.adapter_intake.store_files``; a store failure is 503 with Retry-After."""
     try:
-        keys = adapter_file_keys(adapter.storage_key)
-        store.put_file(keys.config, staged.config_path)
-        store.put_file(keys.weights, staged.weights_path)
-    except Exception as exc:
-        log.warning("storing adapter %s (tenant %s) failed, nothing is kept: %s: %s",
-                    adapter.id, adapter.tenant_id, type(exc).__name__, exc)
-        try:
-            store.delete_prefix(adapter.storage_key)
-        except Exception as cleanup_exc:
-            log.warning("removing the objects of failed upload %s failed (the clean-up job will): %s",
-                        adapter.id, cleanup_exc)
-        with session_scope(state.platform.session_factory) as session:
-            repo.delete_adapter_row(session, adapter.tenant_id, adapter.id)
+        store_files(state.platform, adapter, staged)
+    except StoreFailed as exc:
         raise HTTPException(503, "the object store is unavailable; nothing was stored",
                             headers={"Retry-After": str(STORE_RETRY_AFTER_S)}) from exc
 
