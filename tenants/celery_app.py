@@ -1,5 +1,5 @@
-"""The Celery application of the worker service and its tasks, ``tailor.validate_adapter`` and
-``tailor.cleanup``.
+"""The Celery application of the worker service and its tasks, ``tailor.validate_adapter``,
+``tailor.train_adapter`` and ``tailor.cleanup``.
 
 Following Celery's own advice the validation task is thin and idempotent: it calls
 ``tenants.adapter_validation.validate_adapter_job``, which acts only on a pending adapter and flips
@@ -33,12 +33,13 @@ from tenants.settings import Settings
 log = logging.getLogger(__name__)
 
 VALIDATE_TASK = "tailor.validate_adapter"
+TRAIN_TASK = "tailor.train_adapter"
 CLEANUP_TASK = "tailor.cleanup"
 QUEUE = "tailor"  # the Redis list the worker consumes (and the queue-length gauge reads)
 ENQUEUED_AT_HEADER = "tailor_enqueued_at"  # unix time at which the task was sent
 
-__all__ = ["CLEANUP_TASK", "QUEUE", "VALIDATE_TASK", "get_platform", "make_celery", "reset_platform",
-           "send_validation", "transient_errors"]
+__all__ = ["CLEANUP_TASK", "QUEUE", "TRAIN_TASK", "VALIDATE_TASK", "get_platform", "make_celery", "reset_platform",
+           "send_training", "send_validation", "transient_errors"]
 
 
 def send_validation(app: Celery, adapter_id: str) -> None:
@@ -48,8 +49,13 @@ def send_validation(app: Celery, adapter_id: str) -> None:
     app.send_task(VALIDATE_TASK, args=[adapter_id], headers={ENQUEUED_AT_HEADER: time.time()})
 
 
+def send_training(app: Celery, job_id: str) -> None:
+    """Publish one training message (broker errors are raised)."""
+    app.send_task(TRAIN_TASK, args=[job_id], headers={ENQUEUED_AT_HEADER: time.time()})
+
+
 def make_celery(settings: Settings) -> Celery:
-    """A Celery app on ``settings.redis_url`` (broker and result backend) with the two tasks.
+    """A Celery app on ``settings.redis_url`` (broker and result backend) with the three tasks.
 
     The clean-up is not on a Celery beat schedule: each worker's ``CleanupScheduler`` sends it
     (one worker per interval, see ``tenants.worker_leases``)."""
@@ -77,8 +83,28 @@ def make_celery(settings: Settings) -> Celery:
     app.tailor_retry = RetryPolicy.from_settings(settings)
     app.task(name=VALIDATE_TASK, bind=True, acks_late=True, reject_on_worker_lost=True,
              max_retries=None)(validate_adapter)
+    app.task(name=TRAIN_TASK, bind=True, acks_late=True, reject_on_worker_lost=True, max_retries=0)(train_adapter)
     app.task(name=CLEANUP_TASK, bind=True, ignore_result=True)(cleanup)
     return app
+
+
+def train_adapter(task: Task, job_id: str) -> str:
+    """Run the training job ``job_id`` (``tenants.training.jobs.run_training_job``); returns its
+    outcome. Never retried: the job records its own failure. Acknowledged late like a validation:
+    a message whose worker died is redelivered, finds the job no longer queued and is skipped
+    (the clean-up fails the job once its heartbeat is stale)."""
+    from tenants.training.jobs import run_training_job
+
+    return run_training_job(get_platform(task.app.tailor_settings), job_id, stop=_stop_trainings)
+
+
+_stop_trainings = threading.Event()
+
+
+def stop_trainings() -> None:
+    """The worker is shutting down: a running training ends (failed, saying so) at its next step
+    instead of outlasting the drain timeout."""
+    _stop_trainings.set()
 
 
 def cleanup(task: Task) -> dict:

@@ -8,6 +8,9 @@ It repairs what a crash or an outage can leave behind; every step is idempotent:
 * objects under ``tenants/`` that belong to no adapter row are deleted (uploads insert the row
   before storing files, so an object without a row is garbage, never an upload in progress: it is
   what an upload left when the store failed and was still down when the upload tried to remove it);
+* a ``running`` training job whose process died (no heartbeat for ``TAILOR_TRAINING_STALE_AFTER_S``)
+  is failed, saying so, and the adapter it had begun to store is given up; a job still ``queued``
+  after ``give_up_after_s`` (its message was lost) is failed (``tenants.training.jobs``);
 * unfinished uploads under ``tenants/`` begun more than ``stale_upload_after_s`` ago are removed:
   S3 multipart uploads whose abort could not reach the server (they hold their parts' bytes, and
   are invisible to listings of objects), and temporary files of the local folder store.
@@ -28,6 +31,7 @@ from tenants.adapter_validation import ValidationOutcome, give_up
 from tenants.db import session_scope
 from tenants.models import Adapter, AdapterStatus, utcnow
 from tenants.platform import Platform
+from tenants.training.jobs import reap_stale_jobs
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,7 @@ class CleanupReport:
     files_removed: int = 0
     orphans_removed: int = 0
     uploads_aborted: int = 0
+    trainings_failed: list[str] = field(default_factory=list)
 
 
 def _aware(moment: datetime) -> datetime:
@@ -114,10 +119,12 @@ def cleanup_job(
     report = CleanupReport()
     now = now or utcnow()
     _stale_pending(platform, report, submit_validation, now, requeue_after_s, give_up_after_s)
+    report.trainings_failed = reap_stale_jobs(platform, queued_timeout_s=give_up_after_s)
     _leftover_files(platform, report)
     _orphans(platform, report)
     _stale_uploads(platform, report, now, stale_upload_after_s)
-    if report.requeued or report.timed_out or report.files_removed or report.orphans_removed or report.uploads_aborted:
+    if (report.requeued or report.timed_out or report.files_removed or report.orphans_removed or report.uploads_aborted
+            or report.trainings_failed):
         log.info("clean-up: %s", report)
     return report
 

@@ -105,6 +105,14 @@ class Settings(BaseSettings):
     validation_retry_initial_s: float = Field(2.0, gt=0)  # first backoff; doubles per attempt, with jitter
     validation_retry_max_s: float = Field(120.0, gt=0)  # backoff cap
 
+    # --- adapter training (tenants.training.jobs) ----------------------------------------------------
+    training_threads: int = Field(1, ge=1)  # torch intra-op threads of one training (1: chat keeps the other cores)
+    max_training_jobs_per_tenant: int = Field(2, ge=0)  # queued + running jobs per tenant; 0 disables the limit
+    max_examples_per_user: int = Field(1000, ge=4)  # stored training examples per user
+    training_max_length: int = Field(1024, ge=32)  # tokens of one example (longer ones keep their end)
+    training_heartbeat_s: float = Field(2.0, gt=0)  # a running job renews its heartbeat and reads its cancel flag
+    training_stale_after_s: float = Field(60.0, gt=0)  # a running job without a heartbeat this long is failed
+
     # --- inference ---------------------------------------------------------------------------------
     inference_mode: Literal["embedded", "remote"] = "embedded"
     inference_url: str = "http://127.0.0.1:8001"
@@ -165,6 +173,9 @@ class Settings(BaseSettings):
             problems.append("TAILOR_DEFAULT_MAX_TOKENS exceeds TAILOR_MAX_TOKENS_LIMIT")
         if self.validation_retry_initial_s > self.validation_retry_max_s:
             problems.append("TAILOR_VALIDATION_RETRY_INITIAL_S exceeds TAILOR_VALIDATION_RETRY_MAX_S")
+        if self.training_stale_after_s < 3 * self.training_heartbeat_s:
+            problems.append("TAILOR_TRAINING_STALE_AFTER_S must be at least 3 times TAILOR_TRAINING_HEARTBEAT_S "
+                            "(a live job would be taken for a dead one)")
         if self.validation_retry_budget_s >= self.pending_timeout_s:
             problems.append("TAILOR_VALIDATION_RETRY_BUDGET_S must be below TAILOR_PENDING_TIMEOUT_S "
                             "(the clean-up fails adapters still pending then)")

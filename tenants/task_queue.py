@@ -1,12 +1,14 @@
 """Where background jobs go: a thread in this process (the embedded default) or Celery (production).
 
-The api only calls ``submit_validation(adapter_id)``; ``make_task_queue`` picks the
+The api calls ``submit_validation(adapter_id)`` and ``submit_training(job_id)``; ``make_task_queue`` picks the
 implementation from ``settings.task_mode``. Both run the same idempotent job,
 ``tenants.adapter_validation.validate_adapter_job``, with the same retry policy
 (``tenants.retry_policy``: transient errors retried within a time budget, capped exponential
 backoff with jitter, the adapter pending meanwhile) and record the same metric families
 (``tenants.worker_metrics``): the embedded default does the worker's work, so it shows on the
 same dashboards.
+Training jobs (``tenants.training.jobs.run_training_job``) are not retried: a job that fails says
+why, and the user asks again.
 """
 
 from __future__ import annotations
@@ -31,10 +33,14 @@ log = logging.getLogger(__name__)
 
 
 class TaskQueue(Protocol):
-    """Runs adapter validations in the background."""
+    """Runs adapter validations and training jobs in the background."""
 
     def submit_validation(self, adapter_id: str) -> None:
         """Queue the validation of the pending adapter ``adapter_id``; returns at once."""
+        ...
+
+    def submit_training(self, job_id: str) -> None:
+        """Queue the training job ``job_id`` (queued in the database); returns at once."""
         ...
 
     def close(self) -> None:
@@ -57,10 +63,17 @@ class InProcessTaskQueue:
     ``retry`` policy decides: a transient error is run again after a backoff (a timer puts the job
     back on the pool) while the budget lasts; otherwise ``give_up(adapter_id, reason)`` marks the
     adapter failed. Nothing is ever raised into the caller. Jobs submitted after ``close`` are
-    dropped with a warning (the adapter stays pending; the clean-up job queues it again)."""
+    dropped with a warning (the adapter stays pending; the clean-up job queues it again).
+
+    Training jobs (``submit_training``) run one at a time on a thread of their own, so a training
+    never delays a validation: ``train(job_id, stop)``, where ``stop`` is set by ``close`` (the
+    running training ends at its next step; a job not started yet is handed to
+    ``drop_training(job_id)``, which fails it)."""
 
     def __init__(self, run: Callable[[str], object], max_workers: int = 1, *, retry: RetryPolicy | None = None,
-                 give_up: Callable[[str, str], object] | None = None):
+                 give_up: Callable[[str, str], object] | None = None,
+                 train: Callable[[str, threading.Event], object] | None = None,
+                 drop_training: Callable[[str], object] | None = None):
         import tenants.worker_metrics as metrics
 
         self._metrics = metrics
@@ -68,6 +81,10 @@ class InProcessTaskQueue:
         self._retry = retry or RetryPolicy()
         self._give_up = give_up
         self._executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="tailor-task")
+        self._train = train
+        self._drop_training = drop_training
+        self._stop_training = threading.Event()
+        self._trainer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tailor-training")
         self._idle = threading.Condition()
         self._outstanding = 0  # jobs submitted and not finished for good (retries included)
         self._queued = 0  # jobs on the pool that have not started
@@ -82,6 +99,25 @@ class InProcessTaskQueue:
                 return
             self._outstanding += 1
             self._enqueue(_Job(adapter_id, time.time()))
+
+    def submit_training(self, job_id: str) -> None:
+        """Run ``train(job_id, stop)`` on the training thread (after the trainings before it)."""
+        if self._train is None:
+            raise RuntimeError("this task queue runs no training")
+        with self._idle:
+            if self._closed:
+                raise RuntimeError("the task queue is closed")
+            self._trainer.submit(self._training, job_id)
+
+    def _training(self, job_id: str) -> None:
+        try:
+            if self._stop_training.is_set():
+                if self._drop_training is not None:
+                    self._drop_training(job_id)
+                return
+            self._train(job_id, self._stop_training)
+        except Exception:  # the job records its own failures; this is a fault of recording them
+            log.exception("training job %s failed", job_id)
 
     def _enqueue(self, job: _Job) -> None:
         """Put ``job`` on the pool (the caller holds ``_idle``)."""
@@ -188,7 +224,9 @@ class InProcessTaskQueue:
             self._idle.notify_all()
         if timers:
             log.warning("task queue closed: %d scheduled retries dropped", len(timers))
+        self._stop_training.set()  # the running training stops at its next step; the queued ones are failed
         self._executor.shutdown(wait=wait, cancel_futures=not wait)
+        self._trainer.shutdown(wait=wait)
 
 
 class CeleryTaskQueue:
@@ -204,6 +242,12 @@ class CeleryTaskQueue:
 
         send_validation(self.app, adapter_id)
 
+    def submit_training(self, job_id: str) -> None:
+        """Publish one training message."""
+        from tenants.celery_app import send_training
+
+        send_training(self.app, job_id)
+
     def close(self) -> None:
         """Release the app's broker connections."""
         self.app.close()
@@ -217,7 +261,12 @@ def make_task_queue(settings: Settings, platform: Platform) -> TaskQueue:
         return CeleryTaskQueue(make_celery(settings))
 
     from tenants.adapter_validation import give_up, validate_adapter_job
+    from tenants.training.jobs import fail_unstarted, run_training_job
 
     return InProcessTaskQueue(lambda adapter_id: validate_adapter_job(platform, adapter_id),
                               retry=RetryPolicy.from_settings(settings),
-                              give_up=lambda adapter_id, reason: give_up(platform, adapter_id, reason))
+                              give_up=lambda adapter_id, reason: give_up(platform, adapter_id, reason),
+                              train=lambda job_id, stop: run_training_job(platform, job_id, stop=stop),
+                              drop_training=lambda job_id: fail_unstarted(
+                                  platform, job_id, "the server shut down before the job started; no adapter "
+                                                    "was stored"))

@@ -1,4 +1,5 @@
-"""The worker service: a Celery worker that validates uploaded adapters, with Prometheus metrics.
+"""The worker service: a Celery worker that validates uploaded adapters and trains users' adapters,
+with Prometheus metrics.
 
 Run it as ``tailor worker`` or ``python -m tenants.worker`` (settings from ``TAILOR_*``).
 
@@ -17,7 +18,7 @@ visibility timeout only redelivers those of dead workers) and the ``CleanupSched
 periodic clean-up; one worker per interval among all of them). See ``tenants.worker_leases``.
 
 SIGTERM: ``/readyz`` answers 503 at once, the worker stops consuming, the running task finishes
-and the process exits with status 0 (held retry messages go back to the queue). If the task is
+(a training stops at its next step and fails, saying so) and the process exits with status 0 (held retry messages go back to the queue). If the task is
 still running after ``TAILOR_WORKER_DRAIN_TIMEOUT_S`` the process exits with status 1; its message
 is redelivered to another worker after the visibility timeout.
 """
@@ -103,7 +104,10 @@ class ShutdownWatch:
         log.info(READY_MESSAGE)
 
     def on_shutting_down(self, sig=None, how=None, **_kwargs) -> None:
+        from tenants.celery_app import stop_trainings
+
         self.readiness.set(False)
+        stop_trainings()
         log.info("%s (%s shutdown): not ready; the running task may finish within %.0f s",
                  sig, how, self.drain_timeout_s)
         if self._timer is None:
@@ -178,6 +182,7 @@ def run_worker(settings: Settings) -> int:
     worker_shutting_down.connect(watch.on_shutting_down, weak=False)
     import tenants.adapter_validation  # noqa: F401  (torch and the engine's checks: imported before
     import tenants.cleanup  # noqa: F401  the worker says it is ready, not inside its first task)
+    import tenants.training.jobs  # noqa: F401
 
     threads = _start_threads(app, settings)
     try:
