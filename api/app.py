@@ -23,7 +23,7 @@ from api.metrics import ApiMetrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.prefetch import prefetch_from_thread
 from api.rate_limit import TenantRateLimiter
-from api.routers import adapters, api_keys, chat, health, openai_compat, tenants, users
+from api.routers import adapters, api_keys, chat, health, openai_compat, tenants, training_data, trainings, users
 from api.state import AppState
 from tenants.cleanup import PeriodicCleanup, cleanup_job
 from tenants.platform import Platform
@@ -113,7 +113,7 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    for module in (health, tenants, api_keys, users, adapters, chat, openai_compat):
+    for module in (health, tenants, api_keys, users, adapters, chat, openai_compat, training_data, trainings):
         app.include_router(module.router)
     app.include_router(metrics_router)
     app.state.metrics = ApiMetrics()

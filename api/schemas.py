@@ -158,6 +158,8 @@ class MessagePublic(BaseModel):
     role: Literal["user", "assistant", "system"]
     content: str
     created_at: datetime
+    adapter_id: str | None = Field(None, description="for an answer: the adapter version that wrote it (null: the "
+                                   "base model)")
 
 
 class ChatResponse(BaseModel):
@@ -165,6 +167,8 @@ class ChatResponse(BaseModel):
     conversation_id: str
     message: MessagePublic
     adapter_id: str | None = Field(description="the personal adapter that answered (null: the base model)")
+    adapter_version: int | None = Field(None, description="that adapter's version number (each version has its own "
+                                        "id): every answer comes from exactly one version")
     finish_reason: str
     history_messages_used: int
     usage: Usage

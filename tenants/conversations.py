@@ -28,6 +28,7 @@ class ChatContext:
     history: list[ChatTurn]
     adapter: AdapterSpec | None
     adapter_status: AdapterStatus | None  # status of the user's assigned adapter (None: none assigned)
+    adapter_version: int | None = None  # the version number of ``adapter`` (None: the base model)
 
 
 def load_chat_context(session: Session, tenant_id: str, user: User, max_messages: int,
@@ -36,16 +37,16 @@ def load_chat_context(session: Session, tenant_id: str, user: User, max_messages
     (:func:`history_window` of ``max_messages`` messages moving by ``step_messages``) and their
     adapter (its spec only when it is ready)."""
     tenant = repo.get_tenant(session, tenant_id)
-    spec, status = None, None
+    spec, status, version = None, None, None
     if user.current_adapter_id is not None:
         adapter = session.get(Adapter, user.current_adapter_id)
         if adapter is not None and adapter.tenant_id == tenant_id:
             status = adapter.status
             if adapter.status == AdapterStatus.READY:
-                spec = adapter_spec(adapter)
+                spec, version = adapter_spec(adapter), adapter.version
     history = [ChatTurn(role=m.role, content=m.content)
                for m in history_window(session, tenant_id, user.id, max_messages, step_messages)]
-    return ChatContext(user.id, tenant.system_prompt if tenant else None, history, spec, status)
+    return ChatContext(user.id, tenant.system_prompt if tenant else None, history, spec, status, version)
 
 
 def history_window(
@@ -100,16 +101,18 @@ def record_exchange(
     reply_text: str,
     completion_tokens: int | None,
     asked_at: datetime | None = None,
+    adapter_id: str | None = None,
 ) -> tuple[Message, Message]:
     """Store the user's message (at ``asked_at``, when the request arrived) and the reply
-    (strictly later, so the order is stable)."""
+    (strictly later, so the order is stable), which records the adapter version that wrote it
+    (``adapter_id``; None: the base model)."""
     conversation = current_conversation(session, tenant_id, user_id)
     asked_at = asked_at or utcnow()
     answered_at = max(utcnow(), asked_at + timedelta(microseconds=1))
     question = repo.add_message(session, tenant_id, conversation.id, "user", user_text,
                                 token_count=None, created_at=asked_at)
     answer = repo.add_message(session, tenant_id, conversation.id, "assistant", reply_text,
-                              token_count=completion_tokens, created_at=answered_at)
+                              token_count=completion_tokens, created_at=answered_at, adapter_id=adapter_id)
     return question, answer
 
 

@@ -355,6 +355,7 @@ def add_message(
     *,
     token_count: int | None = None,
     created_at: datetime | None = None,
+    adapter_id: str | None = None,
 ) -> Message:
     conversation = get_conversation(session, tenant_id, conversation_id)
     if conversation is None:
@@ -367,6 +368,7 @@ def add_message(
         content=content,
         token_count=token_count,
         created_at=created_at or utcnow(),
+        adapter_id=adapter_id,
     )
     session.add(message)
     session.flush()

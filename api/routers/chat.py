@@ -31,7 +31,7 @@ router = APIRouter(tags=["chat"])
 
 
 def message_public(m) -> MessagePublic:
-    return MessagePublic(id=m.id, role=m.role, content=m.content, created_at=m.created_at)
+    return MessagePublic(id=m.id, role=m.role, content=m.content, created_at=m.created_at, adapter_id=m.adapter_id)
 
 
 def _context(state: AppState, tenant_id: str, user_id: str) -> ChatContext:
@@ -45,12 +45,13 @@ def _record(state: AppState, tenant_id: str, ctx: ChatContext, body: ChatRequest
             asked_at: datetime, used: int) -> ChatResponse:
     with session_scope(state.platform.session_factory) as session:
         _question, answer = record_exchange(session, tenant_id, ctx.user_id, body.message, end.text,
-                                            end.completion_tokens, asked_at)
+                                            end.completion_tokens, asked_at, ctx.adapter.id if ctx.adapter else None)
         usage = Usage(prompt_tokens=end.prompt_tokens, completion_tokens=end.completion_tokens,
                       total_tokens=end.total_tokens)
         return ChatResponse(
             id=answer.id, conversation_id=answer.conversation_id, message=message_public(answer),
-            adapter_id=ctx.adapter.id if ctx.adapter else None, finish_reason=end.finish_reason.value,
+            adapter_id=ctx.adapter.id if ctx.adapter else None, adapter_version=ctx.adapter_version,
+            finish_reason=end.finish_reason.value,
             history_messages_used=used, usage=usage,
         )
 
@@ -110,6 +111,7 @@ async def _chat_frames(state: AppState, tenant_id: str, ctx: ChatContext, body: 
             if isinstance(event, GenerationStarted):
                 start = event
                 yield sse("start", {"adapter_id": ctx.adapter.id if ctx.adapter else None,
+                                    "adapter_version": ctx.adapter_version,
                                     "history_messages_used": event.messages_used})
             elif isinstance(event, TextDelta):
                 yield sse("delta", {"text": event.text})

@@ -155,6 +155,11 @@ VALID_BODIES = {
         "stream": False, "max_tokens": 2, "max_completion_tokens": 2, "temperature": 0.5, "top_p": 1.0,
         "seed": 1, "stop": ["\n\n"], "n": 1, "user": "someone",
     },
+    ("POST", "/v1/users/{user_id}/examples"): {"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "hello"}]},
+    ("POST", "/v1/users/{user_id}/messages/{message_id}/feedback"): {"rating": -1, "correction": "better"},
+    ("POST", "/v1/users/{user_id}/adapter-trainings"): {"rank": 4, "target_modules": ["q_proj"], "epochs": 1,
+                                                        "learning_rate": 0.001, "start_from": "fresh"},
 }
 
 

@@ -99,6 +99,8 @@ class Tenant:
     user: dict
     adapters: dict[str, dict] = field(default_factory=dict)  # name -> the ready adapter
     message_ids: list[str] = field(default_factory=list)
+    example_ids: list[str] = field(default_factory=list)  # training examples of the user (one from feedback)
+    job_id: str | None = None  # a training job of the user, queued and never run
 
     @property
     def keys(self) -> tuple[str, str]:
@@ -163,8 +165,34 @@ def world(client, recorder, tmp_path_factory, tiny_model_config) -> World:
         tenant.message_ids = [m["id"] for m in messages(client, tenant.chat, tenant.user["id"])["data"]]
         assert len(tenant.message_ids) == 2
     assert a.adapters["shared-style"]["id"] != b.adapters["shared-style"]["id"]
+    for tenant in (a, b):
+        _add_training_data(client, tenant)
     nan_files = _nan_files(write_adapter(root / "nan", tiny_model_config, seed=31))
     return World(client, recorder, a, b, nan_files)
+
+
+def _example(tenant: Tenant, i: int) -> dict:
+    return {"messages": [{"role": "user", "content": f"question {i} of {tenant.tenant['name']}"},
+                         {"role": "assistant", "content": f"answer {i} of {tenant.tenant['name']}"}]}
+
+
+def _add_training_data(client, tenant: Tenant) -> None:
+    """Four examples, an approval of the user's answer (a fifth) and a queued training job that no
+    worker runs (inserted directly: a real one would change the user's adapter)."""
+    from tenants.db import session_scope
+    from tenants.training.repository import create_job
+
+    user_id = tenant.user["id"]
+    for i in range(4):
+        r = client.post(f"/v1/users/{user_id}/examples", json=_example(tenant, i), headers=bearer(tenant.admin))
+        assert r.status_code == 201, r.text
+        tenant.example_ids.append(r.json()["id"])
+    r = client.post(f"/v1/users/{user_id}/messages/{tenant.message_ids[1]}/feedback", json={"rating": 1},
+                    headers=bearer(tenant.chat))
+    assert r.status_code == 201 and r.json()["example"] is not None, r.text
+    tenant.example_ids.append(r.json()["example"]["id"])
+    with session_scope(client.app.state.tailor.platform.session_factory) as session:
+        tenant.job_id = create_job(session, tenant.tenant["id"], user_id, {"start_from": "fresh"}, 5).id
 
 
 # --- helpers ---------------------------------------------------------------------------------------
@@ -177,7 +205,8 @@ def ids(items) -> set[str]:
 def a_objects(w: World) -> set[str]:
     """Every id of tenant A's objects: tenant, keys, user, adapters, messages."""
     a = w.a
-    return {a.tenant["id"], a.admin_key_id, a.chat_key_id, a.user["id"], *ids(a.adapters.values()), *a.message_ids}
+    return {a.tenant["id"], a.admin_key_id, a.chat_key_id, a.user["id"], *ids(a.adapters.values()), *a.message_ids,
+            *a.example_ids, a.job_id}
 
 
 def assert_no_a_ids(w: World, body) -> None:
@@ -198,6 +227,10 @@ def a_is_intact(w: World) -> None:
     history = messages(c, a.chat, a.user["id"])  # also: A's chat key still works
     assert [m["id"] for m in history["data"]] == a.message_ids
     assert c.get("/v1/tenant", headers=bearer(a.admin)).json()["system_prompt"] == SYSTEM_PROMPT_A
+    examples = c.get(f"/v1/users/{a.user['id']}/examples", headers=bearer(a.admin)).json()
+    assert [e["id"] for e in examples["data"]] == a.example_ids
+    job = c.get(f"/v1/adapter-trainings/{a.job_id}", headers=bearer(a.admin)).json()
+    assert (job["status"], job["cancel_requested"]) == ("queued", False), job
 
 
 def completion(c: TestClient, key: str, model: str, content: str = "Say something.") -> dict:
@@ -441,6 +474,76 @@ def _models(w: World):
         assert_no_a_ids(w, r.json())
     a_names = {m["id"] for m in w.client.get("/v1/models", headers=bearer(w.a.chat)).json()["data"]}
     assert {"shared-style", "alpha-only"} <= a_names
+
+
+@probe("POST", "/v1/users/{user_id}/examples")
+def _create_example(w: World):
+    r = w.client.post(f"/v1/users/{w.a.user['id']}/examples", json=_example(w.b, 9), headers=bearer(w.b.admin))
+    assert r.status_code == 404, r.text
+    r = w.client.post(f"/v1/users/{w.b.user['id']}/examples", json=_example(w.b, 9), headers=bearer(w.b.admin))
+    assert r.status_code == 201, r.text
+    assert w.client.delete(f"/v1/users/{w.b.user['id']}/examples/{r.json()['id']}",
+                           headers=bearer(w.b.admin)).status_code == 204
+    a_is_intact(w)
+
+
+@probe("GET", "/v1/users/{user_id}/examples")
+def _list_examples(w: World):
+    assert w.client.get(f"/v1/users/{w.a.user['id']}/examples", headers=bearer(w.b.admin)).status_code == 404
+    own = w.client.get(f"/v1/users/{w.b.user['id']}/examples", params={"limit": 1000}, headers=bearer(w.b.admin))
+    assert own.status_code == 200 and [e["id"] for e in own.json()["data"]] == w.b.example_ids, own.text
+    assert own.json()["total"] == len(w.b.example_ids)
+    assert_no_a_ids(w, own.json())
+
+
+@probe("DELETE", "/v1/users/{user_id}/examples/{example_id}")
+def _delete_example(w: World):
+    for user_id in (w.a.user["id"], w.b.user["id"]):  # A's example by A's user, and by B's own user
+        for example_id in w.a.example_ids:
+            r = w.client.delete(f"/v1/users/{user_id}/examples/{example_id}", headers=bearer(w.b.admin))
+            assert r.status_code == 404, r.text
+    a_is_intact(w)
+
+
+@probe("POST", "/v1/users/{user_id}/messages/{message_id}/feedback")
+def _feedback(w: World):
+    for key in w.b.keys:
+        for user_id in (w.a.user["id"], w.b.user["id"]):  # A's answer by A's user, and by B's own user
+            r = w.client.post(f"/v1/users/{user_id}/messages/{w.a.message_ids[1]}/feedback",
+                              json={"rating": -1, "correction": "tenant B's words"}, headers=bearer(key))
+            assert r.status_code == 404, r.text
+    a_is_intact(w)  # A's feedback example is still the approval it was
+
+
+@probe("POST", "/v1/users/{user_id}/adapter-trainings")
+def _start_training(w: World):
+    for body in ({}, {"start_from": "current"}):
+        r = w.client.post(f"/v1/users/{w.a.user['id']}/adapter-trainings", json=body, headers=bearer(w.b.admin))
+        assert r.status_code == 404, r.text
+    own = w.client.get(f"/v1/users/{w.a.user['id']}/adapter-trainings", headers=bearer(w.a.admin)).json()
+    assert [j["id"] for j in own["data"]] == [w.a.job_id]
+    a_is_intact(w)
+
+
+@probe("GET", "/v1/adapter-trainings/{job_id}")
+def _get_training(w: World):
+    assert w.client.get(f"/v1/adapter-trainings/{w.a.job_id}", headers=bearer(w.b.admin)).status_code == 404
+    r = w.client.get(f"/v1/adapter-trainings/{w.b.job_id}", headers=bearer(w.b.admin))
+    assert r.status_code == 200 and r.json()["user_id"] == w.b.user["id"], r.text
+
+
+@probe("GET", "/v1/users/{user_id}/adapter-trainings")
+def _list_trainings(w: World):
+    assert w.client.get(f"/v1/users/{w.a.user['id']}/adapter-trainings", headers=bearer(w.b.admin)).status_code == 404
+    own = w.client.get(f"/v1/users/{w.b.user['id']}/adapter-trainings", headers=bearer(w.b.admin))
+    assert own.status_code == 200 and [j["id"] for j in own.json()["data"]] == [w.b.job_id], own.text
+    assert_no_a_ids(w, own.json())
+
+
+@probe("DELETE", "/v1/adapter-trainings/{job_id}")
+def _cancel_training(w: World):
+    assert w.client.delete(f"/v1/adapter-trainings/{w.a.job_id}", headers=bearer(w.b.admin)).status_code == 404
+    a_is_intact(w)  # still queued, no cancellation asked
 
 
 # --- the tests -------------------------------------------------------------------------------------
