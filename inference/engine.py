@@ -185,6 +185,7 @@ class LLMEngine:
     ) -> Request:
         problems = check_tenant(tenant, tenant_weight) + check_ttft_slo(ttft_slo_s)
         vocab = self.model_config.vocab_size
+        problems.extend(params.vocab_problems(vocab))
         if not token_ids:
             problems.append("prompt is empty")
         elif any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab for t in token_ids):
@@ -328,7 +329,7 @@ class LLMEngine:
 
     def _sample(self, logits: torch.Tensor, requests: list[Request]) -> list[RequestOutput]:
         """Sample a token for each request (row i of ``logits``) and post-process it."""
-        result = sample(logits, [r.params for r in requests], [r.generator for r in requests])
+        result = sample(logits, [r.params for r in requests], [r.generator for r in requests], requests)
         now = time.monotonic()
         outputs = []
         for i, request in enumerate(requests):
