@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ class Tokenizer:
         except Exception as exc:
             raise ValueError(f"cannot load the tokenizer of {checkpoint_dir}: {exc}") from exc
         self.eos_token_id: int | None = self._tok.eos_token_id
+        self._pieces: dict[int, tuple[str, bytes]] = {}  # token_pieces' cache (a dict write is thread-safe)
 
     @property
     def vocab_size(self) -> int:
@@ -41,6 +43,29 @@ class Tokenizer:
             return full[len(prefix):]
         return ""
 
+    def token_pieces(self, token_ids: list[int]) -> list[tuple[str, bytes]]:
+        """Each token's own text and exact bytes (for logprobs): a byte-level BPE token's bytes
+        come from its vocabulary entry (one may end inside a UTF-8 character: its text then holds
+        U+FFFD); other tokenizers' from decoding the token alone. Special tokens keep their text."""
+        out = []
+        for token_id in token_ids:
+            piece = self._pieces.get(token_id)
+            if piece is None:
+                piece = self._piece(token_id)
+                self._pieces[token_id] = piece
+            out.append(piece)
+        return out
+
+    def _piece(self, token_id: int) -> tuple[str, bytes]:
+        name = self._tok.convert_ids_to_tokens(token_id)
+        decoder = type(getattr(getattr(self._tok, "backend_tokenizer", None), "decoder", None)).__name__
+        table = _byte_level_decoder()
+        if decoder == "ByteLevel" and isinstance(name, str) and all(ch in table for ch in name):
+            raw = bytes(table[ch] for ch in name)
+        else:
+            raw = self._tok.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        return raw.decode("utf-8", errors="replace"), raw
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
@@ -56,6 +81,20 @@ class Tokenizer:
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+@functools.cache
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (``bytes_to_unicode``) inverted: vocabulary character -> byte."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _message_problems(messages: Any) -> list[str]:

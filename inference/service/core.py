@@ -34,6 +34,8 @@ from inference.service.events import (
     GenerationFailed,
     GenerationStarted,
     TextDelta,
+    TokenLogprobs,
+    TopLogprob,
     is_terminal,
     run_to_end,
 )
@@ -41,6 +43,7 @@ from inference.service.metrics import InferenceMetrics
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 
 log = logging.getLogger(__name__)
+UNLIKELY_LOGPROB = -9999.0  # reported for a logprob that is not finite (as OpenAI does)
 
 
 class GenerationStream:
@@ -161,6 +164,11 @@ class InferenceCore:
                 top_k=req.top_k,
                 seed=req.seed,
                 stop=tuple(req.stop),
+                presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty,
+                logit_bias=req.logit_bias,
+                logprobs=req.logprobs,
             )
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
@@ -206,7 +214,7 @@ class InferenceCore:
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
         first = await self._first_output(outputs, started) if req.ttft_slo_s is not None else None
-        events = self._events(request_id, rendered, outputs, started, first)
+        events = self._events(request_id, rendered, outputs, started, first, req.logprobs is not None)
         return GenerationStream(events, lambda: self._abandon(outputs))
 
     async def _first_output(self, outputs: OutputStream, started: float) -> RequestOutput:
@@ -234,9 +242,10 @@ class InferenceCore:
         outputs.close()
 
     async def _events(self, request_id: str, rendered: RenderedPrompt, outputs: OutputStream, started: float,
-                      first: RequestOutput | None = None) -> AsyncIterator[GenerationEvent]:
+                      first: RequestOutput | None = None, logprobs: bool = False) -> AsyncIterator[GenerationEvent]:
         """The engine's outputs (``first`` when it was read already, then the rest) as typed
-        events, and the request's metrics on the way; ``started``: when it was submitted."""
+        events, and the request's metrics on the way; ``started``: when it was submitted. With
+        ``logprobs`` every step that produced tokens yields a delta carrying theirs."""
         prompt_tokens = len(rendered.token_ids)
         first_token_at: float | None = None
         stream = _outputs_after(first, outputs)
@@ -246,14 +255,32 @@ class InferenceCore:
                 if output.new_token_ids and first_token_at is None:
                     first_token_at = time.monotonic() - started
                     self.metrics.on_first_token(first_token_at)
-                if output.delta_text:
-                    yield TextDelta(output.delta_text, len(output.new_token_ids))
+                token_logprobs = self._new_logprobs(output) if logprobs else None
+                if output.delta_text or token_logprobs:
+                    yield TextDelta(output.delta_text, len(output.new_token_ids), token_logprobs)
                 if output.finished:
                     self.metrics.on_finish(output, time.monotonic() - started, first_token_at)
                     yield _last_event(output, prompt_tokens)
         finally:
             await stream.aclose()
             await outputs.aclose()
+
+    def _new_logprobs(self, output: RequestOutput) -> tuple[TokenLogprobs, ...]:
+        """The logprobs of the tokens ``output`` added, with each token's (and alternative's)
+        text and bytes; a non-finite logprob is reported as -9999 (JSON has no infinity)."""
+        new = (output.logprobs or [])[len(output.token_ids) - len(output.new_token_ids):]
+        ids = [e.token_id for e in new] + [t for e in new for t, _ in e.top]
+        pieces = dict(zip(ids, self.tokenizer.token_pieces(ids)))
+
+        def entry(token_id: int, logprob: float) -> TopLogprob:
+            text, raw = pieces[token_id]
+            return TopLogprob(text, tuple(raw), logprob if math.isfinite(logprob) else UNLIKELY_LOGPROB)
+
+        out = []
+        for e in new:
+            head = entry(e.token_id, e.logprob)
+            out.append(TokenLogprobs(head.token, head.bytes, head.logprob, tuple(entry(t, lp) for t, lp in e.top)))
+        return tuple(out)
 
     async def generate(self, req: GenerateRequest) -> GenerationEnded:
         """Run ``req`` to the end and return its ``GenerationEnded`` (or raise InferenceError(503)

@@ -4,7 +4,9 @@ Inside Tailor a generation is a stream of these frozen dataclasses:
 
 * :class:`GenerationStarted` once, first: the request id, the prompt's length in tokens, and how
   many of the request's messages made it into the prompt;
-* :class:`TextDelta` for every step that produced text (``tokens``: how many token ids it carries);
+* :class:`TextDelta` for every step that produced text (``tokens``: how many token ids it carries;
+  with logprobs requested also for steps that produced tokens but no text yet, each new token's
+  :class:`TokenLogprobs` in ``logprobs``);
 * :class:`GenerationEnded` once, last: finish reason (``stop``, ``length`` or ``abort``), usage and
   the whole text; or
 * :class:`GenerationFailed` last, when the request failed inside the engine (or the stream broke).
@@ -35,9 +37,30 @@ class GenerationStarted:
 
 
 @dataclass(frozen=True, slots=True)
+class TopLogprob:
+    """One alternative: the token's text, its exact bytes (a token may end inside a UTF-8
+    character, so ``token`` may hold U+FFFD where ``bytes`` does not) and its logprob."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+
+
+@dataclass(frozen=True, slots=True)
+class TokenLogprobs:
+    """A generated token, its logprob under the model, and the ``top`` most likely alternatives."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class TextDelta:
     text: str
     tokens: int
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +119,12 @@ def to_wire(event: GenerationEvent) -> dict:
         return {"event": "start", "request_id": event.request_id, "prompt_tokens": event.prompt_tokens,
                 "messages_used": event.messages_used}
     if isinstance(event, TextDelta):
-        return {"event": "delta", "text": event.text, "tokens": event.tokens}
+        wire = {"event": "delta", "text": event.text, "tokens": event.tokens}
+        if event.logprobs is not None:
+            wire["logprobs"] = [{"token": t.token, "bytes": list(t.bytes), "logprob": t.logprob,
+                                 "top": [{"token": a.token, "bytes": list(a.bytes), "logprob": a.logprob} for a in t.top]}
+                                for t in event.logprobs]
+        return wire
     if isinstance(event, GenerationEnded):
         return {"event": "end", "finish_reason": event.finish_reason.value, "prompt_tokens": event.prompt_tokens,
                 "completion_tokens": event.completion_tokens, "text": event.text}
@@ -121,7 +149,9 @@ def from_wire(obj: object) -> GenerationEvent:
         return GenerationStarted(_field(obj, "request_id", str), _field(obj, "prompt_tokens", int),
                                  _field(obj, "messages_used", int))
     if kind == "delta":
-        return TextDelta(_field(obj, "text", str), _field(obj, "tokens", int))
+        logprobs = obj.get("logprobs")
+        return TextDelta(_field(obj, "text", str), _field(obj, "tokens", int),
+                         None if logprobs is None else _logprobs_from_wire(logprobs))
     if kind == "end":
         try:
             reason = FinishReason(_field(obj, "finish_reason", str))
@@ -133,3 +163,28 @@ def from_wire(obj: object) -> GenerationEvent:
         message = obj.get("message")
         return GenerationFailed(message if isinstance(message, str) else "generation failed")
     raise MalformedEvent(f"unknown event kind {kind!r}")
+
+
+def _alternative(obj: object) -> TopLogprob:
+    if not isinstance(obj, dict):
+        raise MalformedEvent("delta event: a logprob entry must be an object")
+    raw = obj.get("bytes")
+    if not isinstance(raw, list) or any(not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < 256 for b in raw):
+        raise MalformedEvent("delta event: logprob bytes must be a list of byte values")
+    logprob = obj.get("logprob")
+    if not isinstance(logprob, (int, float)) or isinstance(logprob, bool):
+        raise MalformedEvent("delta event: logprob must be a number")
+    return TopLogprob(_field(obj, "token", str), tuple(raw), float(logprob))
+
+
+def _logprobs_from_wire(entries: object) -> tuple[TokenLogprobs, ...]:
+    if not isinstance(entries, list):
+        raise MalformedEvent("delta event: logprobs must be a list")
+    out = []
+    for entry in entries:
+        head = _alternative(entry)
+        top = entry.get("top")
+        if not isinstance(top, list):
+            raise MalformedEvent("delta event: logprobs top must be a list")
+        out.append(TokenLogprobs(head.token, head.bytes, head.logprob, tuple(_alternative(a) for a in top)))
+    return tuple(out)

@@ -5,7 +5,9 @@ failed); over HTTP each is one JSON object per line (``application/x-ndjson``):
 
 * ``{"event": "start", "request_id", "prompt_tokens", "messages_used"}`` once, first;
 * ``{"event": "delta", "text", "tokens"}`` for every step that produced text (``tokens``: how many
-  token ids this delta carries);
+  token ids this delta carries); with ``logprobs`` requested, for every step that produced tokens,
+  with ``"logprobs": [{"token", "bytes", "logprob", "top": [{"token", "bytes", "logprob"}]}]``,
+  one entry per new token;
 * ``{"event": "end", "finish_reason", "prompt_tokens", "completion_tokens", "text"}`` once, last
   (``finish_reason``: ``stop``, ``length`` or ``abort``); or
 * ``{"event": "error", "message"}`` last, when the request failed inside the engine.
@@ -68,6 +70,11 @@ class GenerateRequest(BaseModel):
     ``ttft_slo_s`` (seconds, or None) is the request's first-token deadline: while it is still
     queued and the deadline can no longer be met, the engine refuses it (early abort), and the
     service answers 503 with ``Retry-After`` before any event (``InferenceError.deadline``).
+
+    Sampling: ``temperature``, ``top_p``, ``top_k``, ``seed``, ``stop``, the penalties
+    (``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``) and ``logit_bias``
+    (token id -> bias) as ``inference.sampling.SamplingParams`` defines them; ``logprobs``: None,
+    or the number of top alternatives (0-20) to report with each generated token's logprob.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -84,6 +91,11 @@ class GenerateRequest(BaseModel):
     top_k: int = Field(0, ge=-1)
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: list[str] = Field(default_factory=list, max_length=16)
+    presence_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
+    logit_bias: dict[int, float] = Field(default_factory=dict, max_length=1024)
+    logprobs: int | None = Field(None, ge=0, le=20)
     tenant: str | None = Field(None, min_length=1, max_length=200, strict=True)
     tenant_weight: float = Field(1.0, gt=0, allow_inf_nan=False, strict=True)
     ttft_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)

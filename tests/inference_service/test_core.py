@@ -97,3 +97,31 @@ async def test_the_tenant_and_its_weight_reach_the_engine(core, monkeypatch):
 def test_a_bad_tenant_weight_is_refused_by_the_protocol(weight):
     with pytest.raises(ValueError, match="tenant_weight"):
         GenerateRequest(messages=[{"role": "user", "content": "hi"}], tenant_weight=weight)
+
+
+async def test_logprobs_and_penalties_reach_the_engine(core):
+    """Each generated token arrives once with its logprob, its text and bytes, and the requested
+    number of alternatives (best first, the chosen one among them when greedy); a penalty changes
+    the greedy answer."""
+    request = dict(messages=[{"role": "user", "content": "count to ten"}], max_tokens=6, temperature=0.0)
+    events = await core.start(GenerateRequest(**request, logprobs=3))
+    deltas, end = [], None
+    async for event in events:
+        if isinstance(event, GenerationEnded):
+            end = event
+        elif hasattr(event, "logprobs"):
+            deltas.append(event)
+    entries = [e for d in deltas for e in d.logprobs]
+    assert end is not None and len(entries) == end.completion_tokens == sum(d.tokens for d in deltas)
+    for entry in entries:
+        assert len(entry.top) == 3 and [a.logprob for a in entry.top] == sorted((a.logprob for a in entry.top), reverse=True)
+        assert entry.top[0].token == entry.token and entry.top[0].logprob == pytest.approx(entry.logprob)
+        assert entry.logprob <= 0 and entry.token == bytes(entry.bytes).decode("utf-8", "replace")
+    plain = await core.generate(GenerateRequest(**request))
+    penalised = await core.generate(GenerateRequest(**request, repetition_penalty=10.0, presence_penalty=2.0,
+                                                    frequency_penalty=2.0))
+    assert plain.text == end.text
+    assert penalised.text != plain.text
+    with pytest.raises(InferenceError) as refused:
+        await core.start(GenerateRequest(**request, logit_bias={10**6: 1.0}))
+    assert refused.value.status == 422 and "logit_bias" in refused.value.problems[0]

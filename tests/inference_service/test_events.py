@@ -14,6 +14,8 @@ from inference.service.events import (
     GenerationStarted,
     MalformedEvent,
     TextDelta,
+    TokenLogprobs,
+    TopLogprob,
     from_wire,
     is_terminal,
     to_wire,
@@ -26,6 +28,9 @@ EVENTS = [
     (GenerationEnded(FinishReason.LENGTH, 12, 4, "Grüß dich"),
      '{"event": "end", "finish_reason": "length", "prompt_tokens": 12, "completion_tokens": 4, "text": "Grüß dich"}'),
     (GenerationFailed("boom"), '{"event": "error", "message": "boom"}'),
+    (TextDelta("", 1, (TokenLogprobs(" \ufffd", (32, 240, 159, 152), -0.5, (TopLogprob("a", (97,), -1.25),)),)),
+     '{"event": "delta", "text": "", "tokens": 1, "logprobs": [{"token": " \ufffd", "bytes": [32, 240, 159, 152], '
+     '"logprob": -0.5, "top": [{"token": "a", "bytes": [97], "logprob": -1.25}]}]}'),
 ]
 
 
@@ -36,7 +41,7 @@ def test_the_wire_form_is_unchanged_and_round_trips(event, line):
 
 
 def test_only_ended_and_failed_are_terminal():
-    assert [is_terminal(e) for e, _ in EVENTS] == [False, False, True, True]
+    assert [is_terminal(e) for e, _ in EVENTS] == [False, False, True, True, False]
     assert GenerationEnded(FinishReason.STOP, 2, 3, "x").total_tokens == 5
     assert GenerationFailed("x").status == 503
 
@@ -45,6 +50,10 @@ def test_only_ended_and_failed_are_terminal():
     [], "start", {"event": "surprise"}, {"event": "delta", "text": "a"}, {"event": "delta", "text": 1, "tokens": 1},
     {"event": "start", "request_id": "r", "prompt_tokens": True, "messages_used": 1},
     {"event": "end", "finish_reason": "bored", "prompt_tokens": 1, "completion_tokens": 1, "text": ""},
+    {"event": "delta", "text": "", "tokens": 1, "logprobs": {}},
+    {"event": "delta", "text": "", "tokens": 1, "logprobs": [{"token": "a", "bytes": [256], "logprob": 0, "top": []}]},
+    {"event": "delta", "text": "", "tokens": 1, "logprobs": [{"token": "a", "bytes": [97], "logprob": "x", "top": []}]},
+    {"event": "delta", "text": "", "tokens": 1, "logprobs": [{"token": "a", "bytes": [97], "logprob": 0}]},
 ])
 def test_malformed_wire_objects_are_refused(obj):
     with pytest.raises(MalformedEvent):
