@@ -34,6 +34,7 @@ EXAMPLES = Histogram("tailor_training_examples", "Usable examples per training j
 
 for _status in FINAL_STATUSES:  # every series from the start, so that rate() sees the first increment
     JOBS.labels(status=_status)
+    DURATION.labels(status=_status)
 for _outcome in ADAPTER_OUTCOMES:
     ADAPTERS.labels(outcome=_outcome)
 
