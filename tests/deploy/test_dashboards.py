@@ -29,17 +29,18 @@ COUNTERS = {
     "tailor_adapter_fetch_failures_total", "tailor_worker_validations_total",
     "tailor_slo_ttft_attained_total", "tailor_slo_ttft_missed_total", "tailor_slo_early_aborts_total",
     "tailor_prefix_cache_queries_tokens_total", "tailor_prefix_cache_hits_tokens_total",
+    "tailor_training_jobs_total", "tailor_training_adapters_total",
 }
 GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
     "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
-    "tailor_worker_queue_length", "tailor_tenant_info", "tailor_prefix_cache_pages",
+    "tailor_worker_queue_length", "tailor_tenant_info", "tailor_prefix_cache_pages", "tailor_training_jobs_running",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",
     "tailor_inference_time_per_output_token_seconds", "tailor_inference_e2e_latency_seconds",
     "tailor_inference_batch_size", "tailor_adapter_load_seconds", "tailor_worker_validation_duration_seconds",
-    "tailor_worker_queue_lag_seconds",
+    "tailor_worker_queue_lag_seconds", "tailor_training_duration_seconds", "tailor_training_examples",
 }
 KNOWN_SERIES = COUNTERS | GAUGES | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")} | {"up"}
 

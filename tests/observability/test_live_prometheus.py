@@ -6,7 +6,7 @@ on Redis; ``tailor serve inference`` as a subprocess), a real Prometheus (Debian
 evaluates ``docker/prometheus/rules``. Traffic: a tenant with a first-token SLO that every chat
 meets, users, an adapter upload that the worker validates, chats (the first through the adapter
 loads it cold in inference; one streamed), OpenAI compatible calls, and requests refused with 401,
-422 and 404. Then every PromQL expression of every dashboard panel, dashboard variable and alert
+422 and 404, and a training job in the worker. Then every PromQL expression of every dashboard panel, dashboard variable and alert
 rule (``support.promql``) runs against it: each must be valid, each panel and variable query must
 return data, each rule must evaluate; the tenants dashboard shows the tenant's name. After a few
 quiet seconds the panels run again over a window without traffic: none may show NaN.
@@ -40,6 +40,7 @@ from support.platform_flows import (
     write_adapter,
 )
 from support.prometheus import PrometheusServer, run_prometheus
+from support.training_flows import add_examples, start_training, wait_for_job
 from support.service_fixtures import free_ports, log_tail, stop_process, wait_until
 
 from api.app import create_app
@@ -171,6 +172,15 @@ def drive_traffic(base_url: str, model_config: ModelConfig, workdir: Path) -> No
     assert reply.usage.completion_tokens >= 1
     chunks = oai.chat.completions.create(model="base", messages=prompt, max_tokens=8, temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+    # a training job in the worker (last: its adapter would join the models listed above)
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        carol = create_user(client, admin, "carol@prom")["id"]
+        add_examples(client, admin, carol, 4)
+        r = start_training(client, admin, carol, epochs=1)
+        assert r.status_code == 202, r.text
+        job = wait_for_job(client, admin, r.json()["id"], timeout_s=120)
+        assert job["status"] == "succeeded", job
 
 
 def check_expressions(prom: PrometheusServer) -> None:
