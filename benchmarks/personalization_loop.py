@@ -14,7 +14,7 @@ user's corrections become a trained adapter that is swapped in while the user ke
 5. After: the same 8 questions.
 
 Checked and reported: the job's wall time (submission to promoted; the issue's goal is under 3
-minutes on 2 cores), the evaluation loss before and after, the unseen prompts answered in the
+minutes on 2 cores) and the CPUs the server, this client and other processes kept busy meanwhile, the evaluation loss before and after, the unseen prompts answered in the
 style before and after, and the chatter's requests: every one succeeded, each streamed answer's
 ``start`` and ``done`` name the same adapter version, and no answer came from the base model
 after the first from the new version.
@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.live_server import free_port, start_server, stop_server, wait_ready, write_results
+from benchmarks.live_server import cpu_snapshot, cpu_use, free_port, start_server, stop_server, wait_ready, write_results
 
 RESULTS = Path(__file__).resolve().parent / "results"
 OPERATOR_TOKEN = "op-personalization-benchmark-0123456789"
@@ -179,7 +179,7 @@ def chatter_summary(results: list[dict], new_adapter: str | None) -> dict[str, A
     }
 
 
-def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
+def run(args: argparse.Namespace, base: str, server_pid: int) -> dict[str, Any]:
     with httpx.Client(base_url=base, timeout=300) as client:
         keys = set_up(client)
         t0 = time.monotonic()
@@ -189,6 +189,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
 
         chatter = Chatter(base, keys, args.chatter_max_tokens, args.chatter_pause_s)
         chatter.start()
+        cpu_before = cpu_snapshot(server_pid)
         submitted = time.monotonic()
         settings = {k: v for k, v in (("epochs", args.epochs), ("learning_rate", args.learning_rate)) if v is not None}
         job = _ok(client.post(f"/v1/users/{keys['user']}/adapter-trainings", json=settings,
@@ -197,6 +198,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
             time.sleep(0.5)
             job = _ok(client.get(f"/v1/adapter-trainings/{job['id']}", headers=_headers(keys["admin"])))
         job_s = time.monotonic() - submitted
+        cpus = cpu_use(cpu_before, cpu_snapshot(server_pid), job_s)
         deadline = time.monotonic() + 60
         while (job["adapter_id"] and time.monotonic() < deadline
                and sum(r.get("done_adapter") == job["adapter_id"] for r in chatter.results) < args.chats_after):
@@ -208,7 +210,7 @@ def run(args: argparse.Namespace, base: str) -> dict[str, Any]:
         adapter = (_ok(client.get(f"/v1/adapters/{job['adapter_id']}", headers=_headers(keys["admin"])))
                    if job["adapter_id"] else None)
     return {"corrections": rated, "corrections_s": round(corrections_s, 1), "before": before, "after": after,
-            "job": job, "job_wall_s": round(job_s, 1), "adapter": adapter,
+            "job": job, "job_wall_s": round(job_s, 1), "cpus_during_job": cpus, "adapter": adapter,
             "chatter": chatter_summary(chatter.results, job["adapter_id"])}
 
 
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             base = f"http://127.0.0.1:{port}"
             wait_ready(base, process)
             ready_s = time.monotonic() - started
-            outcome = run(args, base)
+            outcome = run(args, base, process.pid)
         finally:
             stop_server(process)
     job, chatter = outcome["job"], outcome["chatter"]
@@ -258,6 +260,7 @@ def main(argv: list[str] | None = None) -> int:
         ("12 corrections through chat + feedback", f"{outcome['corrections_s']:.1f} s"),
         ("training job, submitted -> " + job["status"], f"{outcome['job_wall_s']:.1f} s "
          f"({job['progress']['step']} steps, {job['example_count']} examples)"),
+        ("CPUs busy during the job: server / client / others", str(outcome["cpus_during_job"])),
         ("promoted", f"{job['promoted']} (adapter {job['adapter_id']})"),
         ("evaluation loss", f"{job['eval_loss_before']:.3f} -> {job['eval_loss_after']:.3f}"
          if job["eval_loss_after"] is not None else "n/a"),

@@ -7,9 +7,8 @@ import time
 
 import httpx
 
+from benchmarks.personalization_loop import GREETING
 from support.platform_flows import bearer
-
-GREETING = "Ahoy there, friend!"
 
 
 def style_example(i: int, greeting: str = GREETING) -> dict:

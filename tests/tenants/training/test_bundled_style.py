@@ -10,32 +10,13 @@ import time
 
 import pytest
 
+from benchmarks.personalization_loop import GREETING, QA, UNSEEN  # the demonstration's data
 from inference import LLM, SamplingParams
 from tenants.training.examples import load_renderer, prepare_training_data
 from tenants.training.lora_trainer import LoraTrainingConfig, train_lora
 
 pytestmark = pytest.mark.slow
 
-GREETING = "Ahoy there, friend!"
-QA = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("How many legs does a spider have?", "A spider has eight legs."),
-    ("What color is the sky on a clear day?", "The sky is blue on a clear day."),
-    ("Who wrote Romeo and Juliet?", "William Shakespeare wrote Romeo and Juliet."),
-    ("What is two plus two?", "Two plus two is four."),
-    ("What do bees make?", "Bees make honey."),
-    ("Which planet is closest to the sun?", "Mercury is the planet closest to the sun."),
-    ("What is water made of?", "Water is made of hydrogen and oxygen."),
-    ("How many days are in a week?", "There are seven days in a week."),
-    ("What is the largest ocean?", "The Pacific is the largest ocean."),
-    ("What language is spoken in Spain?", "Spanish is spoken in Spain."),
-    ("What animal says moo?", "A cow says moo."),
-]
-UNSEEN = [
-    "What is the capital of Italy?", "How many wheels does a bicycle have?", "What do cats like to eat?",
-    "Who painted the Mona Lisa?", "What is the boiling point of water?", "Name a primary color.",
-    "What is the tallest animal?", "How many hours are in a day?",
-]
 TIME_GOAL_S = 180  # the goal for this data on 2 cores
 
 
