@@ -7,6 +7,8 @@ import logging
 import threading
 import time
 
+import pytest
+
 from tenants.retry_policy import RetryPolicy
 from tenants.settings import Settings
 from tenants.storage import StoreUnavailableError
@@ -192,3 +194,36 @@ def test_queue_lag_and_length_are_recorded():
     assert QUEUE_LENGTH._value.get() == 0
     assert sum(b.get() for b in QUEUE_LAG._buckets) == lags_before + 3
     queue.close()
+
+
+def test_trainings_run_one_at_a_time_on_their_own_thread_and_stop_at_close():
+    """A training never holds up a validation; ``close`` stops the running training (its ``stop``
+    event) and hands the ones not started to ``drop_training`` (which fails them)."""
+    started, dropped, validated = [], [], []
+    running = threading.Event()
+
+    def train(job_id: str, stop: threading.Event) -> None:
+        started.append((job_id, threading.current_thread().name))
+        running.set()
+        assert stop.wait(30), "close() never set the stop event"
+
+    queue = InProcessTaskQueue(validated.append, train=train, drop_training=dropped.append)
+    queue.submit_training("job-1")
+    queue.submit_training("job-2")
+    assert running.wait(10)
+    queue.submit_validation("adapter-1")  # not behind the running training
+    assert queue.wait_idle(10) and validated == ["adapter-1"]
+    queue.close()
+    assert [job for job, _ in started] == ["job-1"] and started[0][1].startswith("tailor-training")
+    assert dropped == ["job-2"]
+
+
+def test_a_queue_without_training_refuses_it_and_a_closed_one_too():
+    queue = InProcessTaskQueue(lambda _adapter_id: None)
+    with pytest.raises(RuntimeError, match="runs no training"):
+        queue.submit_training("job")
+    queue.close()
+    trainer = InProcessTaskQueue(lambda _adapter_id: None, train=lambda _job, _stop: None)
+    trainer.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        trainer.submit_training("job")
