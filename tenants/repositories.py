@@ -267,6 +267,17 @@ def ready_adapter_names(session: Session, tenant_id: str) -> Sequence[str]:
     return session.scalars(query.distinct().order_by(Adapter.name)).all()
 
 
+def ready_adapters(session: Session, tenant_id: str) -> Sequence[Adapter]:
+    """The newest ready version of each of the tenant's adapter names (what ``model: <name>``
+    resolves to, see ``latest_ready_adapter``), sorted by name; one query."""
+    ready = (Adapter.tenant_id == tenant_id, Adapter.status == AdapterStatus.READY)
+    newest = (select(Adapter.name, func.max(Adapter.version).label("version"))
+              .where(*ready).group_by(Adapter.name).subquery())
+    query = (select(Adapter).join(newest, (Adapter.name == newest.c.name) & (Adapter.version == newest.c.version))
+             .where(*ready).order_by(Adapter.name))
+    return session.scalars(query).all()
+
+
 def delete_adapter_row(session: Session, tenant_id: str, adapter_id: str) -> bool:
     """Remove the row itself (an upload whose files could not be stored); False when absent."""
     adapter = get_adapter(session, tenant_id, adapter_id)

@@ -1,72 +1,43 @@
 """OpenAI-compatible chat completions (chat or admin key): the ``openai`` client works against
 Tailor. ``model`` is ``base`` or the name of one of the tenant's ready adapters (its newest ready
-version). The caller sends the whole conversation; nothing is stored."""
+version). The caller sends the whole conversation; nothing is stored.
+
+Every request field is honoured or refused with a 422 naming it (``api.openai_schemas``). The
+answer is OpenAI's ``chat.completion``, or with ``stream`` its ``chat.completion.chunk`` frames
+ending with ``data: [DONE]`` (and, with ``stream_options.include_usage``, a last chunk with the
+usage and no choices). ``logprobs`` gives each token's logprob, bytes and ``top_logprobs``
+alternatives; ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
+also the engine's request id."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Annotated, Literal
+from pathlib import Path
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
 from api.deps import ChatDep, SessionDep, StateDep
 from api.error_responses import errors
-from api.generation import TenantEvents, collect, open_generation, scheduling
+from api.generation import TenantEvents, open_generation, scheduling
+from api.openai_schemas import ChatCompletionRequest, message_text
 from api.state import AppState
-from inference.service.events import GenerationEnded, GenerationFailed, TextDelta
+from inference.service.events import GenerationEnded, GenerationFailed, TextDelta, TokenLogprobs
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
 from tenants.db import session_scope
 from tenants.platform import adapter_spec
-from tenants.repositories import latest_ready_adapter, ready_adapter_names
+from tenants.repositories import latest_ready_adapter, ready_adapters
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["openai"])
 BASE_MODEL = "base"
-
-
-OPENAI_TYPES = ConfigDict(strict=True, allow_inf_nan=False)  # like OpenAI: "42" is not a number, "yes" no boolean
-MAX_CONTENT_CHARS = 1_000_000
-# A length bound also makes pydantic check that the text is valid Unicode (a lone surrogate is not)
-Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
-
-
-class TextPart(BaseModel):
-    model_config = OPENAI_TYPES
-
-    type: Literal["text"]
-    text: Text
-
-
-class OpenAIMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore", **OPENAI_TYPES)
-
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
-    name: str | None = Field(None, max_length=255)
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
-
-
-class ChatCompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", **OPENAI_TYPES)  # unknown OpenAI options are ignored, as OpenAI-compatible servers do
-
-    model: str = Field(min_length=1, max_length=200)
-    messages: list[OpenAIMessage] = Field(min_length=1, max_length=1000)
-    stream: bool = False
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, ge=0, le=2)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int | None = Field(None, ge=0, lt=2**63)
-    stop: Annotated[str, StringConstraints(max_length=500)] | list[Annotated[str, StringConstraints(max_length=500)]] | None = None
-    n: int | None = Field(None, ge=1, le=1)
-    user: str | None = Field(None, max_length=255)
 
 
 def _resolve_model(state: AppState, tenant_id: str, model: str) -> AdapterSpec | None:
@@ -79,64 +50,127 @@ def _resolve_model(state: AppState, tenant_id: str, model: str) -> AdapterSpec |
         return adapter_spec(adapter)
 
 
-def _chunk(completion_id: str, created: int, model: str, delta: dict, finish_reason: str | None) -> str:
-    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
-    return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+def _check_limits(state: AppState, body: ChatCompletionRequest) -> int:
+    """The completion's token budget (``max_completion_tokens``, its alias ``max_tokens``, else
+    the default); 422 when it is over ``TAILOR_MAX_TOKENS_LIMIT``."""
+    requested = body.max_completion_tokens or body.max_tokens
+    limit = state.settings.max_tokens_limit
+    if requested is not None and requested > limit:
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        raise HTTPException(422, [{"type": "less_than_equal", "loc": ["body", field],
+                                   "msg": f"{field} must be at most {limit}, got {requested}"}])
+    return requested or state.settings.default_max_tokens
 
 
-@router.post("/v1/chat/completions", responses=errors(401, 404, 413, 422, 429, 503))
-async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: StateDep, http_request: Request):
-    """Create a chat completion (``stream`` gives OpenAI-style ``chat.completion.chunk`` events
-    ending with ``data: [DONE]``)."""
-    spec = await asyncio.to_thread(_resolve_model, state, caller.tenant_id, body.model)
-    max_tokens = body.max_completion_tokens or body.max_tokens or state.settings.default_max_tokens
-    if max_tokens > state.settings.max_tokens_limit:
-        raise HTTPException(422, [f"max_tokens must be at most {state.settings.max_tokens_limit}, got {max_tokens}"])
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if any(not s for s in stop) or len(stop) > 16:
-        raise HTTPException(422, ["stop must hold at most 16 non-empty strings"])
-    request = GenerateRequest(
-        messages=[ChatTurn(role="system" if m.role == "developer" else m.role, content=m.text()) for m in body.messages],
+def generate_request(body: ChatCompletionRequest, completion_id: str, spec: AdapterSpec | None, max_tokens: int,
+                     state: AppState, caller) -> GenerateRequest:
+    """The engine request for ``body``: every honoured sampling field mapped (unset ones at the
+    engine's neutral values), the tenant's scheduling, ``completion_id`` as the request id."""
+    return GenerateRequest(
+        request_id=completion_id,
+        messages=[ChatTurn(role="system" if m.role == "developer" else m.role, content=message_text(m))
+                  for m in body.messages],
         adapter=spec,
         history_trim_step_tokens=state.settings.history_trim_step_tokens,  # when it outgrows the context
         max_tokens=max_tokens,
         temperature=1.0 if body.temperature is None else body.temperature,
         top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
         seed=body.seed,
-        stop=stop,
+        stop=body.stop_strings(),
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
+        logprobs=body.top_logprob_count(),
         **scheduling(caller, state.settings),  # the tenant's default SLO, else TAILOR_TTFT_SLO_S
     )
-    events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
+
+
+@router.post("/v1/chat/completions", responses=errors(401, 404, 413, 422, 429, 503))
+async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: StateDep, http_request: Request):
+    """Create a chat completion (``stream`` gives OpenAI-style ``chat.completion.chunk`` events
+    ending with ``data: [DONE]``). Every field is honoured or refused with a 422 naming it: see
+    the README's table."""
+    max_tokens = _check_limits(state, body)
+    spec = await asyncio.to_thread(_resolve_model, state, caller.tenant_id, body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    user = body.user or body.safety_identifier
+    if user is not None:
+        log.info("completion %s: tenant %s, key %s, user %r", completion_id, caller.tenant_id, caller.key_id, user)
+    request = generate_request(body, completion_id, spec, max_tokens, state, caller)
+    events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
+    frame = _Frames(completion_id, created, body.model, body.logprobs is True)
     if not body.stream:
-        _start, end = await collect(events)
-        return _completion(completion_id, created, body.model, end)
-    return StreamingResponse(_completion_chunks(completion_id, created, body.model, events),
+        return await _completion(frame, events)
+    include_usage = body.stream_options is not None and body.stream_options.include_usage is True
+    return StreamingResponse(_completion_chunks(frame, events, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
                              background=BackgroundTask(events.aclose))  # also when the body never started
 
 
-def _completion(completion_id: str, created: int, model: str, end: GenerationEnded) -> dict:
-    usage = {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-             "total_tokens": end.total_tokens}
-    return {
-        "id": completion_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": end.text},
-                     "finish_reason": end.finish_reason.value, "logprobs": None}],
-        "usage": usage,
-    }
+def _logprob_entry(entry: TokenLogprobs) -> dict:
+    """OpenAI's ``ChatCompletionTokenLogprob``."""
+    return {"token": entry.token, "logprob": entry.logprob, "bytes": list(entry.bytes),
+            "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in entry.top]}
 
 
-async def _completion_chunks(completion_id: str, created: int, model: str, events: TenantEvents) -> AsyncIterator[str]:
-    """OpenAI's ``chat.completion.chunk`` frames, then ``data: [DONE]``."""
+def _usage(end: GenerationEnded) -> dict:
+    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
+            "total_tokens": end.total_tokens}
+
+
+class _Frames:
+    """The identity every object of one completion repeats, and whether it carries logprobs."""
+
+    def __init__(self, completion_id: str, created: int, model: str, logprobs: bool):
+        self.id, self.created, self.model, self.logprobs = completion_id, created, model, logprobs
+
+    def head(self, kind: str) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "service_tier": "default", "system_fingerprint": None}
+
+    def chunk(self, delta: dict, finish_reason: str | None, logprobs: list[dict] | None = None,
+              usage: bool = False) -> str:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+                  "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None}
+        body = {**self.head("chat.completion.chunk"), "choices": [choice], **({"usage": None} if usage else {})}
+        return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+
+
+async def _completion(frame: _Frames, events: TenantEvents) -> dict:
+    """Run the generation to its end: OpenAI's ``chat.completion`` (503 if it failed)."""
+    logprobs: list[dict] = []
     try:
-        yield _chunk(completion_id, created, model, {"role": "assistant", "content": ""}, None)
+        async for event in events:
+            if isinstance(event, TextDelta) and event.logprobs:
+                logprobs.extend(_logprob_entry(e) for e in event.logprobs)
+            elif isinstance(event, GenerationFailed):
+                raise HTTPException(event.status, f"generation failed: {event.message}", headers={"Retry-After": "1"})
+            elif isinstance(event, GenerationEnded):
+                choice = {"index": 0, "message": {"role": "assistant", "content": event.text, "refusal": None},
+                          "finish_reason": event.finish_reason.value,
+                          "logprobs": {"content": logprobs, "refusal": None} if frame.logprobs else None}
+                return {**frame.head("chat.completion"), "choices": [choice], "usage": _usage(event)}
+    finally:
+        await events.aclose()
+    raise HTTPException(503, "the generation ended without an answer", headers={"Retry-After": "1"})
+
+
+async def _completion_chunks(frame: _Frames, events: TenantEvents, include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's ``chat.completion.chunk`` frames, then (``include_usage``) one with the usage and
+    no choices, then ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+    try:
+        yield frame.chunk({"role": "assistant", "content": ""}, None, [] if frame.logprobs else None, include_usage)
         async for event in events:
             if isinstance(event, TextDelta):
-                yield _chunk(completion_id, created, model, {"content": event.text}, None)
+                entries = [_logprob_entry(e) for e in event.logprobs or ()] if frame.logprobs else None
+                yield frame.chunk({"content": event.text}, None, entries, include_usage)
             elif isinstance(event, GenerationEnded):
-                yield _chunk(completion_id, created, model, {}, event.finish_reason.value)
+                yield frame.chunk({}, event.finish_reason.value, None, include_usage)
+                if include_usage:
+                    body = {**frame.head("chat.completion.chunk"), "choices": [], "usage": _usage(event)}
+                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
             elif isinstance(event, GenerationFailed):
                 yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
         yield "data: [DONE]\n\n"
@@ -144,10 +178,17 @@ async def _completion_chunks(completion_id: str, created: int, model: str, event
         await events.aclose()
 
 
+PROCESS_STARTED = int(time.time())
+
+
 @router.get("/v1/models", responses=errors(401, 429, 503))
-def list_models(caller: ChatDep, session: SessionDep) -> dict:
-    """``base`` plus the names of the tenant's ready adapters."""
-    names = ready_adapter_names(session, caller.tenant_id)
-    created = int(time.time())
-    return {"object": "list", "data": [{"id": n, "object": "model", "created": created, "owned_by": "tailor"}
-                                       for n in [BASE_MODEL, *names]]}
+def list_models(caller: ChatDep, session: SessionDep, state: StateDep) -> dict:
+    """``base`` and the tenant's ready adapters (each name's newest ready version: its creation
+    time; ``parent`` ``base``; ``root`` the base model), in OpenAI's list format."""
+    root = Path(state.settings.model).name
+    base = {"id": BASE_MODEL, "object": "model", "created": PROCESS_STARTED, "owned_by": "tailor", "root": root,
+            "parent": None}
+    adapters = [{"id": a.name, "object": "model", "created": int(a.created_at.timestamp()), "owned_by": "tenant",
+                 "root": root, "parent": BASE_MODEL, "version": a.version}
+                for a in ready_adapters(session, caller.tenant_id)]
+    return {"object": "list", "data": [base, *adapters]}

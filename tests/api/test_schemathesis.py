@@ -150,7 +150,7 @@ VALID_BODIES = {
                                           "top_p": 1.0, "seed": 1, "ttft_slo_s": 30.0},
     ("POST", "/v1/chat/completions"): {
         "model": "base",
-        "messages": [{"role": "system", "content": "Be brief.", "name": "sys"},
+        "messages": [{"role": "system", "content": "Be brief."},
                      {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
         "stream": False, "max_tokens": 2, "max_completion_tokens": 2, "temperature": 0.5, "top_p": 1.0,
         "seed": 1, "stop": ["\n\n"], "n": 1, "user": "someone",

@@ -1,0 +1,224 @@
+"""The OpenAI Chat Completions request as ``POST /v1/chat/completions`` reads it: every field the
+official ``openai`` client can send is declared here and is either honoured or refused with a 422
+naming it. Nothing is ignored: a field this module does not know is refused too (``extra``), and so
+is a known field set to a value Tailor cannot honour (``n`` above 1, a ``response_format`` other
+than text, tools...), with a message that says so. All problems of one body come back in one 422
+(cross-field rules are field validators that read the fields declared before them).
+
+``HONOURED`` and ``REFUSED`` list the fields by policy (the README's table and the tests follow
+them); a refused field is accepted only at its neutral value (absent, null, or the value that asks
+for what Tailor does anyway, such as ``n: 1`` or ``response_format: {"type": "text"}``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, StringConstraints, Tag, \
+    ValidationInfo, field_validator, model_validator
+
+OPENAI_TYPES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "42" is not a number, "yes" no boolean
+MAX_CONTENT_CHARS = 1_000_000
+MAX_STOP = 16
+# A length bound also makes pydantic check that the text is valid Unicode (a lone surrogate is not)
+Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
+StopText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
+NOT_YET = "not supported yet"
+
+
+def _neutral_only(is_neutral: Callable[[Any], bool], why: str):
+    """An ``AfterValidator`` that lets only a neutral value through and refuses anything else with
+    ``why`` (the field's name is in the error's ``loc``)."""
+
+    def check(value: Any) -> Any:
+        if not is_neutral(value):
+            raise ValueError(why)
+        return value
+
+    return AfterValidator(check)
+
+
+def _absent(value: Any) -> bool:
+    return value is None
+
+
+def _absent_or_empty(value: Any) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def refused(why: str, is_neutral: Callable[[Any], bool] = _absent) -> Any:
+    """The type of a refused field: any JSON, refused with ``why`` unless neutral."""
+    return Annotated[JsonValue, _neutral_only(is_neutral, why)]
+
+
+# --- messages ---------------------------------------------------------------------------------------
+class ContentPart(BaseModel):
+    """One part of a message's content: only ``{"type": "text", "text": ...}`` is supported; a part
+    of another type (``image_url``, ``input_audio``, ``file``, ``refusal``) is refused, naming it."""
+
+    model_config = OPENAI_TYPES
+
+    type: Annotated[str, _neutral_only(lambda v: v == "text", "only text content parts are supported")]
+    text: Text | None = None
+    image_url: JsonValue = None  # the other parts' payloads: refused through ``type``
+    input_audio: JsonValue = None
+    file: JsonValue = None
+    refusal: JsonValue = None
+
+    @model_validator(mode="after")
+    def _text_part(self) -> ContentPart:
+        if self.text is None:
+            raise ValueError('a text part is {"type": "text", "text": string}')
+        return self
+
+
+# a string, or a list of parts: one branch is validated (errors name ``content.text`` or ``content.parts.<i>``)
+Content = Annotated[
+    Annotated[Text, Tag("text")] | Annotated[list[ContentPart], Field(min_length=1, max_length=1000), Tag("parts")],
+    Discriminator(lambda v: "text" if isinstance(v, str) else "parts"),
+]
+NO_NAMES = "message names are not supported: the model's chat template has no place for them"
+
+
+def _supported_role(role: str) -> str:
+    if role in ("tool", "function"):
+        raise ValueError(f"tool and function messages are {NOT_YET}")
+    return role
+
+
+class Message(BaseModel):
+    """A chat message. ``developer`` is a ``system`` message. Tool calls and tool results, names,
+    audio and refusals are refused, naming the field."""
+
+    model_config = OPENAI_TYPES
+
+    role: Annotated[Literal["system", "developer", "user", "assistant", "tool", "function"],
+                    AfterValidator(_supported_role)]
+    content: Content
+    name: refused(NO_NAMES) = None
+    refusal: refused("a refusal on an earlier assistant message is not supported (send it as content)") = None
+    audio: refused("audio is not supported (text only)") = None
+    tool_calls: refused(f"tool calls are {NOT_YET}", _absent_or_empty) = None
+    function_call: refused(f"function calls are {NOT_YET}") = None
+    tool_call_id: refused(f"tool results are {NOT_YET}") = None
+
+
+def message_text(message: Message) -> str:
+    """The message's text (text parts joined)."""
+    content = message.content
+    return content if isinstance(content, str) else "".join(p.text or "" for p in content)
+
+
+# --- the request ------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    model_config = OPENAI_TYPES
+
+    include_usage: bool | None = None
+    include_obfuscation: Annotated[bool | None, _neutral_only(lambda v: v is not True,
+                                                              "stream obfuscation is not supported")] = None
+
+
+def _is_text_format(value: Any) -> bool:
+    return value is None or value == {"type": "text"}
+
+
+def _token_id_keys(value: dict[str, float] | None) -> dict[str, float] | None:
+    if value is not None:
+        bad = [k for k in value if not k.isascii() or not k.isdigit() or len(k) > 9]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids (decimal integers), got {bad[:5]}")
+    return value
+
+
+class ChatCompletionRequest(BaseModel):
+    """The body of ``POST /v1/chat/completions`` (see the module docstring for the policy)."""
+
+    model_config = OPENAI_TYPES
+
+    # honoured ------------------------------------------------------------------------------------
+    model: str = Field(min_length=1, max_length=200, description="`base` or the name of one of the tenant's ready "
+                       "adapters (its newest ready version)")
+    messages: list[Message] = Field(min_length=1, max_length=1000)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = Field(None, description="`include_usage`: a last chunk with the usage "
+                                                 "and no choices (only with `stream`)")
+    max_tokens: int | None = Field(None, ge=1, description="deprecated alias of `max_completion_tokens`")
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    top_k: int | None = Field(None, ge=-1, description="(extension, as vLLM) keep the k most likely tokens; 0 or -1: all")
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(None, gt=0, le=10, description="(extension, as vLLM) > 1 discourages "
+                                             "tokens of the prompt and the output")
+    logit_bias: Annotated[dict[str, Annotated[float, Field(ge=-100, le=100)]], Field(max_length=1024),
+                          AfterValidator(_token_id_keys)] | None = Field(
+        None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    n: Annotated[int | None, _neutral_only(lambda v: v in (None, 1), f"n other than 1 is {NOT_YET}")] = None
+    user: str | None = Field(None, max_length=255, description="the end user, logged with the completion's id")
+    safety_identifier: str | None = Field(None, max_length=255, description="as `user`")
+    service_tier: Annotated[str | None, _neutral_only(lambda v: v in (None, "auto", "default"),
+                                                      "only the default service tier exists")] = None
+    modalities: Annotated[list[str] | None, _neutral_only(lambda v: v in (None, ["text"]),
+                                                          "only the text modality is supported")] = None
+    store: Annotated[bool | None, _neutral_only(lambda v: v is not True, "completions are not stored")] = None
+    # refused (a later version honours the first ones) -------------------------------------------------
+    response_format: refused(f"response_format other than text is {NOT_YET}", _is_text_format) = None
+    tools: refused(f"tools are {NOT_YET}", _absent_or_empty) = None
+    tool_choice: refused(f"tool_choice is {NOT_YET}", lambda v: v in (None, "none")) = None
+    parallel_tool_calls: refused(f"parallel_tool_calls: tools are {NOT_YET}") = None
+    functions: refused(f"functions: tools are {NOT_YET}", _absent_or_empty) = None
+    function_call: refused(f"function_call: tools are {NOT_YET}", lambda v: v in (None, "none")) = None
+    audio: refused("audio output is not supported (text only)") = None
+    prediction: refused("predicted outputs are not supported") = None
+    metadata: refused("metadata is not supported: completions are not stored", _absent_or_empty) = None
+    reasoning_effort: refused("reasoning_effort is not supported: the model does not reason") = None
+    verbosity: refused("verbosity is not supported") = None
+    web_search_options: refused("web search is not supported") = None
+    moderation: refused("moderation is not supported") = None
+    prompt_cache_key: refused("prompt_cache_key is not supported: the prefix cache is automatic (per tenant and "
+                              "adapter)") = None
+    prompt_cache_options: refused("prompt_cache_options is not supported: the prefix cache is automatic") = None
+    prompt_cache_retention: refused("prompt_cache_retention is not supported: the prefix cache is automatic") = None
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streaming(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and info.data.get("stream") is not True:
+            raise ValueError("stream_options is only allowed with stream: true")
+        return value
+
+    @field_validator("max_completion_tokens")
+    @classmethod
+    def _same_as_max_tokens(cls, value: int | None, info: ValidationInfo) -> int | None:
+        old = info.data.get("max_tokens")
+        if value is not None and old is not None and old != value:
+            raise ValueError(f"max_tokens ({old}) and max_completion_tokens ({value}) differ: send one "
+                             "(max_tokens is the deprecated name)")
+        return value
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and "logprobs" in info.data and info.data["logprobs"] is not True:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return value
+
+    def stop_strings(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+    def top_logprob_count(self) -> int | None:
+        """None without ``logprobs``; else how many alternatives to report per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+HONOURED = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
+            "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
+            "logit_bias", "logprobs", "top_logprobs", "n", "user", "safety_identifier", "service_tier", "modalities",
+            "store")
+REFUSED = tuple(name for name in ChatCompletionRequest.model_fields if name not in HONOURED)
