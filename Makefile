@@ -1,13 +1,16 @@
 # Two entry points: `make serve` and `make test`. Both create or reuse .venv in the repo root.
 # Besides python3 (with venv) they install what they need: as root with apt-get, the Debian
 # packages (python3-venv; for `make test` also prometheus, whose prometheus and promtool binaries
-# the observability tests run); otherwise they stop at once with one line naming what to install.
+# the observability tests run, and chromium with chromium-driver for the /docs browser test);
+# otherwise they stop at once with one line naming what to install.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tailor-installed
 PROMETHEUS ?= prometheus
 PROMTOOL ?= promtool
+CHROMIUM ?= chromium
+CHROMEDRIVER ?= chromedriver
 APT_GET ?= apt-get
 
 .PHONY: serve test install prepare bench clean deps python-deps gpu-check
@@ -28,10 +31,13 @@ python-deps:
 	@test -x $(PY) || $(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || \
 	$(call apt_or_stop,python3-venv,make needs the venv module of $(PYTHON): install it (Debian: sudo apt-get install python3-venv) and run make again)
 
-# What `make test` needs outside Python: prometheus and promtool (Debian package prometheus).
+# What `make test` needs outside Python: prometheus and promtool (Debian package prometheus), and
+# chromium with chromium-driver (the /docs test drives a real headless browser).
 deps: python-deps
 	@command -v $(PROMETHEUS) >/dev/null 2>&1 && command -v $(PROMTOOL) >/dev/null 2>&1 || \
 	$(call apt_or_stop,prometheus,make test needs prometheus and promtool: install the Debian package prometheus (sudo apt-get install prometheus) and run make test again)
+	@command -v $(CHROMIUM) >/dev/null 2>&1 && command -v $(CHROMEDRIVER) >/dev/null 2>&1 || \
+	$(call apt_or_stop,chromium chromium-driver,make test needs chromium and chromedriver: install the Debian packages chromium and chromium-driver (sudo apt-get install chromium chromium-driver) and run make test again)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 
 from api import limits
 from api.admission import TenantConcurrencyLimit
+from api.docs import install_docs
 from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.metrics import router as metrics_router
@@ -111,7 +112,10 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
         version="0.1.0",
         description="Multi-tenant personalization backend: per-user LoRA adapters and chat history on one base model.",
         lifespan=lifespan,
+        docs_url=None,  # install_docs: Swagger UI from the installed assets, not a CDN
+        redoc_url=None,  # ReDoc would load from a CDN
     )
+    install_docs(app)
     install_error_handlers(app)
     for module in (health, tenants, api_keys, users, adapters, chat, openai_compat, training_data, trainings):
         app.include_router(module.router)
