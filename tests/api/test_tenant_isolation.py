@@ -54,7 +54,7 @@ NO_TENANT_DATA = {
     ("GET", "/openapi.json"),
     ("GET", "/docs"),
     ("GET", "/docs/oauth2-redirect"),
-    ("GET", "/redoc"),
+    ("GET", "/docs/assets/{name}"),
     ("POST", "/v1/tenants"),
 }
 
