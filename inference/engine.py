@@ -42,6 +42,7 @@ from inference.request import FinishReason, Request, RequestOutput, RequestState
 from inference.sampling import SamplingParams, sample
 from inference.scheduler import Scheduler, SchedulerConfig
 from inference.slo import FirstTokenDeadlines, check_ttft_slo
+from inference.step_budget import StepTokenBudget
 from inference.tokenizer import Tokenizer
 from inference.weights import load_weights
 
@@ -131,6 +132,7 @@ class LLMEngine:
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
         self.stats = EngineStats()
         self.deadlines = FirstTokenDeadlines()
+        self.step_budget = StepTokenBudget(self.config.max_num_batched_tokens, self.config.step_time_target_s)
         self.step_observers: list = []  # callables (batch_size: requests, num_tokens: tokens) after each step
         self.last_step_ran = False
         self._requests: dict[str, Request] = {}
@@ -275,8 +277,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run one forward pass, sample and post-process. Returns outputs of requests
         that produced tokens or finished in this step."""
+        started = time.perf_counter()
         outputs = self._refuse_late(time.monotonic())
-        plan = self.scheduler.schedule()
+        plan = self.scheduler.schedule(self.step_budget.tokens)
         self.stats.preemptions = self.scheduler.num_preemptions
         self.last_step_ran = bool(plan.chunks)
         for request in plan.failed:
@@ -284,13 +287,14 @@ class LLMEngine:
             self._finish(request, FinishReason.ERROR)
             outputs.append(self.outputs.output(request, [], []))
         if plan.chunks:
-            started = time.perf_counter()
             logits, sampling_chunks = self.runner.run(plan)
             self.scheduler.computed(plan)
             self._count_step(plan)
             if sampling_chunks:
                 outputs.extend(self._sample(logits, [c.request for c in sampling_chunks]))
-            self.deadlines.observe_step(plan.num_tokens, time.perf_counter() - started)
+            seconds = time.perf_counter() - started
+            self.deadlines.observe_step(plan.num_tokens, seconds)
+            self.step_budget.observe(plan.num_tokens, seconds, plan.exhausted)
         self._prefetch()
         return outputs
 

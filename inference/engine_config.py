@@ -19,6 +19,10 @@ class EngineConfig:
       after the weights are loaded (CUDA), or ``cpu_pool_bytes`` on CPU.
     * ``page_tokens``: tokens per KV page (also the adapter page granularity, see docs/design.md).
     * ``max_num_seqs`` / ``max_num_batched_tokens``: per-step batch limits.
+    * ``step_time_target_s``: the step's token budget is lowered so that a step lasts about this
+      long (``inference.step_budget``; a light tenant's first token waits for about two steps);
+      None (the default for offline batches: throughput first) keeps every step at
+      ``max_num_batched_tokens``; the service sets 0.15 s (``TAILOR_STEP_TIME_TARGET_S``).
     * ``max_model_len``: longest prompt + output; defaults to the model's max_position_embeddings.
     * ``max_waiting``: bound of the waiting queue; beyond it submissions are refused (overload).
     * ``fairness_input_token_weight`` / ``fairness_output_token_weight``: what a prompt token and an
@@ -42,6 +46,7 @@ class EngineConfig:
     page_tokens: int = 16
     max_num_seqs: int = 128
     max_num_batched_tokens: int = 2048
+    step_time_target_s: float | None = None
     max_model_len: int | None = None
     max_waiting: int = 4096
     enable_prefix_cache: bool = True
@@ -71,6 +76,10 @@ class EngineConfig:
             problems.append("max_num_seqs must be >= 1")
         if self.max_num_batched_tokens < 1:
             problems.append("max_num_batched_tokens must be >= 1")
+        if self.step_time_target_s is not None and (
+                isinstance(self.step_time_target_s, bool) or not isinstance(self.step_time_target_s, (int, float))
+                or not 0 < self.step_time_target_s < float("inf")):
+            problems.append(f"step_time_target_s must be None or a finite number > 0, got {self.step_time_target_s!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             problems.append("max_model_len must be >= 2")
         if self.max_waiting < 1:

@@ -2,20 +2,31 @@
 
 Every step the scheduler decides which requests run and how many new tokens each contributes:
 
-1. Running requests, oldest first, each get their next chunk (one token when decoding, up to the
-   remaining prompt when prefilling) within the step's token budget. A request whose next chunk
-   needs a KV page that is not free makes the *newest* running request give its pages back
-   (preemption by recompute: it returns to the head of the queue and later recomputes its prompt
-   plus what it generated); if it is itself the newest, it yields.
-2. If nobody was preempted, waiting requests are admitted while the budget, ``max_num_seqs`` and
-   free pages allow, in virtual-token-counter order (``inference.fairness``): requests preempted
-   before come first; then the head of the tenant that has been served least (weighted tokens
-   divided by its weight), first come first served within a tenant. Every placed chunk is charged
-   to its tenant at once, so the order moves within a step. A long prompt is split into chunks
-   (chunked prefill). A request whose adapter is still being fetched into host RAM is passed over
-   (it costs its own time, not the batch's) and admitted in its turn once the adapter is there; a
-   request whose adapter is warm but finds no pages blocks those behind it in that order, so it
-   is never starved.
+The step has a token budget (``max_num_batched_tokens``, lowered by the engine's
+:class:`~inference.step_budget.StepTokenBudget` so that a step lasts about a target time). It is
+spent in virtual-token-counter order (``inference.fairness``) over running and waiting requests
+alike: the tenant that has been served least (weighted tokens divided by its weight) places its
+next chunk, then the order is looked at again (every placed chunk is charged to its tenant at
+once, so the order moves within a step):
+
+* a running request gets its next chunk (one token when decoding, up to the rest of the prompt when
+  prefilling: a long prompt is split into chunks, chunked prefill); a tenant's running requests go
+  oldest first, and a running request goes before a waiting request of a tenant with the same
+  counter. A request whose next chunk needs a KV page that is not free makes the *newest* running
+  request not placed yet give its pages back (preemption by recompute: it returns to the head of
+  the queue and later recomputes its prompt plus what it generated); if that is itself, it yields.
+* a waiting request (the head of its tenant's queue, first come first served within a tenant) is
+  admitted if ``max_num_seqs`` allows and there are free pages for its chunk beyond those the
+  running requests not placed yet need for theirs. Requests preempted before are admitted only
+  after every running request was placed, and nothing is admitted in a step that preempted. A
+  request whose adapter is still being fetched into host RAM is passed over (it costs its own
+  time, not the batch's) and admitted in its turn once the adapter is there; a request whose
+  adapter is warm but finds no pages ends admission for the step, so it is never overtaken.
+
+So a light tenant's new request is placed at the next step even when the running requests of a
+busy tenant could fill the budget: those requests keep their pages and wait a step. With the full
+budget (more than the running requests need) every running request is placed, as in plain
+continuous batching.
 
 A request admitted with nothing computed first takes the longest prefix of its tokens that the
 prefix cache holds (``inference.prefix_cache``) and computes from there; every page that becomes
@@ -32,7 +43,7 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from inference.fairness import AdmissionQueue, VirtualTokenCounters
 from inference.page_pool import PageKind, PagePool
@@ -104,10 +115,60 @@ class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Request]
     failed: list[Request] = field(default_factory=list)  # adapter could not be loaded
+    exhausted: bool = False  # the step used its whole token budget
 
     @property
     def num_tokens(self) -> int:
         return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclass
+class _Step:
+    """The plan of the step being built: its chunks, the budget left, who was placed."""
+
+    budget: int
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+    failed: list[Request] = field(default_factory=list)
+    placed: set[str] = field(default_factory=set)
+
+    def place(self, chunk: ScheduledChunk) -> None:
+        self.chunks.append(chunk)
+        self.placed.add(chunk.request.request_id)
+        self.budget -= chunk.num_tokens
+
+
+class _RunningByTenant:
+    """The running requests not placed yet this step, per tenant, oldest first."""
+
+    def __init__(self, running: list[Request], pages_needed: Callable[[Request], int]):
+        self.queues: dict[str | None, deque[Request]] = {}
+        self.position = {r.request_id: i for i, r in enumerate(running)}
+        self.needs = {r.request_id: pages_needed(r) for r in running}
+        self.pages_needed = sum(self.needs.values())  # by the unplaced requests' next chunks
+        for request in running:
+            self.queues.setdefault(request.tenant, deque()).append(request)
+
+    def peek(self, counters: VirtualTokenCounters) -> Request | None:
+        """The oldest unplaced request of the tenant with the smallest counter (ties: the tenant
+        whose request is older)."""
+        best = None
+        for tenant, queue in self.queues.items():
+            key = (counters.counter(tenant), self.position[queue[0].request_id])
+            if best is None or key < best[0]:
+                best = (key, queue[0])
+        return None if best is None else best[1]
+
+    def discard(self, request: Request) -> None:
+        """``request`` was placed or preempted."""
+        queue = self.queues.get(request.tenant)
+        index = next((i for i, r in enumerate(queue or ()) if r is request), None)
+        if index is None:
+            return
+        del queue[index]
+        if not queue:
+            del self.queues[request.tenant]
+        self.pages_needed -= self.needs.pop(request.request_id)
 
 
 class Scheduler:
@@ -166,13 +227,15 @@ class Scheduler:
         if self.adapters is not None and request.adapter is not None:
             self.adapters.on_stop_running(request.adapter)
 
-    def _try_allocate(self, request: Request, num_pages: int) -> bool:
+    def _try_allocate(self, request: Request, num_pages: int, reserve: int = 0) -> bool:
+        """Give ``request`` ``num_pages`` more KV pages if ``reserve`` more would still be free
+        (evicting idle adapters if needed)."""
         if num_pages == 0:
             return True
-        if not self.pool.can_allocate(num_pages) and self.adapters is not None:
+        if not self.pool.can_allocate(num_pages + reserve) and self.adapters is not None:
             protect = request.adapter.uid if request.adapter is not None else None
-            self.adapters.make_room(num_pages, protect=protect)
-        if not self.pool.can_allocate(num_pages):
+            self.adapters.make_room(num_pages + reserve, protect=protect)
+        if not self.pool.can_allocate(num_pages + reserve):
             return False
         request.kv_pages.extend(self.pool.allocate(num_pages, PageKind.KV))
         return True
@@ -186,72 +249,88 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(request)
 
-    def schedule(self) -> SchedulerOutput:
+    def schedule(self, token_budget: int | None = None) -> SchedulerOutput:
+        """Plan one step within ``token_budget`` new tokens (at most ``max_num_batched_tokens``;
+        the engine's :class:`~inference.step_budget.StepTokenBudget` sets it). See the module
+        docstring for the order."""
         budget = self.config.max_num_batched_tokens
-        chunks: list[ScheduledChunk] = []
-        preempted: list[Request] = []
-        scheduled_ids: set[str] = set()
-        index = 0
-        while index < len(self.running) and budget > 0:
-            request = self.running[index]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            while not self._try_allocate(request, self._pages_needed(request, num_new)):
-                victim = self.running[-1]
-                if victim.request_id in scheduled_ids:
-                    # everything after `request` is already placed this step: nothing to take
-                    victim = request
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is request:
-                    break
-            else:
-                chunks.append(self._place(request, num_new))
-                scheduled_ids.add(request.request_id)
-                budget -= num_new
-                index += 1
+        if token_budget is not None:
+            budget = max(1, min(budget, token_budget))
+        step = _Step(budget)
+        running = _RunningByTenant(
+            self.running, lambda r: self._pages_needed(r, min(r.num_tokens - r.num_computed_tokens, budget)))
+        queue = AdmissionQueue(self.waiting, self.fairness)
+        admitting = True
+        while step.budget > 0:
+            runner = running.peek(self.fairness)
+            newcomer = None
+            if admitting and not step.preempted and len(self.running) < self.config.max_num_seqs:
+                newcomer = queue.peek()
+                if newcomer is not None and runner is not None and not self._goes_before(newcomer, runner):
+                    newcomer = None
+            if newcomer is not None:
+                admitting = self._admit(newcomer, queue, running, step)
                 continue
-            # `request` itself was preempted; the list shifted, do not advance index
-        failed: list[Request] = []
-        if not preempted:
-            self._admit(budget, chunks, failed)
-        return SchedulerOutput(chunks, preempted, failed)
+            if runner is None:
+                break
+            self._run(runner, running, step)
+        return SchedulerOutput(step.chunks, step.preempted, step.failed, exhausted=step.budget == 0)
+
+    def _goes_before(self, newcomer: Request, runner: Request) -> bool:
+        """Whether a waiting request is placed before an unplaced running one: only a request never
+        preempted, of a tenant served strictly less (preempted requests wait until every running
+        request is placed: they gave their pages back for lack of room)."""
+        if newcomer.num_preemptions > 0:
+            return False
+        return self.fairness.counter(newcomer.tenant) < self.fairness.counter(runner.tenant)
+
+    def _run(self, request: Request, running: _RunningByTenant, step: _Step) -> None:
+        """Place the next chunk of a running request; under page pressure preempt the newest
+        running request not placed yet (possibly ``request`` itself)."""
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        while not self._try_allocate(request, self._pages_needed(request, num_new)):
+            victim = next(r for r in reversed(self.running) if r.request_id not in step.placed)
+            running.discard(victim)
+            self._preempt(victim)
+            step.preempted.append(victim)
+            if victim is request:
+                return
+        running.discard(request)
+        step.place(self._place(request, num_new))
+
+    def _admit(self, request: Request, queue: AdmissionQueue, running: _RunningByTenant, step: _Step) -> bool:
+        """Admit the waiting request ``queue`` put first, or pass over or fail it; returns whether
+        admission goes on this step (False once a request finds no room: it is not overtaken)."""
+        if request.adapter is not None and self.adapters is not None:
+            admission = self.adapters.admit(request.adapter)
+            if admission is Admission.COLD:
+                queue.pop(request)  # its adapter is on the way; let the requests behind it run
+                return True
+            if admission is Admission.FAILED:
+                queue.pop(request)
+                self.waiting.remove(request)
+                step.failed.append(request)
+                return True
+            if admission is Admission.NO_ROOM:
+                return False
+        reused = self.prefix_cache.match(request) if request.num_computed_tokens == 0 else 0
+        num_new = min(request.num_tokens - request.num_computed_tokens, step.budget)
+        # the pages the running requests not placed yet need for their chunks stay free for them
+        if not self._try_allocate(request, self._pages_needed(request, num_new), running.pages_needed):
+            self._release(request)  # the cached pages it was lent go back, idle
+            return False
+        self.prefix_cache.count_admission(request, reused)
+        queue.pop(request)
+        self.waiting.remove(request)
+        request.state = RequestState.RUNNING
+        self.running.append(request)
+        if request.adapter is not None and self.adapters is not None:
+            self.adapters.on_run(request.adapter)
+        step.place(self._place(request, num_new))
+        return True
 
     def _place(self, request: Request, num_new: int) -> ScheduledChunk:
         """The chunk ``request`` computes this step, charged to its tenant now."""
         chunk = ScheduledChunk(request, request.num_computed_tokens, num_new)
         self.fairness.charge(request, chunk.start, num_new, chunk.samples)
         return chunk
-
-    def _admit(self, budget: int, chunks: list[ScheduledChunk], failed: list[Request]) -> None:
-        """Admit waiting requests in virtual-token-counter order (see the module docstring)."""
-        queue = AdmissionQueue(self.waiting, self.fairness)
-        while budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = queue.peek()
-            if request is None:
-                break
-            if request.adapter is not None and self.adapters is not None:
-                admission = self.adapters.admit(request.adapter)
-                if admission is Admission.COLD:
-                    queue.pop(request)  # its adapter is on the way; let the requests behind it run
-                    continue
-                if admission is Admission.FAILED:
-                    queue.pop(request)
-                    self.waiting.remove(request)
-                    failed.append(request)
-                    continue
-                if admission is Admission.NO_ROOM:
-                    break
-            reused = self.prefix_cache.match(request) if request.num_computed_tokens == 0 else 0
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self._try_allocate(request, self._pages_needed(request, num_new)):
-                self._release(request)  # the cached pages it was lent go back, idle
-                break
-            self.prefix_cache.count_admission(request, reused)
-            queue.pop(request)
-            self.waiting.remove(request)
-            request.state = RequestState.RUNNING
-            self.running.append(request)
-            if request.adapter is not None and self.adapters is not None:
-                self.adapters.on_run(request.adapter)
-            chunks.append(self._place(request, num_new))
-            budget -= num_new

@@ -22,6 +22,8 @@ from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
 from inference.fairness import AdmissionQueue, VirtualTokenCounters, admission_order
 from inference.sampling import SamplingParams
+from inference.scheduler import Scheduler
+from inference.step_budget import StepTokenBudget
 
 SEQS = 4  # max_num_seqs
 PROMPT = 8
@@ -124,6 +126,31 @@ def test_light_tenant_is_admitted_within_a_wave_during_a_flood(tiny_checkpoint):
     [light] = _submit(engine, "light", 1, seed=6)
     # it waits at most for a running request to finish (MAX_TOKENS steps) and the admission step
     assert _wait_for_light(engine, light) <= MAX_TOKENS + 1
+
+
+def _flood_with_a_short_budget(checkpoint):
+    """A flood: ``2 * SEQS`` heavy requests decoding (seats left), then a step budget of
+    ``2 * SEQS - 1`` tokens, which their decodes alone fill."""
+    seats = 4 * SEQS
+    engine = LLMEngine(checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20, max_num_seqs=seats,
+                                                max_num_batched_tokens=2 * SEQS * PROMPT))
+    _submit(engine, "heavy", 10 * SEQS, seed=5)
+    engine.step()  # 2 * SEQS prompts fill the step
+    assert engine.num_running == 2 * SEQS
+    engine.step_budget = StepTokenBudget(max_tokens=2 * SEQS - 1, target_s=None)
+    [light] = _submit(engine, "light", 1, seed=6)
+    return engine, light
+
+
+def test_a_light_tenant_starts_at_the_next_step_when_running_requests_fill_the_budget(tiny_checkpoint):
+    engine, light = _flood_with_a_short_budget(tiny_checkpoint)
+    assert _wait_for_light(engine, light) == 1
+
+
+def test_control_running_requests_first_keep_the_light_tenant_out(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(Scheduler, "_goes_before", lambda self, newcomer, runner: False)
+    engine, light = _flood_with_a_short_budget(tiny_checkpoint)
+    assert _wait_for_light(engine, light) >= MAX_TOKENS - 1  # until the running requests finish
 
 
 def test_fcfs_makes_the_light_tenant_wait_behind_the_flood(tiny_checkpoint, monkeypatch):
