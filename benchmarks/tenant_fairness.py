@@ -22,7 +22,9 @@ tenant's system prompt plus the new message, the same in every phase however man
 has had. ``TAILOR_PREFIX_CACHE=true`` (the default, said explicitly). No other ``TAILOR_*``
 variable reaches the server (none inherited from the caller's environment): in particular no
 first-token SLO (with one, the api would send ``start`` only at the first token). The engine runs
-with its defaults (``EngineConfig``: ``max_num_seqs`` 128, ``max_num_batched_tokens`` 2048).
+with the service's defaults (``max_num_seqs`` 128, ``max_num_batched_tokens`` 2048, and
+``TAILOR_STEP_TIME_TARGET_S`` 0.15 s: the step's token budget is lowered so that a step lasts about
+that long, ``inference.step_budget``; the mean batch and step time per phase show where it settled).
 
 Phases, in one run:
 
@@ -157,6 +159,13 @@ def max_num_seqs() -> int:
     from inference.engine_config import EngineConfig
 
     return EngineConfig().max_num_seqs
+
+
+def step_time_target_s() -> float:
+    """The server's default TAILOR_STEP_TIME_TARGET_S (the benchmark does not set it)."""
+    from tenants.settings import Settings
+
+    return Settings.model_fields["step_time_target_s"].default
 
 
 # --------------------------------------------------------------------------- server and tenants
@@ -598,8 +607,8 @@ def _ms(seconds: float | None) -> str:
 def report(args: argparse.Namespace, phases: dict[str, Any]) -> int:
     cap, a, b, c = phases["capacity"], phases["phase_a"], phases["phase_b"], phases["phase_c"]
     ratio = b["ttft_p95_s"] / a["ttft_p95_s"] if a["ttft_p95_s"] and b["ttft_p95_s"] else None
-    print(f"\nServer settings: {', '.join(f'{k}={v}' for k, v in SERVER_SETTINGS.items())}; engine defaults "
-          f"(max_num_seqs {max_num_seqs()}); model {args.model}, device {args.device}; streamed per-user chats, "
+    print(f"\nServer settings: {', '.join(f'{k}={v}' for k, v in SERVER_SETTINGS.items())}; service defaults "
+          f"(max_num_seqs {max_num_seqs()}, step time target {step_time_target_s()} s); model {args.model}, device {args.device}; streamed per-user chats, "
           f"greedy, {args.max_tokens} tokens")
     print(f"Capacity (heavy alone, {cap['concurrency']} chats in flight, {cap['window_s']:.1f} s): "
           f"{cap['requests_per_s']:.2f} chats/s, {cap['completion_tokens_per_s']:.1f} completion tokens/s, "
@@ -649,7 +658,7 @@ def report(args: argparse.Namespace, phases: dict[str, Any]) -> int:
         "benchmark": "tenant_fairness", "date": dt.date.today().isoformat(), "device": args.device,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "server_settings": SERVER_SETTINGS, "max_num_seqs": max_num_seqs(),
+        "server_settings": SERVER_SETTINGS, "max_num_seqs": max_num_seqs(), "step_time_target_s": step_time_target_s(),
         **phases, "ttft_p95_ratio_b_over_a": ratio,
     }
     write_results(result, args.out or RESULTS / f"tenant_fairness-{args.device.split(':')[0]}.json")

@@ -125,6 +125,8 @@ class Settings(BaseSettings):
     host_adapter_bytes: int = Field(2 << 30, gt=0)
     max_lora_rank: int = Field(128, ge=1)
     prefix_cache: bool = True  # reuse KV pages of earlier requests per tenant and adapter (inference.prefix_cache)
+    # steps are kept about this long by lowering their token budget (inference.step_budget); 0 turns it off
+    step_time_target_s: float = Field(0.15, ge=0, allow_inf_nan=False)
 
     # --- limits ------------------------------------------------------------------------------------
     max_upload_bytes: int = Field(256 << 20, gt=0)
@@ -241,6 +243,7 @@ class Settings(BaseSettings):
             "host_adapter_bytes": self.host_adapter_bytes,
             "max_lora_rank": self.max_lora_rank,
             "enable_prefix_cache": self.prefix_cache,
+            "step_time_target_s": self.step_time_target_s or None,
         }
         if self.pool_bytes is not None:
             options["pool_bytes"] = self.pool_bytes

@@ -78,6 +78,9 @@ class EngineCollector(Collector):
         yield _gauge("tailor_adapters_registered", "Adapters known to the engine.", len(engine.adapters.registry))
         yield from _prefix_cache_families(engine)
         yield from _slo_families(engine)
+        yield _gauge("tailor_step_token_budget",
+                     "Tokens the next engine step may compute (lowered so that a step lasts about "
+                     "TAILOR_STEP_TIME_TARGET_S; inference.step_budget).", engine.step_budget.tokens)
 
 
 def _prefix_cache_families(engine: LLMEngine):

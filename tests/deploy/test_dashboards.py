@@ -35,6 +35,7 @@ GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
     "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
     "tailor_worker_queue_length", "tailor_tenant_info", "tailor_prefix_cache_pages", "tailor_training_jobs_running",
+    "tailor_step_token_budget",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",

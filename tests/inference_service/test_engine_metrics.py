@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from support.adapters import synthetic_adapter
 
 from inference import LLM, SamplingParams
@@ -57,3 +59,30 @@ def test_prefix_cache_and_slo_metrics_per_tenant(tiny_checkpoint):
     assert sample("tailor_slo_ttft_missed_total", {"tenant": "a"}) == 0
     assert sample("tailor_slo_ttft_missed_total", {"tenant": "b"}) == 1
     assert sample("tailor_slo_early_aborts_total", {"tenant": "b"}) == 1
+
+
+def test_step_token_budget_gauge_follows_the_engine(tiny_checkpoint):
+    """The budget starts full and, with a target below any real step, is lowered to its floor."""
+    from inference.engine import LLMEngine
+    from inference.engine_config import EngineConfig
+    from inference.step_budget import MIN_STEP_TOKENS
+    from support.engine_helpers import run_to_completion
+
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20, step_time_target_s=1e-6))
+    sample = InferenceMetrics(engine).registry.get_sample_value
+    assert sample("tailor_step_token_budget") == engine.config.max_num_batched_tokens
+    params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine.add(engine.request_from_ids(list(range(10, 50)), params, None, None))
+    run_to_completion(engine)
+    assert sample("tailor_step_token_budget") == engine.step_budget.tokens == MIN_STEP_TOKENS
+
+
+def test_the_service_setting_reaches_the_engine():
+    from tenants.settings import Settings
+
+    assert Settings().engine_options()["step_time_target_s"] == 0.15
+    assert Settings(step_time_target_s=0).engine_options()["step_time_target_s"] is None  # off
+    assert Settings(step_time_target_s=0.4).engine_options()["step_time_target_s"] == 0.4
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="step_time_target_s"):
+            Settings(step_time_target_s=bad)
