@@ -1,0 +1,229 @@
+"""S-LoRA's evaluation on Tailor: open-loop traces with n adapters, one command, table and plots.
+
+For each adapter count n (``--adapters``, 0 = the base model alone) a trace is generated with
+``benchmarks.trace.synthetic_trace`` (the same seed for every n, so every row replays the same
+lengths and arrival times; only the adapters differ) and saved next to the results, n rank-r
+adapters are registered (ranks drawn from ``--ranks``: S-LoRA's S1 is ``8``, S2 ``8,16,32,64``, on
+q, k, v and o), and the trace is replayed open loop against the engine in-process
+(``benchmarks.open_loop``). Each row: throughput, mean / p50 / p90 / p99 latency and first-token
+latency, SLO attainment (first token within ``--slo-ttft-s``). With ``--rates``, a second sweep
+replays traces at those request rates with ``--sweep-adapters`` adapters (latency against rate).
+
+Outputs (``--out-dir``, default ``benchmarks/results``): ``slora_eval-<device>.json``, ``.md`` (the
+tables), ``-throughput.png`` and ``-ttft.png`` against n, ``-rate.png`` against the rate.
+
+    python -m benchmarks.slora_eval                                  # CPU, SmolLM2-135M, n = 0, 1, 10, 100
+    python -m benchmarks.slora_eval --adapters 0,1,10,100,1000 --rate 1.5 --duration-s 60
+    python -m benchmarks.slora_eval --device cuda --ranks 8,16,32,64 --adapters 5,100,1000,2000 --rate 10
+
+Not here yet (issue 22): the HF PEFT baseline, replay over HTTP with streaming, the multi-turn chat
+trace, and the Llama-7B/13B-shaped random-weight models for the GPU tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.open_loop import markdown_table, replay_in_process, summarize_run
+from benchmarks.synthetic_adapters import synthetic_adapter
+from benchmarks.trace import Trace, save_trace, synthetic_trace
+from inference import LLM
+
+RESULTS = Path(__file__).resolve().parent / "results"
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+COLUMNS = [
+    ("adapters", "adapters", "d"), ("rate req/s", "rate", "g"), ("requests", "requests", "d"),
+    ("failed", "failed", "d"), ("req/s", "requests_per_s", ".3f"), ("tok/s", "output_tokens_per_s", ".1f"),
+    ("latency mean s", "latency_s.mean", ".2f"), ("p50", "latency_s.p50", ".2f"), ("p90", "latency_s.p90", ".2f"),
+    ("p99", "latency_s.p99", ".2f"), ("TTFT mean s", "ttft_s.mean", ".2f"), ("TTFT p50", "ttft_s.p50", ".2f"),
+    ("TTFT p90", "ttft_s.p90", ".2f"), ("TTFT p99", "ttft_s.p99", ".2f"), ("SLO attainment", "slo_attainment", ".1%"),
+]
+
+
+def _ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2-135m", help="bundled model name or checkpoint directory")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--adapters", default="0,1,10,100", help="comma-separated adapter counts; 0 = base model")
+    p.add_argument("--ranks", default="8", help="ranks drawn per adapter (S1: 8; S2: 8,16,32,64)")
+    p.add_argument("--alpha", type=float, default=1.0, help="power-law popularity exponent (S-LoRA's rule)")
+    p.add_argument("--rate", type=float, default=1.0, help="requests per second of the adapter sweep")
+    p.add_argument("--cv", type=float, default=1.0, help="coefficient of variation of the gaps (1: Poisson)")
+    p.add_argument("--duration-s", type=float, default=30.0, help="arrivals span this long")
+    p.add_argument("--input", default="8,128", help="inclusive input length range lo,hi")
+    p.add_argument("--output", default="8,64", help="inclusive output length range lo,hi")
+    p.add_argument("--slo-ttft-s", type=float, default=6.0, help="first-token SLO (S-LoRA: 6 s)")
+    p.add_argument("--rates", default="", help="optional rate sweep, comma-separated requests/s")
+    p.add_argument("--sweep-adapters", type=int, default=10, help="adapters in the rate sweep")
+    p.add_argument("--host-mib", type=int, default=1024, help="host-RAM adapter cache budget")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--no-plots", action="store_true")
+    args = p.parse_args(argv)
+    args.adapter_counts = _ints(args.adapters)
+    args.rank_set = _ints(args.ranks)
+    args.rate_list = [float(r) for r in args.rates.split(",") if r.strip()]
+    problems = []
+    if not args.adapter_counts or min(args.adapter_counts) < 0:
+        problems.append("--adapters: counts >= 0")
+    if not args.rank_set or min(args.rank_set) < 1:
+        problems.append("--ranks: ranks >= 1")
+    if args.rate <= 0 or args.duration_s <= 0 or args.cv <= 0 or args.slo_ttft_s <= 0:
+        problems.append("--rate, --duration-s, --cv and --slo-ttft-s must be > 0")
+    if any(r <= 0 for r in args.rate_list):
+        problems.append("--rates must be > 0")
+    if problems:
+        p.error("; ".join(problems))
+    return args
+
+
+def make_trace(args: argparse.Namespace, num_adapters: int, rate: float, vocab: int) -> Trace:
+    return synthetic_trace(num_adapters, rate, args.duration_s, ranks=args.rank_set, alpha=args.alpha, cv=args.cv,
+                           input_len_range=_ints(args.input), output_len_range=_ints(args.output), seed=args.seed,
+                           vocab=vocab)
+
+
+class AdapterFarm:
+    """Registers synthetic adapters on demand: adapter i of rank r is ``a{i}-r{r}``, written once."""
+
+    def __init__(self, llm: LLM, scratch: Path, seed: int):
+        self.llm, self.scratch, self.seed = llm, scratch, seed
+        self.registered: set[str] = set()
+
+    def ensure(self, trace: Trace) -> float:
+        """Register every adapter the trace names; returns the seconds it took."""
+        started = time.perf_counter()
+        config = self.llm.engine.model_config
+        for i, rank in enumerate(trace.adapter_ranks):
+            name = self.name(i, rank)
+            if name not in self.registered:
+                path = synthetic_adapter(self.scratch / name, config, r=rank, targets=TARGETS, alpha=2.0 * rank,
+                                         seed=self.seed * 100_003 + i, std=0.02)
+                self.llm.register_adapter(name, path)
+                self.registered.add(name)
+        return time.perf_counter() - started
+
+    @staticmethod
+    def name(index: int, rank: int) -> str:
+        return f"a{index}-r{rank}"
+
+
+def run_row(llm: LLM, farm: AdapterFarm, trace: Trace, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    register_s = farm.ensure(trace)
+    ranks = trace.adapter_ranks
+    with tqdm(total=len(trace.requests), desc=label, unit="req", leave=False) as bar:
+        timings = replay_in_process(llm, trace, lambda i: farm.name(i, ranks[i]), progress=bar.update)
+    return {"adapters": trace.num_adapters, "rate": trace.params["rate"], "register_s": register_s,
+            "trace": trace.summary(), **summarize_run(timings, args.slo_ttft_s)}
+
+
+def plot(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], prefix: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    xs = [max(r["adapters"], 1) for r in rows]  # the base model (0) drawn at 1 on the log axis
+    for name, key, label in (("throughput", "requests_per_s", "requests / s"), ("ttft", "ttft_s.p50", "TTFT p50 (s)")):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        ys = [_get(r, key) for r in rows]
+        ax.plot(xs, ys, marker="o", label="Tailor")
+        ax.set_xscale("log")
+        ax.set_xlabel("adapters (0 drawn at 1)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}-{name}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    if sweep:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for key, label in (("latency_s.mean", "latency mean"), ("ttft_s.p90", "TTFT p90")):
+            ax.plot([r["rate"] for r in sweep], [_get(r, key) for r in sweep], marker="o", label=label)
+        ax.set_xlabel("request rate (req/s)")
+        ax.set_ylabel("seconds")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = prefix.with_name(f"{prefix.name}-rate.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def _get(row: dict[str, Any], key: str) -> Any:
+    value: Any = row
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _commit() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = args.device.split(":")[0]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    prefix = args.out_dir / f"slora_eval-{device}"
+    with tempfile.TemporaryDirectory(prefix="tailor-slora-eval-") as scratch, \
+            LLM(args.model, device=args.device, dtype=args.dtype, host_adapter_bytes=args.host_mib << 20,
+                adapter_store_dir=str(Path(scratch) / "store"), max_lora_rank=max(args.rank_set)) as llm:
+        vocab = llm.engine.model_config.vocab_size
+        farm = AdapterFarm(llm, Path(scratch) / "adapters", args.seed)
+        warm = make_trace(args, min(1, max(args.adapter_counts)), args.rate, vocab)
+        run_row(llm, farm, Trace(warm.requests[:4], warm.adapter_ranks, warm.params), args, "warm-up")
+        rows = []
+        for count in tqdm(args.adapter_counts, desc="adapter counts", unit="run"):
+            trace = make_trace(args, count, args.rate, vocab)
+            save_trace(trace, args.out_dir / "traces" / f"slora_eval-n{count}-rate{args.rate:g}.json")
+            rows.append(run_row(llm, farm, trace, args, f"n={count}"))
+        sweep = [run_row(llm, farm, make_trace(args, args.sweep_adapters, rate, vocab), args, f"rate={rate:g}")
+                 for rate in tqdm(args.rate_list, desc="rates", unit="run")]
+    tables = f"Adapters (rate {args.rate:g} req/s, {args.duration_s:g} s of arrivals, ranks {args.ranks}):\n\n"
+    tables += markdown_table(rows, COLUMNS) + "\n"
+    if sweep:
+        tables += f"\nRequest rate ({args.sweep_adapters} adapters):\n\n" + markdown_table(sweep, COLUMNS) + "\n"
+    print("\n" + tables)
+    report = {
+        "benchmark": "slora_eval", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(), "device": args.device,
+        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "torch_version": torch.__version__, "torch_num_threads": torch.get_num_threads(),
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "rows": rows, "rate_sweep": sweep,
+    }
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text(tables)
+    written = [] if args.no_plots else plot(rows, sweep, prefix)
+    print("wrote " + ", ".join(str(p) for p in [prefix.with_suffix(".json"), prefix.with_suffix(".md"), *written]))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
