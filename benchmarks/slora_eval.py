@@ -16,8 +16,12 @@ tables), ``-throughput.png`` and ``-ttft.png`` against n, ``-rate.png`` against 
     python -m benchmarks.slora_eval --adapters 0,1,10,100,1000 --rate 1.5 --duration-s 60
     python -m benchmarks.slora_eval --device cuda --ranks 8,16,32,64 --adapters 5,100,1000,2000 --rate 10
 
-Not here yet (issue 22): the HF PEFT baseline, replay over HTTP with streaming, the multi-turn chat
-trace, and the Llama-7B/13B-shaped random-weight models for the GPU tables.
+Systems (``--systems``): ``tailor`` (the engine in-process; n = 0 is Tailor on the base model alone)
+and ``peft``, the Hugging Face PEFT baseline on the same trace (``benchmarks.peft_baseline``:
+static mixed-adapter batches, as well as PEFT can serve).
+
+Not here yet (issue 22): replay over HTTP with streaming, the multi-turn chat trace, and the
+Llama-7B/13B-shaped random-weight models for the GPU tables.
 """
 
 from __future__ import annotations
@@ -36,14 +40,16 @@ import torch
 from tqdm import tqdm
 
 from benchmarks.open_loop import markdown_table, replay_in_process, summarize_run
+from benchmarks.peft_baseline import PeftServer
 from benchmarks.synthetic_adapters import synthetic_adapter
 from benchmarks.trace import Trace, save_trace, synthetic_trace
 from inference import LLM
+from inference.engine import resolve_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 COLUMNS = [
-    ("adapters", "adapters", "d"), ("rate req/s", "rate", "g"), ("requests", "requests", "d"),
+    ("system", "system", "s"), ("adapters", "adapters", "d"), ("rate req/s", "rate", "g"), ("requests", "requests", "d"),
     ("failed", "failed", "d"), ("req/s", "requests_per_s", ".3f"), ("tok/s", "output_tokens_per_s", ".1f"),
     ("latency mean s", "latency_s.mean", ".2f"), ("p50", "latency_s.p50", ".2f"), ("p90", "latency_s.p90", ".2f"),
     ("p99", "latency_s.p99", ".2f"), ("TTFT mean s", "ttft_s.mean", ".2f"), ("TTFT p50", "ttft_s.p50", ".2f"),
@@ -71,6 +77,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-s", type=float, default=6.0, help="first-token SLO (S-LoRA: 6 s)")
     p.add_argument("--rates", default="", help="optional rate sweep, comma-separated requests/s")
     p.add_argument("--sweep-adapters", type=int, default=10, help="adapters in the rate sweep")
+    p.add_argument("--systems", default="tailor,peft", help="comma-separated: tailor, peft")
+    p.add_argument("--peft-max-batch", type=int, default=32, help="the PEFT baseline's batch bound")
     p.add_argument("--host-mib", type=int, default=1024, help="host-RAM adapter cache budget")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
@@ -88,6 +96,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         problems.append("--rate, --duration-s, --cv and --slo-ttft-s must be > 0")
     if any(r <= 0 for r in args.rate_list):
         problems.append("--rates must be > 0")
+    args.system_list = [part.strip() for part in args.systems.split(",") if part.strip()]
+    if not args.system_list or set(args.system_list) - {"tailor", "peft"}:
+        problems.append("--systems: tailor and/or peft")
+    if args.peft_max_batch < 1:
+        problems.append("--peft-max-batch must be >= 1")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -100,22 +113,30 @@ def make_trace(args: argparse.Namespace, num_adapters: int, rate: float, vocab: 
 
 
 class AdapterFarm:
-    """Registers synthetic adapters on demand: adapter i of rank r is ``a{i}-r{r}``, written once."""
+    """Synthetic adapters written on demand (adapter i of rank r is ``a{i}-r{r}``, written once) and
+    registered with Tailor's engine on demand."""
 
     def __init__(self, llm: LLM, scratch: Path, seed: int):
         self.llm, self.scratch, self.seed = llm, scratch, seed
+        self.written: set[str] = set()
         self.registered: set[str] = set()
 
-    def ensure(self, trace: Trace) -> float:
-        """Register every adapter the trace names; returns the seconds it took."""
+    def path(self, index: int, rank: int) -> Path:
+        """The PEFT directory of adapter ``index`` (written the first time it is asked for)."""
+        name = self.name(index, rank)
+        if name not in self.written:
+            synthetic_adapter(self.scratch / name, self.llm.engine.model_config, r=rank, targets=TARGETS,
+                              alpha=2.0 * rank, seed=self.seed * 100_003 + index, std=0.02)
+            self.written.add(name)
+        return self.scratch / name
+
+    def register(self, trace: Trace) -> float:
+        """Register every adapter the trace names with Tailor; returns the seconds it took."""
         started = time.perf_counter()
-        config = self.llm.engine.model_config
         for i, rank in enumerate(trace.adapter_ranks):
             name = self.name(i, rank)
             if name not in self.registered:
-                path = synthetic_adapter(self.scratch / name, config, r=rank, targets=TARGETS, alpha=2.0 * rank,
-                                         seed=self.seed * 100_003 + i, std=0.02)
-                self.llm.register_adapter(name, path)
+                self.llm.register_adapter(name, self.path(i, rank))
                 self.registered.add(name)
         return time.perf_counter() - started
 
@@ -124,12 +145,23 @@ class AdapterFarm:
         return f"a{index}-r{rank}"
 
 
-def run_row(llm: LLM, farm: AdapterFarm, trace: Trace, args: argparse.Namespace, label: str) -> dict[str, Any]:
-    register_s = farm.ensure(trace)
+def run_row(system: str, llm: LLM, farm: AdapterFarm, trace: Trace, args: argparse.Namespace, label: str,
+            peft: PeftServer | None = None) -> dict[str, Any]:
+    """Replay ``trace`` on ``system`` (tailor or peft) and summarize it."""
     ranks = trace.adapter_ranks
-    with tqdm(total=len(trace.requests), desc=label, unit="req", leave=False) as bar:
-        timings = replay_in_process(llm, trace, lambda i: farm.name(i, ranks[i]), progress=bar.update)
-    return {"adapters": trace.num_adapters, "rate": trace.params["rate"], "register_s": register_s,
+    started = time.perf_counter()
+    if system == "peft":
+        for i, rank in enumerate(ranks):
+            farm.path(i, rank)
+    else:
+        farm.register(trace)
+    setup_s = time.perf_counter() - started
+    with tqdm(total=len(trace.requests), desc=f"{system} {label}", unit="req", leave=False) as bar:
+        if system == "peft":
+            timings = peft.replay(trace, lambda i: farm.path(i, ranks[i]), args.peft_max_batch, progress=bar.update)
+        else:
+            timings = replay_in_process(llm, trace, lambda i: farm.name(i, ranks[i]), progress=bar.update)
+    return {"system": system, "adapters": trace.num_adapters, "rate": trace.params["rate"], "setup_s": setup_s,
             "trace": trace.summary(), **summarize_run(timings, args.slo_ttft_s)}
 
 
@@ -140,11 +172,13 @@ def plot(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], prefix: Path) 
     import matplotlib.pyplot as plt
 
     written = []
-    xs = [max(r["adapters"], 1) for r in rows]  # the base model (0) drawn at 1 on the log axis
+    systems = list(dict.fromkeys(r["system"] for r in rows))
     for name, key, label in (("throughput", "requests_per_s", "requests / s"), ("ttft", "ttft_s.p50", "TTFT p50 (s)")):
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        ys = [_get(r, key) for r in rows]
-        ax.plot(xs, ys, marker="o", label="Tailor")
+        for system in systems:
+            mine = [r for r in rows if r["system"] == system]
+            # the base model (0 adapters) is drawn at 1 on the log axis
+            ax.plot([max(r["adapters"], 1) for r in mine], [_get(r, key) for r in mine], marker="o", label=system)
         ax.set_xscale("log")
         ax.set_xlabel("adapters (0 drawn at 1)")
         ax.set_ylabel(label)
@@ -157,8 +191,10 @@ def plot(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], prefix: Path) 
         written.append(path)
     if sweep:
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for key, label in (("latency_s.mean", "latency mean"), ("ttft_s.p90", "TTFT p90")):
-            ax.plot([r["rate"] for r in sweep], [_get(r, key) for r in sweep], marker="o", label=label)
+        for system in dict.fromkeys(r["system"] for r in sweep):
+            mine = [r for r in sweep if r["system"] == system]
+            for key, label in (("latency_s.mean", "latency mean"), ("ttft_s.p90", "TTFT p90")):
+                ax.plot([r["rate"] for r in mine], [_get(r, key) for r in mine], marker="o", label=f"{system} {label}")
         ax.set_xlabel("request rate (req/s)")
         ax.set_ylabel("seconds")
         ax.grid(True, alpha=0.3)
@@ -196,15 +232,21 @@ def main(argv: list[str] | None = None) -> int:
                 adapter_store_dir=str(Path(scratch) / "store"), max_lora_rank=max(args.rank_set)) as llm:
         vocab = llm.engine.model_config.vocab_size
         farm = AdapterFarm(llm, Path(scratch) / "adapters", args.seed)
+        peft = None
+        if "peft" in args.system_list:
+            peft = PeftServer(resolve_model(args.model), args.device, llm.engine.dtype)
         warm = make_trace(args, min(1, max(args.adapter_counts)), args.rate, vocab)
-        run_row(llm, farm, Trace(warm.requests[:4], warm.adapter_ranks, warm.params), args, "warm-up")
-        rows = []
+        warm = Trace(warm.requests[:4], warm.adapter_ranks, warm.params)
+        for system in args.system_list:
+            run_row(system, llm, farm, warm, args, "warm-up", peft)
+        rows, sweep = [], []
         for count in tqdm(args.adapter_counts, desc="adapter counts", unit="run"):
             trace = make_trace(args, count, args.rate, vocab)
             save_trace(trace, args.out_dir / "traces" / f"slora_eval-n{count}-rate{args.rate:g}.json")
-            rows.append(run_row(llm, farm, trace, args, f"n={count}"))
-        sweep = [run_row(llm, farm, make_trace(args, args.sweep_adapters, rate, vocab), args, f"rate={rate:g}")
-                 for rate in tqdm(args.rate_list, desc="rates", unit="run")]
+            rows += [run_row(system, llm, farm, trace, args, f"n={count}", peft) for system in args.system_list]
+        for rate in tqdm(args.rate_list, desc="rates", unit="run"):
+            trace = make_trace(args, args.sweep_adapters, rate, vocab)
+            sweep += [run_row(system, llm, farm, trace, args, f"rate={rate:g}", peft) for system in args.system_list]
     tables = f"Adapters (rate {args.rate:g} req/s, {args.duration_s:g} s of arrivals, ranks {args.ranks}):\n\n"
     tables += markdown_table(rows, COLUMNS) + "\n"
     if sweep:

@@ -98,6 +98,51 @@ def test_open_loop_replay_submits_at_arrival_times(tiny_checkpoint, tmp_path):
     assert wall >= trace.requests[-1].arrival_time  # nothing was sent before its time
 
 
+def test_the_peft_baseline_serves_every_request_open_loop(tiny_checkpoint, tmp_path):
+    from benchmarks.peft_baseline import PeftServer
+    from benchmarks.synthetic_adapters import synthetic_adapter
+    from inference.model_config import ModelConfig
+
+    trace = _trace(3, rate=10.0, duration_s=1.0, ranks=(4, 8))
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)
+    paths = {i: synthetic_adapter(tmp_path / f"a{i}", config, r=rank, targets=("q_proj", "v_proj"), alpha=8.0, seed=i)
+             for i, rank in enumerate(trace.adapter_ranks)}
+    server = PeftServer(tiny_checkpoint)
+    finished = []
+    started = time.monotonic()
+    timings = server.replay(trace, paths.__getitem__, max_batch=4, progress=finished.append)
+    assert time.monotonic() - started >= trace.requests[-1].arrival_time
+    assert len(finished) == len(trace.requests) and all(t.ok for t in timings)
+    assert [t.output_tokens for t in timings] == [r.output_len for r in trace.requests]
+    assert all(0 < t.first_token_s <= t.latency_s for t in timings)
+    assert server.loaded == {f"a{r.adapter}" for r in trace.requests}
+
+
+def test_peft_mixed_batches_apply_each_rows_adapter(tiny_checkpoint, tmp_path):
+    """The baseline's mixed batch gives every row the greedy tokens of its own adapter alone."""
+    from benchmarks.peft_baseline import PeftServer
+    from benchmarks.synthetic_adapters import synthetic_adapter
+    from inference.model_config import ModelConfig
+
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)
+    server = PeftServer(tiny_checkpoint)
+    names = [server.adapter(i, synthetic_adapter(tmp_path / f"a{i}", config, r=8, targets=("q_proj", "v_proj"),
+                                                 alpha=64.0, seed=i, std=0.3)) for i in range(2)]
+    prompts = [[5, 9, 14, 30], [7, 7, 21]]
+    with LLM(str(tiny_checkpoint), page_tokens=4, cpu_pool_bytes=16 << 20) as llm:
+        for i in range(2):
+            llm.register_adapter(names[i], tmp_path / f"a{i}")
+        from inference import SamplingParams
+
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+        tailor = [o.token_ids for o in llm.generate(prompts, params, adapters=names)]
+    mixed = server.generate(prompts, [5, 5], names)[1]
+    alone = [server.generate([p], [5], [n])[1][0] for p, n in zip(prompts, names)]
+    base = server.generate(prompts, [5, 5], ["__base__", "__base__"])[1]
+    assert mixed == alone == tailor
+    assert base != mixed  # the adapters change the answers, so the comparison means something
+
+
 def test_the_one_command_writes_tables_json_traces_and_plots(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     assert slora_eval.main(["--model", str(tiny_checkpoint), "--adapters", "0,3", "--ranks", "4,8", "--rate", "6",
@@ -105,9 +150,11 @@ def test_the_one_command_writes_tables_json_traces_and_plots(tiny_checkpoint, tm
                             "--sweep-adapters", "2", "--out-dir", str(out)]) == 0
     report = json.loads((out / "slora_eval-cpu.json").read_text())
     rows = report["rows"]
-    assert [r["adapters"] for r in rows] == [0, 3] and [r["rate"] for r in report["rate_sweep"]] == [4.0, 8.0]
-    assert rows[0]["requests"] == rows[1]["requests"] > 0 and all(r["failed"] == 0 for r in rows)
-    assert rows[0]["trace"]["output_tokens"] == rows[1]["trace"]["output_tokens"]  # the same trace
+    assert [(r["system"], r["adapters"]) for r in rows] == [("tailor", 0), ("peft", 0), ("tailor", 3), ("peft", 3)]
+    assert [(r["system"], r["rate"]) for r in report["rate_sweep"]] == [("tailor", 4.0), ("peft", 4.0),
+                                                                          ("tailor", 8.0), ("peft", 8.0)]
+    assert len({r["requests"] for r in rows}) == 1 and rows[0]["requests"] > 0 and all(r["failed"] == 0 for r in rows)
+    assert len({r["trace"]["output_tokens"] for r in rows}) == 1  # the same trace
     assert all(0 < r["slo_attainment"] <= 1 and r["requests_per_s"] > 0 for r in rows)
     assert "| adapters |" in (out / "slora_eval-cpu.md").read_text()
     for name in ("throughput", "ttft", "rate"):
