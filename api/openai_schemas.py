@@ -61,10 +61,10 @@ class ContentPart(BaseModel):
 
     type: Annotated[str, _neutral_only(lambda v: v == "text", "only text content parts are supported")]
     text: Text | None = None
-    image_url: JsonValue = None  # the other parts' payloads: refused through ``type``
-    input_audio: JsonValue = None
-    file: JsonValue = None
-    refusal: JsonValue = None
+    image_url: refused("image parts are not supported (only text)") = None  # the other parts' payloads
+    input_audio: refused("audio parts are not supported (only text)") = None
+    file: refused("file parts are not supported (only text)") = None
+    refusal: refused("refusal parts are not supported (only text)") = None
 
     @model_validator(mode="after")
     def _text_part(self) -> ContentPart:

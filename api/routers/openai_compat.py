@@ -23,7 +23,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
 
-from api.deps import ChatDep, SessionDep, StateDep
+from api.deps import Caller, ChatDep, SessionDep, StateDep
 from api.error_responses import errors
 from api.generation import TenantEvents, open_generation, scheduling
 from api.openai_schemas import ChatCompletionRequest, message_text
@@ -63,7 +63,7 @@ def _check_limits(state: AppState, body: ChatCompletionRequest) -> int:
 
 
 def generate_request(body: ChatCompletionRequest, completion_id: str, spec: AdapterSpec | None, max_tokens: int,
-                     state: AppState, caller) -> GenerateRequest:
+                     state: AppState, caller: Caller) -> GenerateRequest:
     """The engine request for ``body``: every honoured sampling field mapped (unset ones at the
     engine's neutral values), the tenant's scheduling, ``completion_id`` as the request id."""
     return GenerateRequest(
@@ -95,9 +95,9 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
     max_tokens = _check_limits(state, body)
     spec = await asyncio.to_thread(_resolve_model, state, caller.tenant_id, body.model)
     completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-    user = body.user or body.safety_identifier
-    if user is not None:
-        log.info("completion %s: tenant %s, key %s, user %r", completion_id, caller.tenant_id, caller.key_id, user)
+    if body.user is not None or body.safety_identifier is not None:
+        log.info("completion %s: tenant %s, key %s, user %r, safety_identifier %r", completion_id, caller.tenant_id,
+                 caller.key_id, body.user, body.safety_identifier)
     request = generate_request(body, completion_id, spec, max_tokens, state, caller)
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
     frame = _Frames(completion_id, created, body.model, body.logprobs is True)

@@ -116,7 +116,7 @@ def test_refused_message_features_are_named(oai):
                     {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                 {"role": "tool", "content": "42", "tool_call_id": "1"}]
     problems = _refusal(oai, messages=messages)
-    assert set(problems) == {"messages.1.content.parts.0.type",
+    assert set(problems) == {"messages.1.content.parts.0.type", "messages.1.content.parts.0.image_url",
                              "messages.2.name", "messages.2.tool_calls", "messages.3.role", "messages.3.tool_call_id"}, \
         problems
     assert "only text" in problems["messages.1.content.parts.0.type"]

@@ -56,8 +56,8 @@ def _record(engine: LLMEngine, prompts, new_tokens: int, *, adapters=None, force
     captured: list[list[torch.Tensor]] = [[] for _ in prompts]
     original = engine_module.sample
 
-    def recording_sample(logits, params, generators):
-        result = original(logits, params, generators)
+    def recording_sample(logits, params, generators, histories=None):
+        result = original(logits, params, generators, histories)
         for row, sp in enumerate(params):
             i = index[id(sp)]
             if forced is not None:

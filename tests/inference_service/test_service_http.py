@@ -142,6 +142,23 @@ async def test_client_generate_returns_the_end_event(client, core):
     assert isinstance(end, GenerationEnded) and end.completion_tokens <= 4
 
 
+async def test_logprobs_and_penalties_cross_the_wire_unchanged(client, core):
+    """The same request through the internal HTTP service and in-process: the same text and the
+    same per-token logprobs, bytes and alternatives (penalties and a bias applied on both sides)."""
+    req = greedy("Tell me about otters.", max_tokens=6, logprobs=2, presence_penalty=1.5, frequency_penalty=0.5,
+                 repetition_penalty=1.3, logit_bias={42: -5.0})
+    remote = await collect(await client.start(req))
+    local = await collect(await core.start(req))
+    assert remote[-1].text == local[-1].text
+
+    def entries(events):
+        return [e for d in events if isinstance(d, TextDelta) for e in d.logprobs]
+
+    assert entries(remote) == entries(local) and len(entries(remote)) == remote[-1].completion_tokens
+    assert all(len(e.top) == 2 for e in entries(remote))
+    await wait_idle(core)
+
+
 # --------------------------------------------------------------------------- secret, health
 async def test_internal_routes_need_the_secret(base_url):
     body = greedy("hi", max_tokens=2).model_dump_json()
