@@ -28,7 +28,8 @@ would only cost throughput (every step pays the fixed part) and split prompts in
 chunks, for no gain in latency.
 
 The trade: on a device where batching is not free, a shorter step computes fewer tokens per
-second (on the CPU above, about 75% of the full batch's throughput at 0.15 s).
+second (on the CPU above, 0.15 s steps served 57% of the chats per second that full batches of
+128 did: docs/benchmarks.md "Fair shares through HTTP").
 """
 
 from __future__ import annotations
