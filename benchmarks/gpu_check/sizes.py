@@ -101,7 +101,7 @@ SMOKE = Sizes(
     attn_heads=4, attn_kv_heads=2, attn_head_dim=16, attn_page_tokens=4,
     attn_decode_seqs=2, attn_prefill_seqs=1, attn_max_ctx=12, attn_max_q=5,
     small_model=LLAMA_TINY, hf_prompts=2, hf_new_tokens=3,
-    peft_adapters=2, peft_prompts=2, peft_new_tokens=2,
+    peft_adapters=2, peft_prompts=3, peft_new_tokens=6,
     decode_preset="tiny", decode_batches=(1, 2), decode_context=16, decode_iters=1,
     copy_bytes=1 << 20, bw_rows=4, bw_rank=4, bw_features=32,
     bw_attn_seqs=2, bw_attn_ctx=8, bw_attn_heads=2, bw_attn_kv_heads=2, bw_iters=1,
