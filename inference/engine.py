@@ -279,7 +279,10 @@ class LLMEngine:
         that produced tokens or finished in this step."""
         started = time.perf_counter()
         outputs = self._refuse_late(time.monotonic())
-        plan = self.scheduler.schedule(self.step_budget.tokens)
+        # a request alone has nobody to keep waiting: its step is not cut to the target (a long
+        # prompt computes in one step instead of many, each paying the step's fixed cost)
+        alone = len(self.scheduler.waiting) + len(self.scheduler.running) <= 1
+        plan = self.scheduler.schedule(None if alone else self.step_budget.tokens)
         self.stats.preemptions = self.scheduler.num_preemptions
         self.last_step_ran = bool(plan.chunks)
         for request in plan.failed:
@@ -294,7 +297,8 @@ class LLMEngine:
                 outputs.extend(self._sample(logits, [c.request for c in sampling_chunks]))
             seconds = time.perf_counter() - started
             self.deadlines.observe_step(plan.num_tokens, seconds)
-            self.step_budget.observe(plan.num_tokens, seconds, plan.exhausted)
+            if not alone:
+                self.step_budget.observe(plan.num_tokens, seconds, plan.exhausted)
         self._prefetch()
         return outputs
 

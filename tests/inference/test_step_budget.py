@@ -129,3 +129,19 @@ def test_the_engine_keeps_its_steps_within_the_budget_it_lowers(tiny_checkpoint)
     assert slow == fast
     assert all(tokens <= before for before, tokens in budgets)
     assert budgets[-1][0] == MIN_STEP_TOKENS  # lowered to the floor
+
+
+def test_a_request_alone_is_not_held_to_the_budget(tiny_checkpoint):
+    """Alone, a long prompt computes in one step whatever the budget; with a second request
+    waiting, steps keep to it."""
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, cpu_pool_bytes=8 << 20, step_time_target_s=1e-6))
+    engine.step_budget.tokens = MIN_STEP_TOKENS
+    params = SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True)
+    engine.add(engine.request_from_ids(list(range(10, 110)), params, None, None))
+    engine.step()
+    assert engine.stats.last_step_tokens == 100
+    assert engine.step_budget.tokens == MIN_STEP_TOKENS  # not observed
+    for start in (200, 300):
+        engine.add(engine.request_from_ids(list(range(start, start + 100)), params, None, None))
+    engine.step()
+    assert engine.stats.last_step_tokens <= MIN_STEP_TOKENS

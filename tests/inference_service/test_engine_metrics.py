@@ -72,7 +72,8 @@ def test_step_token_budget_gauge_follows_the_engine(tiny_checkpoint):
     sample = InferenceMetrics(engine).registry.get_sample_value
     assert sample("tailor_step_token_budget") == engine.config.max_num_batched_tokens
     params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
-    engine.add(engine.request_from_ids(list(range(10, 50)), params, None, None))
+    for start in (10, 60):  # two requests: a request alone is not held to the budget
+        engine.add(engine.request_from_ids(list(range(start, start + 40)), params, None, None))
     run_to_completion(engine)
     assert sample("tailor_step_token_budget") == engine.step_budget.tokens == MIN_STEP_TOKENS
 
