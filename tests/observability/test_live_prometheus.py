@@ -181,6 +181,9 @@ def drive_traffic(base_url: str, model_config: ModelConfig, workdir: Path) -> No
         assert r.status_code == 202, r.text
         job = wait_for_job(client, admin, r.json()["id"], timeout_s=120)
         assert job["status"] == "succeeded", job
+        # a chat after the job: on a busy machine the job can outlast the dashboards' 1-minute rate
+        # windows, which would then hold no chat (first-token SLO and prefix-cache panels empty)
+        assert chat(client, chat_key, bob["id"], "Write one line about the sea").status_code == 200
 
 
 def check_expressions(prom: PrometheusServer) -> None:
