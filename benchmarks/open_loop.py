@@ -122,13 +122,19 @@ def summarize_run(timings: Sequence[RequestTiming], slo_ttft_s: float) -> dict[s
     }
 
 
+def dotted(row: dict[str, Any], key: str) -> Any:
+    """``row["a"]["b"]`` for ``key`` "a.b"; None where a part is missing."""
+    value: Any = row
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str, str]]) -> str:
     """A markdown table of ``rows``: ``columns`` are (header, dotted key, format spec)."""
 
     def cell(row: dict[str, Any], key: str, spec: str) -> str:
-        value: Any = row
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+        value = dotted(row, key)
         return "-" if value is None else format(value, spec)
 
     lines = ["| " + " | ".join(h for h, _, _ in columns) + " |", "|" + " --- |" * len(columns)]

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from benchmarks.open_loop import markdown_table, replay_in_process, summarize_run
+from benchmarks.open_loop import dotted, markdown_table, replay_in_process, summarize_run
 from benchmarks.peft_baseline import PeftServer
 from benchmarks.synthetic_adapters import synthetic_adapter
 from benchmarks.trace import Trace, save_trace, synthetic_trace
@@ -178,40 +178,31 @@ def plot(rows: list[dict[str, Any]], sweep: list[dict[str, Any]], prefix: Path) 
         for system in systems:
             mine = [r for r in rows if r["system"] == system]
             # the base model (0 adapters) is drawn at 1 on the log axis
-            ax.plot([max(r["adapters"], 1) for r in mine], [_get(r, key) for r in mine], marker="o", label=system)
+            ax.plot([max(r["adapters"], 1) for r in mine], [dotted(r, key) for r in mine], marker="o", label=system)
         ax.set_xscale("log")
-        ax.set_xlabel("adapters (0 drawn at 1)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = prefix.with_name(f"{prefix.name}-{name}.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+        written.append(_finish(fig, ax, "adapters (0 drawn at 1)", label, prefix.with_name(f"{prefix.name}-{name}.png")))
     if sweep:
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for system in dict.fromkeys(r["system"] for r in sweep):
             mine = [r for r in sweep if r["system"] == system]
             for key, label in (("latency_s.mean", "latency mean"), ("ttft_s.p90", "TTFT p90")):
-                ax.plot([r["rate"] for r in mine], [_get(r, key) for r in mine], marker="o", label=f"{system} {label}")
-        ax.set_xlabel("request rate (req/s)")
-        ax.set_ylabel("seconds")
-        ax.grid(True, alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        path = prefix.with_name(f"{prefix.name}-rate.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        written.append(path)
+                ax.plot([r["rate"] for r in mine], [dotted(r, key) for r in mine], marker="o", label=f"{system} {label}")
+        written.append(_finish(fig, ax, "request rate (req/s)", "seconds", prefix.with_name(f"{prefix.name}-rate.png")))
     return written
 
 
-def _get(row: dict[str, Any], key: str) -> Any:
-    value: Any = row
-    for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    """Label, grid and legend ``ax``, save ``fig`` as a PNG at ``path`` and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _commit() -> str | None:
