@@ -53,12 +53,22 @@ def resolve_operator_token(settings: Settings) -> tuple[str, bool]:
 
 
 async def build_inference(settings: Settings, store) -> object:
-    """The in-process engine (embedded) or a client of the inference service (remote)."""
+    """The in-process engine (embedded), a client of the inference service (remote, one URL), or
+    a router over several inference replicas (remote, ``TAILOR_INFERENCE_URLS`` lists more than
+    one: ``api.replicas``; it starts probing them here)."""
     if settings.inference_mode == "remote":
         from inference.service.client import RemoteInference
 
-        return RemoteInference(settings.inference_url, settings.inference_secret.get_secret_value(),
-                               settings.inference_timeout_s)
+        secret = settings.inference_secret.get_secret_value()
+        urls = settings.inference_replicas
+        if len(urls) == 1:
+            return RemoteInference(urls[0], secret, settings.inference_timeout_s)
+        from api.replicas import ReplicaRouter
+
+        router = ReplicaRouter(urls, secret, settings.inference_timeout_s, load_factor=settings.router_load_factor,
+                               probe_interval_s=settings.inference_probe_interval_s)
+        router.start_probing()
+        return router
     from inference import LLM
     from inference.service.core import InferenceCore
 

@@ -36,19 +36,29 @@ PREFETCH_TIMEOUT_S = 10.0
 
 
 def remote_prefetch_hook(settings: Settings) -> Callable[[AdapterSpec], None]:
-    """A ready hook that asks the inference service to prefetch the adapter (worker processes)."""
+    """A ready hook that asks the inference service to prefetch the adapter (worker processes).
+    With several replicas (``TAILOR_INFERENCE_URLS``) it asks the adapter's home replica (the
+    api's router uses the same rendezvous order), and the next one in that order if the home
+    does not answer."""
     import httpx
 
+    from inference.service.client import rendezvous_order
     from inference.service.protocol import SECRET_HEADER
 
-    url = settings.inference_url.rstrip("/") + "/internal/adapters/prefetch"
+    replicas = settings.inference_replicas
     headers = {SECRET_HEADER: settings.inference_secret.get_secret_value()}
 
     def prefetch(spec: AdapterSpec) -> None:
-        try:
-            httpx.post(url, json={"adapter": spec.model_dump()}, headers=headers, timeout=PREFETCH_TIMEOUT_S)
-        except httpx.HTTPError as exc:  # a cold adapter costs its first request time, nothing more
-            log.info("prefetch of adapter %s failed: %s", spec.id, exc)
+        for base_url in rendezvous_order(spec.id, replicas):
+            try:
+                response = httpx.post(base_url + "/internal/adapters/prefetch", json={"adapter": spec.model_dump()},
+                                      headers=headers, timeout=PREFETCH_TIMEOUT_S)
+            except httpx.HTTPError as exc:  # a cold adapter costs its first request time, nothing more
+                log.info("prefetch of adapter %s on %s failed: %s", spec.id, base_url, exc)
+                continue
+            if response.status_code < 500:
+                return
+            log.info("prefetch of adapter %s on %s answered %s", spec.id, base_url, response.status_code)
 
     return prefetch
 

@@ -56,6 +56,34 @@ def _url_password_is_published(url: str | None) -> bool:
     return password is not None and _is_published(unquote(password))
 
 
+def _split_urls(raw: str) -> list[str]:
+    """Comma-separated URLs, stripped, without trailing slashes; empty entries dropped."""
+    return [part.strip().rstrip("/") for part in raw.split(",") if part.strip()]
+
+
+def _inference_url_problems(raw: str) -> list[str]:
+    """What is wrong with ``TAILOR_INFERENCE_URLS``: each entry must be an http(s) URL with a host
+    and nothing after the port, and no replica may be listed twice."""
+    problems, urls = [], _split_urls(raw)
+    if raw.strip() and not urls:
+        problems.append("TAILOR_INFERENCE_URLS lists no URL")
+    for url in urls:
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 (raises ValueError on a malformed port)
+        except ValueError as exc:
+            problems.append(f"TAILOR_INFERENCE_URLS entry {url!r} is malformed: {exc}")
+            continue
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            problems.append(f"TAILOR_INFERENCE_URLS entry {url!r} is not an http(s)://host[:port] URL")
+        elif parts.query or parts.fragment or parts.username or parts.password:
+            problems.append(f"TAILOR_INFERENCE_URLS entry {url!r} may not carry credentials, a query or a fragment")
+    duplicates = sorted({url for url in urls if urls.count(url) > 1})
+    if duplicates:
+        problems.append(f"TAILOR_INFERENCE_URLS lists {', '.join(duplicates)} more than once")
+    return problems
+
+
 class Settings(BaseSettings):
     """Every setting of every Tailor service. See the README's configuration table."""
 
@@ -116,6 +144,13 @@ class Settings(BaseSettings):
     # --- inference ---------------------------------------------------------------------------------
     inference_mode: Literal["embedded", "remote"] = "embedded"
     inference_url: str = "http://127.0.0.1:8001"
+    # several inference replicas, comma separated (api/replicas.py routes by adapter affinity);
+    # empty: the one TAILOR_INFERENCE_URL
+    inference_urls: str = ""
+    inference_probe_interval_s: float = Field(2.0, gt=0, allow_inf_nan=False)  # replica health probes
+    # a replica takes a request while its in-flight count stays under this many times the mean
+    # (consistent hashing with bounded loads); above it the request spills to the next replica
+    router_load_factor: float = Field(1.25, gt=1, le=10, allow_inf_nan=False)
     inference_timeout_s: float = Field(300.0, gt=0)
     model: str = "smollm2-135m"
     device: str = "cpu"
@@ -181,6 +216,7 @@ class Settings(BaseSettings):
         if self.validation_retry_budget_s >= self.pending_timeout_s:
             problems.append("TAILOR_VALIDATION_RETRY_BUDGET_S must be below TAILOR_PENDING_TIMEOUT_S "
                             "(the clean-up fails adapters still pending then)")
+        problems.extend(_inference_url_problems(self.inference_urls))
         if problems:
             raise ValueError("; ".join(problems))
         return self
@@ -211,6 +247,13 @@ class Settings(BaseSettings):
         whole exchanges (even); 1 (slides every turn) when that is under 2."""
         step = round(self.history_trim_step_fraction * self.history_max_messages)
         return max(1, step - step % 2)
+
+    @property
+    def inference_replicas(self) -> tuple[str, ...]:
+        """The inference services' base URLs: ``TAILOR_INFERENCE_URLS`` split at commas (without
+        trailing slashes), else the one ``TAILOR_INFERENCE_URL``."""
+        urls = _split_urls(self.inference_urls)
+        return tuple(urls) if urls else (self.inference_url.rstrip("/"),)
 
     @property
     def resolved_storage_dir(self) -> Path:

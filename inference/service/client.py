@@ -11,8 +11,10 @@ event instead of an exception, so consumers handle one shape. NDJSON lines becom
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from urllib.parse import quote
 
 import httpx
@@ -101,6 +103,19 @@ def _unreachable(exc: httpx.HTTPError) -> InferenceError:
     )
 
 
+def rendezvous_order(key: str, nodes: Sequence[str]) -> list[str]:
+    """``nodes`` ordered by rendezvous (highest-random-weight) hashing of ``key``: each node's
+    weight is a hash of (node, key), highest first. The first node is the key's home; removing a
+    node moves only the keys it was home to, each to its next node in this order. Deterministic
+    across processes (BLAKE2b, not Python's salted ``hash``), so every api process and worker
+    agrees on the homes."""
+
+    def weight(node: str) -> bytes:
+        return hashlib.blake2b(f"{node}\x00{key}".encode(), digest_size=8).digest()
+
+    return sorted(nodes, key=weight, reverse=True)
+
+
 class RemoteEventStream:
     """The typed events of one streamed generation.
 
@@ -114,6 +129,7 @@ class RemoteEventStream:
         self._response = response
         self._lines = response.aiter_lines()
         self._done = False
+        self.broken = False  # the connection failed or stopped early (not an engine error)
 
     def __aiter__(self) -> RemoteEventStream:
         return self
@@ -124,8 +140,10 @@ class RemoteEventStream:
         try:
             line = await self._next_line()
         except httpx.HTTPError as exc:
+            self.broken = True
             return await self._fail(f"the inference stream broke: {type(exc).__name__}: {exc}")
         if line is None:
+            self.broken = True
             return await self._fail("the inference stream ended without an end event")
         try:
             event = from_wire(json.loads(line))
@@ -229,10 +247,11 @@ class RemoteInference:
         return response
 
     # ------------------------------------------------------------------ health
-    async def is_ready(self) -> bool:
-        """True when the service answers ``/readyz`` with 200; False on any error."""
+    async def is_ready(self, timeout: float = 5.0) -> bool:
+        """True when the service answers ``/readyz`` with 200 within ``timeout`` seconds; False on
+        any error."""
         try:
-            response = await self._client.get("/readyz", timeout=5.0)
+            response = await self._client.get("/readyz", timeout=timeout)
         except httpx.HTTPError:
             return False
         return response.status_code == 200

@@ -5,9 +5,17 @@ happen (time to first token, time per output token, end-to-end latency, batch si
 latency), and a collector that reads the engine's counters and gauges at scrape time (tokens,
 preemptions, queue lengths, pool pages by kind, staged adapter bytes, adapter cache behaviour per
 tier, prefix-cache lookups per tenant, first-token SLO outcomes per tenant).
+
+``GatewayCollector`` adds the gauges Kubernetes' Gateway API inference extension (its endpoint
+picker) reads from a model server for queue-depth and LoRA-affinity routing, under vLLM's names:
+``vllm:num_requests_waiting``, ``vllm:num_requests_running``, ``vllm:kv_cache_usage_perc`` (and its
+older name ``vllm:gpu_cache_usage_perc``), and ``vllm:lora_requests_info`` (value: the time of the
+scrape; labels ``running_lora_adapters``, ``waiting_lora_adapters``, ``max_lora``).
 """
 
 from __future__ import annotations
+
+import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -129,6 +137,59 @@ def _gauge(name: str, help_text: str, value: float) -> GaugeMetricFamily:
     return GaugeMetricFamily(name, help_text, value=value)
 
 
+def _snapshot(read, attempts: int = 5):
+    """``read()`` retried when the engine thread changed a container while it was copied (a
+    scrape reads without the engine's lock); an empty list if it never settles."""
+    for _ in range(attempts):
+        try:
+            return read()
+        except RuntimeError:  # "changed size during iteration" / "deque mutated during iteration"
+            continue
+    return []
+
+
+class GatewayCollector(Collector):
+    """The model-server gauges of the Gateway API inference extension, vLLM-named (module doc).
+
+    ``running_lora_adapters``: the adapters resident in device pages (ready to serve a batch
+    without a page-in); ``waiting_lora_adapters``: adapters of queued requests that are not;
+    ``max_lora``: how many adapters the device tier holds now plus how many more of their mean
+    size fit in the free pages (unified paging has no fixed adapter slot count; 1 while none is
+    resident)."""
+
+    def __init__(self, engine: LLMEngine):
+        self.engine = engine
+
+    def collect(self):
+        engine = self.engine
+        yield _gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled (Gateway API inference "
+                     "extension: TotalQueuedRequests).", engine.num_waiting)
+        yield _gauge("vllm:num_requests_running", "Requests in the running batch.", engine.num_running)
+        occupancy = engine.pool.occupancy()
+        used = (occupancy.kv + occupancy.adapter) / occupancy.total if occupancy.total else 0.0
+        for name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
+            yield _gauge(name, "Share of the unified page pool held by KV and adapter pages (0 to 1; idle "
+                         "prefix-cache pages count as free).", used)
+        running, waiting, max_lora = self._adapters(occupancy)
+        info = GaugeMetricFamily("vllm:lora_requests_info", "LoRA adapters on this server (value: the scrape time).",
+                                 labels=["running_lora_adapters", "waiting_lora_adapters", "max_lora"])
+        info.add_metric([",".join(running), ",".join(waiting), str(max_lora)], time.time())
+        yield info
+
+    def _adapters(self, occupancy) -> tuple[list[str], list[str], int]:
+        engine = self.engine
+        device = _snapshot(lambda: list(engine.adapters._device.adapters.values()))
+        running = sorted({d.ref.adapter_id for d in device})
+        queued = _snapshot(lambda: [r.adapter_id for r in list(engine.scheduler.waiting)])
+        waiting = sorted({a for a in queued if a is not None} - set(running))
+        if device:
+            mean_pages = max(1, sum(len(d.pages) for d in device) // len(device))
+            max_lora = len(running) + occupancy.free // mean_pages
+        else:
+            max_lora = 1  # nothing resident to measure by: room for at least one
+        return running, waiting, max(max_lora, len(running))
+
+
 class InferenceMetrics:
     """The inference metrics of one engine, in their own registry (several engines may live in
     one test process). Attach once; ``observer()`` feeds per-request histograms."""
@@ -153,6 +214,7 @@ class InferenceMetrics:
         for tier in ("host", "device"):
             self.load.labels(tier)
         self.registry.register(EngineCollector(engine))
+        self.registry.register(GatewayCollector(engine))
         engine.step_observers.append(lambda batch_size, _tokens: self.batch.observe(batch_size))
         engine.adapters.latency_observers.append(lambda tier, seconds: self.load.labels(tier).observe(seconds))
 
