@@ -23,7 +23,7 @@ from api.errors import install_error_handlers
 from api.metrics import ApiMetrics, MetricsMiddleware
 from api.metrics import router as metrics_router
 from api.prefetch import prefetch_from_thread
-from api.rate_limit import TenantRateLimiter
+from api.rate_limit import make_rate_limiter
 from api.routers import adapters, api_keys, chat, health, openai_compat, tenants, training_data, trainings, users
 from api.state import AppState
 from tenants.cleanup import PeriodicCleanup, cleanup_job
@@ -102,7 +102,7 @@ def create_app(settings: Settings | None = None, *, inference: object | None = N
                                                           give_up_after_s=settings.pending_timeout_s),
                                       settings.cleanup_interval_s).start()
         token, _new = resolve_operator_token(settings)
-        limiter = TenantRateLimiter(settings.rate_limit_per_minute)
+        limiter = make_rate_limiter(settings)
         slots = TenantConcurrencyLimit(settings.max_concurrent_per_tenant)
         app.state.tailor = AppState(settings, own_platform, backend, tasks, token, limiter, slots)
         try:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from api.admission import TenantConcurrencyLimit
-from api.rate_limit import TenantRateLimiter
+from api.rate_limit import RateLimiter
 from inference.service.backend import InferenceBackend
 from tenants.platform import Platform
 from tenants.settings import Settings
@@ -25,5 +25,5 @@ class AppState:
     inference: InferenceBackend
     tasks: "TaskQueue"
     operator_token: str
-    rate_limiter: TenantRateLimiter
+    rate_limiter: RateLimiter
     generation_slots: TenantConcurrencyLimit

@@ -173,7 +173,9 @@ class Settings(BaseSettings):
     history_trim_step_fraction: float = Field(1 / 3, ge=0, lt=1, allow_inf_nan=False)
     default_max_tokens: int = Field(256, ge=1)
     max_tokens_limit: int = Field(2048, ge=1)
-    rate_limit_per_minute: int = Field(600, ge=0)  # per tenant and api process; 0 disables
+    rate_limit_per_minute: int = Field(600, ge=0)  # per tenant (and api process with memory storage); 0 disables
+    # where the rate-limit counts live: this process (memory) or Redis at TAILOR_REDIS_URL, shared by every api process
+    rate_limit_storage: Literal["memory", "redis"] = "memory"
     max_concurrent_per_tenant: int = Field(64, ge=0)  # generations in flight per tenant and api process; 0 disables
     # the default first-token deadline of a chat in seconds (None: none), when neither the request
     # nor its tenant sets one; a queued request that can no longer meet it is refused (503)
