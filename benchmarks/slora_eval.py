@@ -16,17 +16,31 @@ tables), ``-throughput.png`` and ``-ttft.png`` against n, ``-rate.png`` against 
     python -m benchmarks.slora_eval --adapters 0,1,10,100,1000 --rate 1.5 --duration-s 60
     python -m benchmarks.slora_eval --device cuda --ranks 8,16,32,64 --adapters 5,100,1000,2000 --rate 10
 
-Systems (``--systems``): ``tailor`` (the engine in-process; n = 0 is Tailor on the base model alone)
-and ``peft``, the Hugging Face PEFT baseline on the same trace (``benchmarks.peft_baseline``:
-static mixed-adapter batches, as well as PEFT can serve).
+Systems (``--systems``): ``tailor`` (the engine in-process; n = 0 is Tailor on the base model alone),
+``peft``, the Hugging Face PEFT baseline on the same trace (``benchmarks.peft_baseline``: static
+mixed-adapter batches, as well as PEFT can serve), and ``http``: the product itself, ``tailor
+serve`` started on loopback with the same model, device and engine limits, adapters uploaded through
+the admin API, the trace replayed through ``/v1/chat/completions`` streamed
+(``benchmarks.http_replay``; first-token latency as a client sees it). The service keeps the
+in-process engine's step budget (none), so the two rows differ only by the service path.
 
-Not here yet (issue 22): replay over HTTP with streaming, the multi-turn chat trace, and the
-Llama-7B/13B-shaped random-weight models for the GPU tables.
+Models (``--model``): a bundled name, a checkpoint directory, or ``random:llama-7b``,
+``random:llama-13b`` (S-LoRA's shapes, random fp16 weights written once into ``--model-cache``,
+nothing downloaded; ``benchmarks.random_llama``) and ``random:tiny``. The GPU tables of S-LoRA's
+settings S1 and S2 (``--ranks 8`` and ``--ranks 8,16,32,64``):
+
+    python -m benchmarks.slora_eval --device cuda --model random:llama-7b --ranks 8 \
+        --adapters 5,100,1000,2000 --rate 10 --input 8,512 --output 8,512 --duration-s 60
+
+The multi-turn chat trace (users with histories, through the per-user chat endpoint) has its own
+command, ``python -m benchmarks.chat_trace``.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import datetime as dt
 import json
 import platform
@@ -39,14 +53,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from benchmarks.http_replay import LocalService, TenantKeys, create_tenant, replay_http, upload_adapter
 from benchmarks.open_loop import dotted, markdown_table, replay_in_process, summarize_run
 from benchmarks.peft_baseline import PeftServer
+from benchmarks.random_llama import is_random_model, random_checkpoint
 from benchmarks.synthetic_adapters import synthetic_adapter
 from benchmarks.trace import Trace, save_trace, synthetic_trace
 from inference import LLM
 from inference.engine import resolve_model
+from inference.engine_config import EngineConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
+MODEL_CACHE = Path.home() / ".cache" / "tailor" / "random-models"
+SYSTEMS = ("tailor", "peft", "http")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 COLUMNS = [
     ("system", "system", "s"), ("adapters", "adapters", "d"), ("rate req/s", "rate", "g"), ("requests", "requests", "d"),
@@ -63,7 +82,10 @@ def _ints(text: str) -> list[int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2-135m", help="bundled model name or checkpoint directory")
+    p.add_argument("--model", default="smollm2-135m",
+                   help="bundled model name, checkpoint directory, or random:llama-7b / random:llama-13b / random:tiny")
+    p.add_argument("--model-cache", type=Path, default=MODEL_CACHE, help="where random:* checkpoints are written")
+    p.add_argument("--random-dtype", default="float16", help="weights of random:* checkpoints")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--adapters", default="0,1,10,100", help="comma-separated adapter counts; 0 = base model")
@@ -77,9 +99,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-s", type=float, default=6.0, help="first-token SLO (S-LoRA: 6 s)")
     p.add_argument("--rates", default="", help="optional rate sweep, comma-separated requests/s")
     p.add_argument("--sweep-adapters", type=int, default=10, help="adapters in the rate sweep")
-    p.add_argument("--systems", default="tailor,peft", help="comma-separated: tailor, peft")
+    p.add_argument("--systems", default="tailor,peft", help="comma-separated: tailor, peft, http")
     p.add_argument("--peft-max-batch", type=int, default=32, help="the PEFT baseline's batch bound")
     p.add_argument("--host-mib", type=int, default=1024, help="host-RAM adapter cache budget")
+    p.add_argument("--pool-mib", type=int, default=None,
+                   help="unified page pool of each engine (default: the engine's; on a GPU that is most free "
+                        "memory, so --systems http there needs it: two engines share the device)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--no-plots", action="store_true")
@@ -97,10 +122,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if any(r <= 0 for r in args.rate_list):
         problems.append("--rates must be > 0")
     args.system_list = [part.strip() for part in args.systems.split(",") if part.strip()]
-    if not args.system_list or set(args.system_list) - {"tailor", "peft"}:
-        problems.append("--systems: tailor and/or peft")
+    if not args.system_list or set(args.system_list) - set(SYSTEMS):
+        problems.append(f"--systems: one or more of {', '.join(SYSTEMS)}")
     if args.peft_max_batch < 1:
         problems.append("--peft-max-batch must be >= 1")
+    if args.pool_mib is not None and args.pool_mib < 1:
+        problems.append("--pool-mib must be >= 1")
+    if "http" in args.system_list and args.device.startswith("cuda") and args.pool_mib is None:
+        problems.append("--systems http on cuda needs --pool-mib (the service's engine and the in-process one "
+                        "share the GPU)")
     if problems:
         p.error("; ".join(problems))
     return args
@@ -145,20 +175,70 @@ class AdapterFarm:
         return f"a{index}-r{rank}"
 
 
+class HttpSystem:
+    """``tailor serve`` on loopback with the in-process engine's model, device and limits, one tenant,
+    adapters uploaded on demand (see the module docstring)."""
+
+    def __init__(self, llm: LLM, checkpoint: Path, args: argparse.Namespace):
+        config = llm.engine.config
+        self.service = LocalService({
+            "TAILOR_MODEL": str(checkpoint), "TAILOR_DEVICE": args.device, "TAILOR_DTYPE": args.dtype,
+            "TAILOR_MAX_LORA_RANK": str(max(args.rank_set)), "TAILOR_HOST_ADAPTER_BYTES": str(args.host_mib << 20),
+            "TAILOR_PREFIX_CACHE": str(config.enable_prefix_cache).lower(),
+            "TAILOR_STEP_TIME_TARGET_S": str(config.step_time_target_s or 0),
+            **({} if args.pool_mib is None else {"TAILOR_POOL_BYTES": str(args.pool_mib << 20)}),
+        })
+        self.tokenizer = llm.tokenizer
+        self.eos_ids = sorted(llm.engine.eos_token_ids)
+        self.tenant: TenantKeys | None = None
+        self.uploaded: set[str] = set()
+
+    def __enter__(self) -> HttpSystem:
+        self.service.__enter__()
+        self.tenant = create_tenant(self.service.base, f"slora-eval-{time.time_ns()}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.service.__exit__(*exc)
+
+    def upload(self, farm: AdapterFarm, trace: Trace) -> None:
+        for i, rank in enumerate(trace.adapter_ranks):
+            name = farm.name(i, rank)
+            if name not in self.uploaded:
+                upload_adapter(self.tenant, name, farm.path(i, rank))
+                self.uploaded.add(name)
+
+    def replay(self, farm: AdapterFarm, trace: Trace, progress) -> list:
+        ranks = trace.adapter_ranks
+
+        def model_of(request) -> str:
+            return "base" if request.adapter is None else farm.name(request.adapter, ranks[request.adapter])
+
+        def prompt_text(request) -> str:
+            return self.tokenizer.decode(list(request.prompt_token_ids))
+
+        return asyncio.run(replay_http(self.service.base, self.tenant.chat_key, trace, model_of, prompt_text,
+                                       self.eos_ids, progress=progress))
+
+
 def run_row(system: str, llm: LLM, farm: AdapterFarm, trace: Trace, args: argparse.Namespace, label: str,
-            peft: PeftServer | None = None) -> dict[str, Any]:
-    """Replay ``trace`` on ``system`` (tailor or peft) and summarize it."""
+            peft: PeftServer | None = None, http: HttpSystem | None = None) -> dict[str, Any]:
+    """Replay ``trace`` on ``system`` (tailor, peft or http) and summarize it."""
     ranks = trace.adapter_ranks
     started = time.perf_counter()
     if system == "peft":
         for i, rank in enumerate(ranks):
             farm.path(i, rank)
+    elif system == "http":
+        http.upload(farm, trace)
     else:
         farm.register(trace)
     setup_s = time.perf_counter() - started
     with tqdm(total=len(trace.requests), desc=f"{system} {label}", unit="req", leave=False) as bar:
         if system == "peft":
             timings = peft.replay(trace, lambda i: farm.path(i, ranks[i]), args.peft_max_batch, progress=bar.update)
+        elif system == "http":
+            timings = http.replay(farm, trace, bar.update)
         else:
             timings = replay_in_process(llm, trace, lambda i: farm.name(i, ranks[i]), progress=bar.update)
     return {"system": system, "adapters": trace.num_adapters, "rate": trace.params["rate"], "setup_s": setup_s,
@@ -218,26 +298,36 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device.split(":")[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.out_dir / f"slora_eval-{device}"
-    with tempfile.TemporaryDirectory(prefix="tailor-slora-eval-") as scratch, \
-            LLM(args.model, device=args.device, dtype=args.dtype, host_adapter_bytes=args.host_mib << 20,
-                adapter_store_dir=str(Path(scratch) / "store"), max_lora_rank=max(args.rank_set)) as llm:
+    if is_random_model(args.model):
+        checkpoint = random_checkpoint(args.model, args.model_cache, dtype=args.random_dtype, seed=args.seed,
+                                       generate_on=args.device)
+    else:
+        checkpoint = resolve_model(args.model)
+    # PEFT's model first: on a GPU the engine sizes its page pool from the memory left after it
+    dtype = EngineConfig(device=args.device, dtype=args.dtype).torch_dtype
+    peft = PeftServer(checkpoint, args.device, dtype) if "peft" in args.system_list else None
+    with contextlib.ExitStack() as stack:
+        scratch = stack.enter_context(tempfile.TemporaryDirectory(prefix="tailor-slora-eval-"))
+        llm = stack.enter_context(LLM(str(checkpoint), device=args.device, dtype=args.dtype,
+                                      host_adapter_bytes=args.host_mib << 20,
+                                      adapter_store_dir=str(Path(scratch) / "store"), max_lora_rank=max(args.rank_set),
+                                      **({} if args.pool_mib is None else {"pool_bytes": args.pool_mib << 20})))
         vocab = llm.engine.model_config.vocab_size
         farm = AdapterFarm(llm, Path(scratch) / "adapters", args.seed)
-        peft = None
-        if "peft" in args.system_list:
-            peft = PeftServer(resolve_model(args.model), args.device, llm.engine.dtype)
+        http = stack.enter_context(HttpSystem(llm, checkpoint, args)) if "http" in args.system_list else None
         warm = make_trace(args, min(1, max(args.adapter_counts)), args.rate, vocab)
         warm = Trace(warm.requests[:4], warm.adapter_ranks, warm.params)
         for system in args.system_list:
-            run_row(system, llm, farm, warm, args, "warm-up", peft)
+            run_row(system, llm, farm, warm, args, "warm-up", peft, http)
         rows, sweep = [], []
         for count in tqdm(args.adapter_counts, desc="adapter counts", unit="run"):
             trace = make_trace(args, count, args.rate, vocab)
             save_trace(trace, args.out_dir / "traces" / f"slora_eval-n{count}-rate{args.rate:g}.json")
-            rows += [run_row(system, llm, farm, trace, args, f"n={count}", peft) for system in args.system_list]
+            rows += [run_row(system, llm, farm, trace, args, f"n={count}", peft, http) for system in args.system_list]
         for rate in tqdm(args.rate_list, desc="rates", unit="run"):
             trace = make_trace(args, args.sweep_adapters, rate, vocab)
-            sweep += [run_row(system, llm, farm, trace, args, f"rate={rate:g}", peft) for system in args.system_list]
+            sweep += [run_row(system, llm, farm, trace, args, f"rate={rate:g}", peft, http)
+                      for system in args.system_list]
     tables = f"Adapters (rate {args.rate:g} req/s, {args.duration_s:g} s of arrivals, ranks {args.ranks}):\n\n"
     tables += markdown_table(rows, COLUMNS) + "\n"
     if sweep:
@@ -245,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     print("\n" + tables)
     report = {
         "benchmark": "slora_eval", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "device": args.device,
+        "commit": _commit(), "device": args.device, "model": args.model, "checkpoint": str(checkpoint),
         "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         "torch_version": torch.__version__, "torch_num_threads": torch.get_num_threads(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -60,6 +60,15 @@ class Sizes:
     pc_prefix: int = 1024
     pc_turn_tokens: tuple[int, int] = (16, 64)
     pc_new_tokens: int = 16
+    # a short S-LoRA comparison (benchmarks.slora_eval): model, adapter counts, rate (req/s), arrival
+    # span (s), inclusive input and output lengths
+    se_model: str = "random:llama-7b"
+    se_dtype: str = "float16"
+    se_adapters: tuple[int, ...] = (5, 100)
+    se_rate: float = 2.0
+    se_duration_s: float = 15.0
+    se_input: tuple[int, int] = (8, 256)
+    se_output: tuple[int, int] = (8, 128)
 
 
 LLAMA_SMALL = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4, num_attention_heads=8,
@@ -92,7 +101,7 @@ QUICK = Sizes(
     copy_bytes=2 << 30, bw_rows=256, bw_rank=64, bw_features=4096,
     bw_attn_seqs=64, bw_attn_ctx=1024, bw_attn_heads=32, bw_attn_kv_heads=32, bw_iters=10,
     tp_model=LLAMA_MID, tp_adapters=(1, 100, 1000), tp_requests=400, tp_input=(8, 24), tp_output=(4, 12),
-    tp_max_num_seqs=128, pc_users=3, pc_turns=4, pc_prefix=512,
+    tp_max_num_seqs=128, pc_users=3, pc_turns=4, pc_prefix=512, se_duration_s=8.0,
 )
 
 # For the test suite only: every section at toy sizes on the CPU (kernels under TRITON_INTERPRET=1).
@@ -108,6 +117,8 @@ SMOKE = Sizes(
     tp_model=LLAMA_TINY, tp_adapters=(1, 2, 3), tp_requests=4, tp_input=(3, 6), tp_output=(2, 2),
     tp_max_num_seqs=8,
     pc_users=2, pc_turns=3, pc_prefix=12, pc_turn_tokens=(2, 5), pc_new_tokens=2,
+    se_model="random:tiny", se_dtype="float32", se_adapters=(1, 2), se_rate=8.0, se_duration_s=0.5, se_input=(3, 8),
+    se_output=(2, 3),
 )
 
 MODES = {"full": FULL, "quick": QUICK, "smoke": SMOKE}

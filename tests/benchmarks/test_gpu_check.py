@@ -65,6 +65,9 @@ def test_cpu_smoke_runs_every_section_and_reports_pass(tmp_path):
     assert all(r["step_ms"] > 0 and r["floor_ms"] > 0 for r in data["sections"]["decode_floor"]["rows"])
     throughput = data["sections"]["adapter_throughput"]["rows"]
     assert [r["adapters"] for r in throughput] == [1, 2, 3] and throughput[0]["ratio_vs_1"] == 1.0
+    slora = data["sections"]["slora_eval"]["rows"]
+    assert [(r["system"], r["adapters"]) for r in slora] == [("tailor", 1), ("peft", 1), ("tailor", 2), ("peft", 2)]
+    assert all(r["failed"] == 0 and r["requests"] > 0 and r["requests_per_s"] > 0 for r in slora)
     md = (tmp_path / report.MD_NAME).read_text()
     assert "Overall: **PASS**" in md
     for name, _, _ in SECTIONS:
