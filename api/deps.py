@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, HTTPException, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -109,6 +109,10 @@ def require_operator(credentials: BearerDep, state: StateDep) -> None:
 
 AdminDep = Annotated[Caller, Depends(require_admin)]
 ChatDep = Annotated[Caller, Depends(require_chat)]
+
+# the paging query parameters of the list endpoints
+PageLimit = Annotated[int, Query(ge=1, le=1000)]
+PageOffset = Annotated[int, Query(ge=0, le=10_000_000)]
 
 
 def is_id(value: str) -> bool:

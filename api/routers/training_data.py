@@ -11,11 +11,9 @@ answer's conversation up to it, starting at a user turn.
 
 from __future__ import annotations
 
-from typing import Annotated
+from fastapi import APIRouter, HTTPException, Response
 
-from fastapi import APIRouter, HTTPException, Query, Response
-
-from api.deps import AdminDep, ChatDep, SessionDep, StateDep, is_id, not_found
+from api.deps import AdminDep, ChatDep, PageLimit, PageOffset, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.routers.users import load_user
 from api.training_schemas import ExampleCreate, ExampleList, ExamplePublic, FeedbackCreate, FeedbackPublic
@@ -59,8 +57,8 @@ def list_examples(
     user_id: str,
     caller: AdminDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: PageLimit = 100,
+    offset: PageOffset = 0,
 ) -> ExampleList:
     """The user's examples, oldest first."""
     user = load_user(session, caller.tenant_id, user_id)

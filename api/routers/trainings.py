@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query
+from fastapi import APIRouter, HTTPException
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.deps import AdminDep, PageLimit, PageOffset, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.routers.users import load_user
 from api.training_schemas import TrainingCreate, TrainingJobList, TrainingJobPublic, TrainingProgress
@@ -146,8 +145,8 @@ def list_trainings(
     user_id: str,
     caller: AdminDep,
     session: SessionDep,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: PageLimit = 100,
+    offset: PageOffset = 0,
 ) -> TrainingJobList:
     """The user's training jobs, newest first."""
     user = load_user(session, caller.tenant_id, user_id)
