@@ -65,8 +65,9 @@ async def build_inference(settings: Settings, store) -> object:
             return RemoteInference(urls[0], secret, settings.inference_timeout_s)
         from api.replicas import ReplicaRouter
 
-        router = ReplicaRouter(urls, secret, settings.inference_timeout_s, load_factor=settings.router_load_factor,
-                               probe_interval_s=settings.inference_probe_interval_s)
+        router = ReplicaRouter.from_urls(urls, secret, settings.inference_timeout_s,
+                                         load_factor=settings.router_load_factor,
+                                         probe_interval_s=settings.inference_probe_interval_s)
         router.start_probing()
         return router
     from inference import LLM

@@ -40,7 +40,8 @@ from prometheus_client import CollectorRegistry, Counter
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from inference.service.client import RemoteEventStream, RemoteInference, rendezvous_order
+from inference.service.backend import GenerationEvents, InferenceBackend
+from inference.service.client import RemoteInference, rendezvous_order
 from inference.service.events import GenerationEnded, GenerationEvent, is_terminal, run_to_end
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 
@@ -56,7 +57,7 @@ class Replica:
     in-flight generations on it."""
 
     url: str
-    client: RemoteInference
+    client: InferenceBackend
     healthy: bool = True
     in_flight: int = 0
     ejections: int = field(default=0, repr=False)
@@ -107,7 +108,7 @@ class RoutedEvents:
     """A replica's event stream that gives its in-flight slot back once (at the last event or on
     ``aclose``) and ejects the replica if the stream broke."""
 
-    def __init__(self, router: ReplicaRouter, replica: Replica, events: RemoteEventStream):
+    def __init__(self, router: ReplicaRouter, replica: Replica, events: GenerationEvents):
         self._router, self._replica, self._events = router, replica, events
         self._open = True
 
@@ -142,22 +143,31 @@ class ReplicaRouter:
     """Routes generations over several inference replicas (see the module docstring); has the
     ``InferenceBackend`` interface, so the api holds it in place of one ``RemoteInference``."""
 
-    def __init__(self, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = 1.25,
-                 probe_interval_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None):
-        if not urls:
-            raise ValueError("the router needs at least one replica URL")
-        if len(set(urls)) != len(urls):
-            raise ValueError("replica URLs must be distinct")
+    def __init__(self, backends: Sequence[tuple[str, InferenceBackend]], *, load_factor: float = 1.25,
+                 probe_interval_s: float = 2.0):
+        """``backends``: ``(name, backend)`` per replica; the name (its URL) is what the hash
+        and the metrics' ``replica`` label use. ``from_urls`` builds the usual HTTP clients."""
+        names = [name.rstrip("/") for name, _backend in backends]
+        if not names:
+            raise ValueError("the router needs at least one replica")
+        if len(set(names)) != len(names):
+            raise ValueError("replica names (URLs) must be distinct")
         if load_factor <= 1:
             raise ValueError("load_factor must be above 1 (consistent hashing with bounded loads)")
-        self.replicas = [Replica(url.rstrip("/"), RemoteInference(url, secret, timeout_s, transport=transport))
-                         for url in urls]
+        self.replicas = [Replica(name, backend) for name, (_n, backend) in zip(names, backends)]
         self._by_url = {replica.url: replica for replica in self.replicas}
         self.load_factor = load_factor
         self.probe_interval_s = probe_interval_s
         self.metrics = RouterMetrics(self)
         self._prober: asyncio.Task | None = None
         self._base_turn = 0
+
+    @classmethod
+    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = 1.25,
+                  probe_interval_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None) -> ReplicaRouter:
+        """A router over the inference services at ``urls`` (one ``RemoteInference`` each)."""
+        backends = [(url, RemoteInference(url, secret, timeout_s, transport=transport)) for url in urls]
+        return cls(backends, load_factor=load_factor, probe_interval_s=probe_interval_s)
 
     # ------------------------------------------------------------------ placement
     def order(self, adapter_id: str) -> list[Replica]:
@@ -223,7 +233,11 @@ class ReplicaRouter:
         """Probe every replica's ``/readyz`` once; eject those that fail, restore those that answer."""
 
         async def one(replica: Replica) -> None:
-            if await replica.client.is_ready(timeout=PROBE_TIMEOUT_S):
+            try:
+                ready = await asyncio.wait_for(replica.client.is_ready(), PROBE_TIMEOUT_S)
+            except Exception:  # a timeout too
+                ready = False
+            if ready:
                 self.restore(replica)
             else:
                 self.eject(replica, "its readiness probe failed")

@@ -27,7 +27,7 @@ URLS = ["http://10.0.0.1:8001", "http://10.0.0.2:8001", "http://10.0.0.3:8001"]
 
 
 def _router(urls=URLS, **options) -> ReplicaRouter:
-    return ReplicaRouter(urls, SECRET, **options)
+    return ReplicaRouter.from_urls(urls, SECRET, **options)
 
 
 def _adapter_ids(n: int) -> list[str]:
@@ -125,7 +125,7 @@ def test_a_dead_replica_is_ejected_and_its_requests_served_by_the_next(tiny_chec
     try:
         with serve_app(create_inference_app(core, SECRET)) as live:
             async def scenario() -> None:
-                router = ReplicaRouter([live, dead], SECRET, 30.0, probe_interval_s=0.2)
+                router = ReplicaRouter.from_urls([live, dead], SECRET, 30.0, probe_interval_s=0.2)
                 try:
                     request = GenerateRequest(messages=[ChatTurn(role="user", content="hi")], max_tokens=2,
                                               temperature=0.0)
