@@ -19,8 +19,8 @@ tables), ``-throughput.png`` and ``-ttft.png`` against n, ``-rate.png`` against 
 Systems (``--systems``): ``tailor`` (the engine in-process; n = 0 is Tailor on the base model alone),
 ``peft``, the Hugging Face PEFT baseline on the same trace (``benchmarks.peft_baseline``: static
 mixed-adapter batches, as well as PEFT can serve), and ``http``: the product itself, ``tailor
-serve`` started on loopback with the same model, device and engine limits, adapters uploaded through
-the admin API, the trace replayed through ``/v1/chat/completions`` streamed
+serve`` started on loopback with the same model, device and engine limits, the adapters the trace
+uses uploaded through the admin API, the trace replayed through ``/v1/chat/completions`` streamed
 (``benchmarks.http_replay``; first-token latency as a client sees it). The service keeps the
 in-process engine's step budget (none), so the two rows differ only by the service path.
 
@@ -202,10 +202,13 @@ class HttpSystem:
         self.service.__exit__(*exc)
 
     def upload(self, farm: AdapterFarm, trace: Trace) -> None:
-        for i, rank in enumerate(trace.adapter_ranks):
-            name = farm.name(i, rank)
+        """Upload the adapters the trace uses (an adapter nobody asks for never leaves the object store,
+        so uploading the other n - used would only grow the catalog, at seconds per upload)."""
+        used = sorted({r.adapter for r in trace.requests if r.adapter is not None})
+        for i in used:
+            name = farm.name(i, trace.adapter_ranks[i])
             if name not in self.uploaded:
-                upload_adapter(self.tenant, name, farm.path(i, rank))
+                upload_adapter(self.tenant, name, farm.path(i, trace.adapter_ranks[i]))
                 self.uploaded.add(name)
 
     def replay(self, farm: AdapterFarm, trace: Trace, progress) -> list:
