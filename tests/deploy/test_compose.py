@@ -24,14 +24,15 @@ from deploy.compose_config import (
 
 from tenants.settings import Settings, _is_placeholder
 
-TAILOR_SERVICES = ("api", "worker", "inference")
+TAILOR_SERVICES = ("api", "worker", "inference", "inference-2")
+INFERENCE_REPLICAS = ("inference", "inference-2")  # every replica runs the inference service
 SECRET_FIELDS = ("operator_token", "api_key_pepper", "inference_secret", "s3_secret_access_key")
 # TAILOR_* variables that are not Settings fields but are read elsewhere
 NON_SETTINGS_TAILOR_VARIABLES = {"TAILOR_MODEL_CACHE"}
 # Compose variables that must never have a default: a missing one must stop `docker compose`
 REQUIRED_SECRETS = {"TAILOR_OPERATOR_TOKEN", "TAILOR_API_KEY_PEPPER", "TAILOR_INFERENCE_SECRET",
                     "POSTGRES_PASSWORD", "S3_ACCESS_KEY_ID", "S3_SECRET_ACCESS_KEY", "GRAFANA_ADMIN_PASSWORD"}
-HEALTHCHECKED = ("postgres", "redis", "s3", "api", "inference")
+HEALTHCHECKED = ("postgres", "redis", "s3", "api", "inference", "inference-2")
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 
 
@@ -136,7 +137,7 @@ def test_service_settings_pass_check_for_in_production(name, services, monkeypat
         f"TAILOR_{field.upper()}" for field in Settings.model_fields}
     assert not unknown, f"{name}: {sorted(unknown)} are not Settings fields (typo?)"
     settings = settings_for(env, monkeypatch)  # production placeholder checks run here
-    settings.check_for(name)
+    settings.check_for("inference" if name in INFERENCE_REPLICAS else name)
     assert settings.mode == "production"
     assert settings.object_store == "s3"
     for field in SECRET_FIELDS:
@@ -157,6 +158,7 @@ def test_service_addresses_point_at_compose_services(name, services, monkeypatch
         assert urlsplit(settings.redis_url).hostname == "redis"
         inference = urlsplit(settings.inference_url)
         assert (inference.hostname, inference.port) == ("inference", inference_port)
+        assert settings.inference_replicas == tuple(f"http://{r}:{inference_port}" for r in INFERENCE_REPLICAS)
         database = urlsplit(settings.resolved_database_url)
         pg = environment_of(services["postgres"])
         assert database.hostname == "postgres"
@@ -177,7 +179,10 @@ def test_services_listen_on_all_interfaces_at_the_scraped_ports(services, monkey
     targets = {job["job_name"]: [t for sc in job["static_configs"] for t in sc["targets"]]
                for job in prometheus["scrape_configs"]}
     assert targets["api"] == [f"api:{api.port}"]
-    assert targets["inference"] == [f"inference:{inference.port}"]
+    assert targets["inference"] == [f"{replica}:{inference.port}" for replica in INFERENCE_REPLICAS]
+    for replica in INFERENCE_REPLICAS:
+        replica_settings = settings_for(environment_of(services[replica]), monkeypatch)
+        assert (replica_settings.host, replica_settings.port) == ("0.0.0.0", inference.port)
     assert targets["worker"] == [f"worker:{worker.worker_metrics_port}"]
 
 
@@ -185,7 +190,8 @@ def test_commands_are_real_cli_commands_and_the_api_migrates_at_start(services, 
     from api.cli import build_parser
 
     parser = build_parser()
-    expected = {"api": ["serve", "api"], "inference": ["serve", "inference"], "worker": ["worker"]}
+    expected = {"api": ["serve", "api"], "inference": ["serve", "inference"], "inference-2": ["serve", "inference"],
+                "worker": ["worker"]}
     for name, argv in expected.items():
         text = command_text(services[name])
         assert "tailor " + " ".join(argv) in text, f"{name} runs {text!r}"
@@ -323,9 +329,13 @@ def test_depends_on_has_no_cycle(services):
 def test_gpu_override_reserves_a_gpu_for_inference(example_env, services, monkeypatch):
     override = load_compose(GPU_COMPOSE_FILE, example_env)["services"]
     assert set(override) <= set(services), "the override only changes services of docker-compose.yml"
+    gpus = []
+    for replica in INFERENCE_REPLICAS:
+        (device,) = override[replica]["deploy"]["resources"]["reservations"]["devices"]
+        assert "gpu" in device.get("capabilities", []) and override[replica]["build"]["args"]["TORCH_VARIANT"] == "cuda"
+        gpus.append(tuple(device["device_ids"]))
+    assert len(set(gpus)) == len(gpus), f"each inference replica needs a GPU of its own: {gpus}"
     inference = override["inference"]
-    devices = inference["deploy"]["resources"]["reservations"]["devices"]
-    assert any("gpu" in device.get("capabilities", []) for device in devices)
     assert inference["build"]["args"]["TORCH_VARIANT"] == "cuda"
     assert re.search(r"^ARG TORCH_VARIANT=cpu$", (REPO_ROOT / "docker/Dockerfile").read_text(), re.M)
     assert inference["image"].split(":")[0] != services["inference"]["image"].split(":")[0], \

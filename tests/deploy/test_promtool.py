@@ -89,10 +89,11 @@ def test_a_typo_in_an_expression_is_caught(tmp_path):
 def test_scrape_jobs_and_rule_files():
     config = yaml.safe_load(CONFIG.read_text())
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-    for name, target in (("api", "api:8000"), ("inference", "inference:8001"), ("worker", "worker:9101")):
+    for name, targets in (("api", ["api:8000"]), ("inference", ["inference:8001", "inference-2:8001"]),
+                          ("worker", ["worker:9101"])):
         job = jobs[name]
         assert job.get("metrics_path", "/metrics") == "/metrics"
-        assert [t for sc in job["static_configs"] for t in sc["targets"]] == [target]
+        assert [t for sc in job["static_configs"] for t in sc["targets"]] == targets
     matched = [p for pattern in config["rule_files"] for p in (CONFIG.parent).glob(pattern)]
     assert sorted(matched) == RULE_FILES
 
