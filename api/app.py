@@ -1,7 +1,7 @@
 """The public API: ``create_app(settings)`` builds the FastAPI application.
 
 The lifespan builds the platform (database sessions, object store), the inference backend
-(in-process ``InferenceCore`` in the embedded default, else a client of the inference service)
+(in-process ``InferenceCore`` in the embedded default, else a router over the inference replicas)
 and the task queue (a thread, or Celery), and tears them down on shutdown.
 """
 
@@ -53,19 +53,14 @@ def resolve_operator_token(settings: Settings) -> tuple[str, bool]:
 
 
 async def build_inference(settings: Settings, store) -> object:
-    """The in-process engine (embedded), a client of the inference service (remote, one URL), or
-    a router over several inference replicas (remote, ``TAILOR_INFERENCE_URLS`` lists more than
-    one: ``api.replicas``; it starts probing them here)."""
+    """The in-process engine (embedded), or a router over the inference replicas (remote:
+    ``api.replicas``; ``TAILOR_INFERENCE_URLS``, or the one ``TAILOR_INFERENCE_URL`` as a ring of
+    one); it starts probing them here."""
     if settings.inference_mode == "remote":
-        from inference.service.client import RemoteInference
-
-        secret = settings.inference_secret.get_secret_value()
-        urls = settings.inference_replicas
-        if len(urls) == 1:
-            return RemoteInference(urls[0], secret, settings.inference_timeout_s)
         from api.replicas import ReplicaRouter
 
-        router = ReplicaRouter.from_urls(urls, secret, settings.inference_timeout_s,
+        router = ReplicaRouter.from_urls(settings.inference_replicas, settings.inference_secret.get_secret_value(),
+                                         settings.inference_timeout_s,
                                          load_factor=settings.router_load_factor,
                                          probe_interval_s=settings.inference_probe_interval_s)
         router.start_probing()

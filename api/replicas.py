@@ -13,10 +13,11 @@ An ``InferenceBackend`` over one ``RemoteInference`` client per replica (``TAILO
    the decision (a replica's queue read from its metrics is a probe interval old, and costs a
    scrape). With N api processes each bounds its own share, so the sum stays bounded too.
 4. Health. Every ``probe_interval_s`` each replica's ``/readyz`` is probed; a replica that fails a
-   probe, refuses a connection, answers 503 (draining, broken) or breaks a stream is taken out of
-   the ring at once, and put back when a probe answers 200 again. Its adapters move to their next
-   replica in hash order (only those: rendezvous hashing moves nothing else). A request refused
-   that way before its first event is retried on the next replica, so ejections fail no request;
+   probe (down, draining), cannot be reached or breaks a stream is taken out of the ring at once,
+   and put back when a probe answers 200 again. Its adapters move to their next replica in hash
+   order (only those: rendezvous hashing moves nothing else). A request refused before its first
+   event (unreachable, or a 503 or 429 the replica sent: draining, overloaded, the adapter could
+   not be fetched) is retried on the next replica, so ejections fail no request;
    one already streaming from a replica that dies ends with a ``GenerationFailed`` event (the
    client's stream turns a broken connection into one), never a hang. When every replica is out,
    they are all tried anyway in hash order (a probe may be stale) and the last refusal is raised.
@@ -41,7 +42,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from inference.service.backend import GenerationEvents, InferenceBackend
-from inference.service.client import RemoteInference, rendezvous_order
+from inference.service.client import UNREACHABLE_REASON, RemoteInference, rendezvous_order
 from inference.service.events import GenerationEnded, GenerationEvent, is_terminal, run_to_end
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 
@@ -261,8 +262,8 @@ class ReplicaRouter:
     async def start(self, req: GenerateRequest) -> RoutedEvents:
         """Submit ``req`` on the first candidate replica that takes it (see ``candidates``).
         422 and deadline refusals are raised at once; an unreachable, 503 or 429 replica passes
-        the request on (and an unreachable or 503 one is ejected); the last refusal is raised when
-        every replica refused."""
+        the request on (an unreachable one is ejected); the last refusal is raised when every
+        replica refused."""
         adapter_id = req.adapter.id if req.adapter is not None else None
         last: InferenceError | None = None
         for replica, decision in self.candidates(adapter_id):
@@ -273,7 +274,7 @@ class ReplicaRouter:
                 replica.in_flight -= 1
                 if exc.status not in (429, 503) or exc.is_deadline:
                     raise
-                if exc.status == 503:
+                if exc.reason == UNREACHABLE_REASON:
                     self.eject(replica, "; ".join(exc.problems))
                 self.metrics.retries.labels(replica.url).inc()
                 last = exc

@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 @dataclass
 class AppState:
-    """``inference``: an ``InferenceCore`` (embedded) or a ``RemoteInference`` client (both are
-    an ``InferenceBackend``)."""
+    """``inference``: an ``InferenceCore`` (embedded) or an ``api.replicas.ReplicaRouter`` over
+    the inference services (remote); both are an ``InferenceBackend``."""
 
     settings: Settings
     platform: Platform

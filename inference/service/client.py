@@ -40,6 +40,7 @@ from inference.service.protocol import (
 log = logging.getLogger(__name__)
 
 UNAVAILABLE_RETRY_AFTER_S = 5
+UNREACHABLE_REASON = "unreachable"  # InferenceError.reason when the service did not answer
 PASSED_THROUGH = (422, 429)  # statuses the caller's caller should see as they are
 
 
@@ -98,9 +99,10 @@ def error_from_response(response: httpx.Response) -> InferenceError:
 
 
 def _unreachable(exc: httpx.HTTPError) -> InferenceError:
-    return InferenceError.unavailable(
-        f"the inference service is unreachable: {type(exc).__name__}: {exc}", UNAVAILABLE_RETRY_AFTER_S
-    )
+    """A 503 with ``reason`` ``"unreachable"``: the service did not answer at all (a router takes
+    such a replica out of its ring; a 503 the service sent does not mean that)."""
+    return InferenceError(503, f"the inference service is unreachable: {type(exc).__name__}: {exc}",
+                          UNAVAILABLE_RETRY_AFTER_S, UNREACHABLE_REASON)
 
 
 def rendezvous_order(key: str, nodes: Sequence[str]) -> list[str]:

@@ -17,7 +17,7 @@ from inference import LLM
 from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference, rendezvous_order
 from inference.service.core import InferenceCore
-from inference.service.protocol import ChatTurn, GenerateRequest
+from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest, InferenceError
 from support.live_server import serve_app
 from support.service_fixtures import free_ports
 from tenants.settings import Settings
@@ -109,7 +109,8 @@ def test_the_single_url_keeps_working():
         return backend
 
     one = asyncio.run(build(Settings(inference_mode="remote", inference_url="http://127.0.0.1:9")))
-    assert isinstance(one, RemoteInference)
+    assert isinstance(one, ReplicaRouter) and [r.url for r in one.replicas] == ["http://127.0.0.1:9"]
+    assert isinstance(one.replicas[0].client, RemoteInference)  # a ring of one
     many = asyncio.run(build(Settings(inference_mode="remote", inference_urls="http://127.0.0.1:9,http://127.0.0.1:10")))
     assert isinstance(many, ReplicaRouter) and [r.url for r in many.replicas] == ["http://127.0.0.1:9",
                                                                                   "http://127.0.0.1:10"]
@@ -137,6 +138,14 @@ def test_a_dead_replica_is_ejected_and_its_requests_served_by_the_next(tiny_chec
                     assert sample("tailor_router_retries_total", {"replica": dead}) == 1
                     assert sample("tailor_router_decisions_total", {"replica": live, "decision": "least_loaded"}) == 6
                     assert sample("tailor_router_replica_in_flight", {"replica": live}) == 0
+                    # a 503 the replica sent (here: an adapter it cannot fetch) is no reason to eject it
+                    missing = AdapterSpec(id="missing", config_key="nowhere/adapter_config.json",
+                                          weights_key="nowhere/adapter_model.safetensors", sha256="0" * 64)
+                    with pytest.raises(InferenceError) as refused:
+                        await router.generate(request.model_copy(update={"adapter": missing}))
+                    assert refused.value.status == 503  # the last refusal: the dead replica, tried last
+                    assert sample("tailor_router_retries_total", {"replica": live}) == 1  # live refused it first
+                    assert sample("tailor_router_ejections_total", {"replica": live}) == 0
                     router.start_probing()
                     await asyncio.sleep(0.6)
                     assert [r.healthy for r in router.replicas] == [True, False]

@@ -30,12 +30,20 @@ COUNTERS = {
     "tailor_slo_ttft_attained_total", "tailor_slo_ttft_missed_total", "tailor_slo_early_aborts_total",
     "tailor_prefix_cache_queries_tokens_total", "tailor_prefix_cache_hits_tokens_total",
     "tailor_training_jobs_total", "tailor_training_adapters_total",
+    "tailor_router_decisions_total", "tailor_router_retries_total", "tailor_router_ejections_total",
 }
 GAUGES = {
     "tailor_inference_requests_waiting", "tailor_inference_requests_running", "tailor_pool_pages",
     "tailor_pool_pages_total", "tailor_pool_bytes", "tailor_adapter_staged_bytes", "tailor_adapters_resident",
     "tailor_worker_queue_length", "tailor_tenant_info", "tailor_prefix_cache_pages", "tailor_training_jobs_running",
-    "tailor_step_token_budget",
+    "tailor_step_token_budget", "tailor_router_replica_up", "tailor_router_replica_in_flight",
+}
+# Exported by inference under vLLM's names for Kubernetes' inference gateway (its endpoint picker
+# scrapes them to route by queue depth and LoRA affinity); they repeat tailor_* series, so no
+# dashboard needs to show them.
+GATEWAY_GAUGES = {
+    "vllm:num_requests_waiting", "vllm:num_requests_running", "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc", "vllm:lora_requests_info",
 }
 HISTOGRAMS = {
     "tailor_http_request_duration_seconds", "tailor_inference_time_to_first_token_seconds",
@@ -43,7 +51,7 @@ HISTOGRAMS = {
     "tailor_inference_batch_size", "tailor_adapter_load_seconds", "tailor_worker_validation_duration_seconds",
     "tailor_worker_queue_lag_seconds", "tailor_training_duration_seconds", "tailor_training_examples",
 }
-KNOWN_SERIES = COUNTERS | GAUGES | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")} | {"up"}
+KNOWN_SERIES = COUNTERS | GAUGES | GATEWAY_GAUGES | {f"{h}{s}" for h in HISTOGRAMS for s in ("_bucket", "_sum", "_count")} | {"up"}
 
 
 def provisioned_datasource_uid() -> str:
