@@ -43,6 +43,7 @@ from inference.sampling import SamplingParams, sample
 from inference.scheduler import Scheduler, SchedulerConfig
 from inference.slo import FirstTokenDeadlines, check_ttft_slo
 from inference.step_budget import StepTokenBudget
+from inference.structured.grammar import StructuredGrammars
 from inference.tokenizer import Tokenizer
 from inference.weights import load_weights
 
@@ -130,6 +131,7 @@ class LLMEngine:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_token_ids = frozenset(eos)
         self.outputs = OutputProcessor(self.tokenizer, self.eos_token_ids)
+        self.grammars = StructuredGrammars(self.checkpoint_dir, self.model_config.vocab_size, self.eos_token_ids)
         self.stats = EngineStats()
         self.deadlines = FirstTokenDeadlines()
         self.step_budget = StepTokenBudget(self.config.max_num_batched_tokens, self.config.step_time_target_s)
@@ -210,6 +212,8 @@ class LLMEngine:
             problems.append(
                 f"the request needs up to {pages} pages (KV and adapter) but the pool holds {self.pool.num_pages}"
             )
+        if params.structured is not None:  # compiled once per schema, off the engine thread
+            problems.extend(self.grammars.problems(params.structured))
         if problems:
             raise ValueError("; ".join(problems))
         request = Request(
@@ -221,6 +225,7 @@ class LLMEngine:
             tenant=tenant,
             tenant_weight=float(tenant_weight),
             ttft_slo_s=None if ttft_slo_s is None else float(ttft_slo_s),
+            grammar=self.grammars.matcher(params.structured) if params.structured is not None else None,
         )
         if not params.greedy:
             seed = params.seed

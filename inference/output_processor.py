@@ -2,7 +2,9 @@
 
 It appends a request's new token, detokenizes incrementally, applies stop tokens, stop strings and
 the length limit, and builds what the caller sees: the text it may show so far (holding back a
-partial UTF-8 character and any tail that may still grow into a stop string).
+partial UTF-8 character and any tail that may still grow into a stop string). A structured
+output's grammar matcher advances with each token here: the request stops once its JSON is complete
+(``stop``), and fails (``error``) if its matcher did.
 """
 
 from __future__ import annotations
@@ -37,6 +39,11 @@ class OutputProcessor:
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
         if is_stop_token:
             finish = FinishReason.STOP
+        elif request.grammar is not None and not request.grammar.accept(token_id):
+            request.error = request.grammar.error
+            finish = FinishReason.ERROR
+        elif request.grammar is not None and request.grammar.complete:
+            finish = FinishReason.STOP  # nothing but EOS may follow: spare the step that would sample it
         elif len(request.output_token_ids) >= params.max_tokens:
             finish = FinishReason.LENGTH
         self._detokenize(request, upto=len(request.output_token_ids) - (1 if is_stop_token else 0), final=finish is not None)

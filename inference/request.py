@@ -10,6 +10,7 @@ import torch
 
 from inference.adapters.registry import AdapterRef
 from inference.sampling import SamplingParams
+from inference.structured.grammar import GrammarMatcher
 
 
 class FinishReason(str, enum.Enum):
@@ -71,6 +72,8 @@ class Request:
     # many of its leading KV pages are entered in the cache (or were taken from it)
     page_hashes: list[bytes] = field(default_factory=list)
     num_cached_pages: int = 0
+    # a structured output's grammar state (params.structured): it has consumed output_token_ids
+    grammar: GrammarMatcher | None = None
 
     @property
     def ttft_deadline(self) -> float | None:

@@ -3,7 +3,9 @@
 The sampler turns fp32 logits [S, vocab] into one token per row. First the rows that ask for it
 are adjusted (:func:`apply_logit_adjustments`, vectorised over those rows): ``logit_bias`` is
 added, then the repetition penalty (prompt and output tokens), then the frequency and presence
-penalties (output tokens). Greedy rows then take the argmax. Other rows apply temperature, top-k
+penalties (output tokens), then a constrained row's grammar mask (``structured``: every token the
+row's :class:`~inference.structured.grammar.GrammarMatcher` does not allow gets -inf), so
+constrained and free rows share one batch. Greedy rows then take the argmax. Other rows apply temperature, top-k
 and top-p, then draw with the "exponential race" (``argmax(p / Exp(1))``), which is an exact
 categorical draw. A row with a ``seed`` draws its noise from its own ``torch.Generator``, whose
 state advances once per generated token, so the same seed gives the same text whatever else is in
@@ -19,6 +21,9 @@ from typing import Protocol
 
 import torch
 
+from inference.structured import StructuredOutput
+from inference.structured.grammar import GrammarMatcher, unpack_bitmask  # llguidance itself loads lazily
+
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0  # presence and frequency penalties lie in [-2, 2] (OpenAI's range)
 MAX_REPETITION_PENALTY = 10.0
@@ -32,6 +37,7 @@ class TokenHistory(Protocol):
 
     prompt_token_ids: list[int]
     output_token_ids: list[int]
+    grammar: GrammarMatcher | None  # a constrained request's matcher (read only for such rows)
 
 
 @dataclass(frozen=True)
@@ -54,6 +60,8 @@ class SamplingParams:
       vLLM): > 1 discourages repeats.
     * ``logit_bias``: ``{token_id: bias}`` (bias in [-100, 100], at most 1024 tokens) added to the
       logits; token ids are checked against the vocabulary by the engine.
+    * ``structured``: the output must be JSON (``inference.structured.StructuredOutput``); the
+      engine compiles it and gives the request a grammar matcher whose mask the sampler applies.
     """
 
     max_tokens: int = 16
@@ -70,6 +78,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: tuple[tuple[int, float], ...] = ()
+    structured: StructuredOutput | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -111,6 +120,13 @@ class SamplingParams:
             out.append(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}], "
                        f"got {self.repetition_penalty!r}")
         out.extend(_logit_bias_problems(self.logit_bias))
+        if self.structured is not None:
+            if not isinstance(self.structured, StructuredOutput):
+                out.append("structured must be a StructuredOutput or None")
+            else:
+                out.extend(self.structured.problems())
+                if self.ignore_eos:
+                    out.append("a structured output ends where its JSON ends: ignore_eos cannot be set with it")
         return out
 
     def vocab_problems(self, vocab_size: int) -> list[str]:
@@ -124,9 +140,9 @@ class SamplingParams:
 
     @property
     def adjusts_logits(self) -> bool:
-        """Whether :func:`apply_logit_adjustments` changes this row (a bias or a penalty is set)."""
-        return bool(self.logit_bias) or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 \
-            or self.repetition_penalty != 1.0
+        """Whether :func:`apply_logit_adjustments` changes this row (a bias, a penalty or a grammar)."""
+        return self.structured is not None or bool(self.logit_bias) or self.presence_penalty != 0.0 \
+            or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 def _is_int(value: object) -> bool:
@@ -220,7 +236,9 @@ def apply_logit_adjustments(
     added by one ``index_put_``. Of those, the P rows with a penalty get their output-token
     counts [P, vocab] and their seen-in-prompt mask [P, vocab] from the flattened histories, and
     every penalty is then one elementwise tensor operation over [P, vocab] with the per-row values
-    as [P, 1] columns. Rows that set nothing are not touched (bit-for-bit the model's logits),
+    as [P, 1] columns. The C constrained rows fill one int32 bitmask [C, ceil(vocab/32)] from
+    their matchers (``histories[i].grammar``), unpacked to [C, vocab] and applied by one
+    ``masked_fill``. Rows that set nothing are not touched (bit-for-bit the model's logits),
     whatever the rest of the batch asks for.
     """
     rows = [i for i, p in enumerate(params) if p.adjusts_logits]
@@ -257,9 +275,29 @@ def apply_logit_adjustments(
         part = torch.where(seen, torch.where(part > 0, part / rep, part * rep), part)
         part = part - freq * counts - pres * (counts > 0).to(sub.dtype)
         sub[pos] = part
+    constrained = [j for j, i in enumerate(rows) if params[i].structured is not None]
+    if constrained:
+        if histories is None:
+            raise ValueError("structured outputs need the rows' grammar matchers")
+        sub[torch.tensor(constrained, device=device)] = _grammar_masked(
+            sub[torch.tensor(constrained, device=device)], [histories[rows[j]] for j in constrained])
     out = logits.clone()
     out[idx] = sub
     return out
+
+
+def _grammar_masked(part: torch.Tensor, histories: list[TokenHistory]) -> torch.Tensor:
+    """``part`` [C, vocab] with every token a row's grammar does not allow set to -inf."""
+    vocab = part.shape[-1]
+    bitmask = torch.zeros(len(histories), (vocab + 31) // 32, dtype=torch.int32)
+    for row, history in enumerate(histories):
+        matcher = history.grammar
+        if matcher is None:
+            raise ValueError("a constrained row has no grammar matcher")
+        matcher.sync(len(history.output_token_ids))
+        matcher.fill_mask(bitmask, row)
+    allowed = unpack_bitmask(bitmask.to(part.device), vocab)
+    return part.masked_fill(~allowed, float("-inf"))
 
 
 def _token_counts(histories: list[list[int]], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
