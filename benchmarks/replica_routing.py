@@ -26,11 +26,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import hashlib
 import itertools
 import json
-import platform
 import statistics
 import tempfile
 import time
@@ -41,6 +39,7 @@ import torch
 
 from api.replicas import ReplicaRouter
 from benchmarks.random_llama import is_random_model, random_checkpoint
+from benchmarks.run_report import report_header
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
@@ -257,13 +256,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
     print(f"hit rate affinity / round-robin: {hit_ratio:.2f}x; throughput affinity / round-robin, median of the "
           f"rounds: {statistics.median(throughput_ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in throughput_ratios)})")
     report = {
-        "benchmark": "replica_routing",
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
-        "torch_version": torch.__version__,
-        "torch_num_threads": torch.get_num_threads(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        **report_header("replica_routing", args),
         "sizing": sizing,
         "distinct_adapters_used": len(set(trace)),
         "hit_rate_ratio": hit_ratio,

@@ -96,12 +96,7 @@ def test_two_replicas_affinity_failover_and_return(tmp_path: Path, tiny_checkpoi
     env = {
         "TAILOR_MODE": "development",
         "TAILOR_DATABASE_URL": postgres_url,
-        "TAILOR_OBJECT_STORE": "s3",
-        "TAILOR_S3_ENDPOINT_URL": seaweedfs.endpoint_url,
-        "TAILOR_S3_BUCKET": s3_bucket,
-        "TAILOR_S3_REGION": seaweedfs.region,
-        "TAILOR_S3_ACCESS_KEY_ID": seaweedfs.access_key_id,
-        "TAILOR_S3_SECRET_ACCESS_KEY": seaweedfs.secret_access_key,
+        **seaweedfs.tailor_env(s3_bucket),
         "TAILOR_INFERENCE_SECRET": SECRET,
         "TAILOR_MODEL": str(tiny_checkpoint),
         "TAILOR_POOL_BYTES": str(32 << 20),

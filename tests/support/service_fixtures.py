@@ -143,6 +143,12 @@ class S3Server:
     region: str
     data_dir: Path
 
+    def tailor_env(self, bucket: str) -> dict[str, str]:
+        """The ``TAILOR_*`` variables that point a Tailor service at this server's ``bucket``."""
+        return {"TAILOR_OBJECT_STORE": "s3", "TAILOR_S3_ENDPOINT_URL": self.endpoint_url, "TAILOR_S3_BUCKET": bucket,
+                "TAILOR_S3_REGION": self.region, "TAILOR_S3_ACCESS_KEY_ID": self.access_key_id,
+                "TAILOR_S3_SECRET_ACCESS_KEY": self.secret_access_key}
+
     def client(self, access_key_id: str | None = None, secret_access_key: str | None = None):
         """A boto3 S3 client for this server (path-style), with these or other credentials."""
         import boto3
