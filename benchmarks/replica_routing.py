@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import hashlib
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -39,7 +38,7 @@ import torch
 
 from api.replicas import ReplicaRouter
 from benchmarks.random_llama import is_random_model, random_checkpoint
-from benchmarks.run_report import report_header
+from benchmarks.run_report import median_run, report_header, write_report
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
@@ -237,13 +236,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
             print(f"round {repeat + 1}/{args.repeats} {name}: hit rate {run['device_hit_rate']:.3f}, "
                   f"{run['requests_per_s']:.2f} req/s", flush=True)
 
-    rows = []
-    for name in POLICIES:
-        ordered = sorted(runs[name], key=lambda r: r["wall_s"])
-        row = dict(ordered[(len(ordered) - 1) // 2])
-        row["requests_per_s_all_rounds"] = [r["requests_per_s"] for r in runs[name]]
-        row["device_hit_rate_all_rounds"] = [r["device_hit_rate"] for r in runs[name]]
-        rows.append(row)
+    rows = [median_run(runs[name], ("requests_per_s", "device_hit_rate")) for name in POLICIES]
     affinity, rr = rows
     throughput_ratios = [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(runs["affinity"], runs["round_robin"])]
     hit_ratio = affinity["device_hit_rate"] / max(1e-9, rr["device_hit_rate"])
@@ -265,10 +258,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
         "results": rows,
         "runs": runs,
     }
-    out = args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
+    write_report(report, args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json")
     return 0
 
 

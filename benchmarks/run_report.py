@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import platform
 from pathlib import Path
 
@@ -23,3 +24,20 @@ def report_header(benchmark: str, args: argparse.Namespace) -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
+
+
+def write_report(report: dict, out: Path) -> None:
+    """Write ``report`` as indented JSON to ``out`` (its folder made if missing) and say where."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nwrote {out}")
+
+
+def median_run(runs: list[dict], keep_all: tuple[str, ...] = ()) -> dict:
+    """A copy of the run with the median ``wall_s`` (the lower one of an even count), with
+    ``<field>_all_rounds``: every run's value of each field in ``keep_all``, in run order."""
+    ordered = sorted(runs, key=lambda r: r["wall_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    for field in keep_all:
+        row[f"{field}_all_rounds"] = [r[field] for r in runs]
+    return row
