@@ -1,8 +1,10 @@
 """The OpenAI Chat Completions request as ``POST /v1/chat/completions`` reads it: every field the
 official ``openai`` client can send is declared here and is either honoured or refused with a 422
 naming it. Nothing is ignored: a field this module does not know is refused too (``extra``), and so
-is a known field set to a value Tailor cannot honour (``n`` above 1, a ``response_format`` other
-than text, tools...), with a message that says so. All problems of one body come back in one 422
+is a known field set to a value Tailor cannot honour (``n`` above 1, tools...), with a message that
+says so. ``response_format`` ``json_object`` and ``json_schema`` (with ``strict``) constrain the
+output to JSON (of the schema) with a grammar (``inference.structured``); a schema the grammar
+engine cannot compile is a 422 with its reason. All problems of one body come back in one 422
 (cross-field rules are field validators that read the fields declared before them).
 
 ``HONOURED`` and ``REFUSED`` list the fields by policy (the README's table and the tests follow
@@ -15,8 +17,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import json
+
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, StringConstraints, Tag, \
     ValidationInfo, field_validator, model_validator
+
+from inference.service.protocol import ResponseFormat
+from inference.structured import MAX_SCHEMA_CHARS
 
 OPENAI_TYPES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "42" is not a number, "yes" no boolean
 MAX_CONTENT_CHARS = 1_000_000
@@ -119,8 +126,59 @@ class StreamOptions(BaseModel):
                                                               "stream obfuscation is not supported")] = None
 
 
-def _is_text_format(value: Any) -> bool:
-    return value is None or value == {"type": "text"}
+class TextFormat(BaseModel):
+    model_config = OPENAI_TYPES
+
+    type: Literal["text"]
+
+
+class JsonObjectFormat(BaseModel):
+    """The output is one JSON object."""
+
+    model_config = OPENAI_TYPES
+
+    type: Literal["json_object"]
+
+
+def _schema_size(value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+    if value is not None and len(json.dumps(value, separators=(",", ":"), ensure_ascii=False)) > MAX_SCHEMA_CHARS:
+        raise ValueError(f"the schema may be at most {MAX_SCHEMA_CHARS} characters of JSON")
+    return value
+
+
+class JsonSchema(BaseModel):
+    """OpenAI's ``json_schema``: ``schema`` (absent: any JSON) and ``strict`` (every keyword
+    enforced: a schema with a keyword the grammar engine cannot enforce is a 422; without it such
+    keywords are ignored)."""
+
+    model_config = ConfigDict(**OPENAI_TYPES, populate_by_name=False)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = Field(None, max_length=10_000)
+    schema_: Annotated[dict[str, JsonValue], AfterValidator(_schema_size)] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaFormat(BaseModel):
+    """The output is JSON valid against ``json_schema.schema``."""
+
+    model_config = OPENAI_TYPES
+
+    type: Literal["json_schema"]
+    json_schema: JsonSchema
+
+
+ResponseFormatField = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
+def response_format_spec(value: TextFormat | JsonObjectFormat | JsonSchemaFormat | None) -> ResponseFormat | None:
+    """The engine's ``ResponseFormat`` for a request's ``response_format`` (None: free text)."""
+    if value is None or isinstance(value, TextFormat):
+        return None
+    if isinstance(value, JsonObjectFormat):
+        return ResponseFormat(type="json_object")
+    return ResponseFormat(type="json_schema", json_schema=value.json_schema.schema_,
+                          strict=value.json_schema.strict is True)
 
 
 def _token_id_keys(value: dict[str, float] | None) -> dict[str, float] | None:
@@ -168,7 +226,9 @@ class ChatCompletionRequest(BaseModel):
                                                           "only the text modality is supported")] = None
     store: Annotated[bool | None, _neutral_only(lambda v: v is not True, "completions are not stored")] = None
     # refused (a later version honours the first ones) -------------------------------------------------
-    response_format: refused(f"response_format other than text is {NOT_YET}", _is_text_format) = None
+    response_format: ResponseFormatField | None = Field(
+        None, description="`text`, `json_object` or `json_schema` (with `strict`): the output is constrained to JSON "
+        "(of the schema) by a grammar")
     tools: refused(f"tools are {NOT_YET}", _absent_or_empty) = None
     tool_choice: refused(f"tool_choice is {NOT_YET}", lambda v: v in (None, "none")) = None
     parallel_tool_calls: refused(f"parallel_tool_calls: tools are {NOT_YET}") = None
@@ -220,5 +280,5 @@ class ChatCompletionRequest(BaseModel):
 HONOURED = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
             "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
             "logit_bias", "logprobs", "top_logprobs", "n", "user", "safety_identifier", "service_tier", "modalities",
-            "store")
+            "store", "response_format")
 REFUSED = tuple(name for name in ChatCompletionRequest.model_fields if name not in HONOURED)

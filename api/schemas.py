@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from api.openai_schemas import ResponseFormatField
 from tenants.settings import MAX_TTFT_SLO_S
 
 Scope = Literal["admin", "chat"]
@@ -145,6 +146,9 @@ class ChatRequest(StrictBody):
     seed: int | None = Field(None, ge=0, lt=2**63)
     ttft_slo_s: float | None = _slo(f"this request's {TTFT_SLO_DESCRIPTION} (default: the tenant's, else "
                                     "TAILOR_TTFT_SLO_S)")
+    response_format: ResponseFormatField | None = Field(
+        None, description="as OpenAI's: `text`, `json_object` or `json_schema` (with `strict`): the answer is "
+        "constrained to JSON (of the schema)")
 
 
 class Usage(BaseModel):

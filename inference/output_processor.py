@@ -37,12 +37,13 @@ class OutputProcessor:
             request.first_token_time = now
         finish: FinishReason | None = None
         is_stop_token = token_id in params.stop_token_ids or (not params.ignore_eos and token_id in self.eos_token_ids)
-        if is_stop_token:
-            finish = FinishReason.STOP
-        elif request.grammar is not None and not request.grammar.accept(token_id):
-            request.error = request.grammar.error
+        grammar = request.grammar
+        if grammar is not None and not grammar.accept(token_id):  # also a matcher that failed on its mask
+            request.error = grammar.error
             finish = FinishReason.ERROR
-        elif request.grammar is not None and request.grammar.complete:
+        elif is_stop_token:
+            finish = FinishReason.STOP
+        elif grammar is not None and grammar.complete:
             finish = FinishReason.STOP  # nothing but EOS may follow: spare the step that would sample it
         elif len(request.output_token_ids) >= params.max_tokens:
             finish = FinishReason.LENGTH

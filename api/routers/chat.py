@@ -17,6 +17,7 @@ from starlette.background import BackgroundTask
 from api.deps import ChatDep, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.generation import TenantEvents, collect, open_generation, scheduling, sse
+from api.openai_schemas import response_format_spec
 from api.routers.users import load_user
 from api.schemas import ChatRequest, ChatResponse, MessagePage, MessagePublic, Usage
 from api.state import AppState
@@ -90,6 +91,7 @@ async def chat(user_id: str, body: ChatRequest, caller: ChatDep, state: StateDep
         temperature=body.temperature,
         top_p=body.top_p,
         seed=body.seed,
+        response_format=response_format_spec(body.response_format),
         **scheduling(caller, state.settings, body.ttft_slo_s),
     )
     events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)

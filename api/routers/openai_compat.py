@@ -6,7 +6,8 @@ Every request field is honoured or refused with a 422 naming it (``api.openai_sc
 answer is OpenAI's ``chat.completion``, or with ``stream`` its ``chat.completion.chunk`` frames
 ending with ``data: [DONE]`` (and, with ``stream_options.include_usage``, a last chunk with the
 usage and no choices). ``logprobs`` gives each token's logprob, bytes and ``top_logprobs``
-alternatives; ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
+alternatives; ``response_format`` ``json_object`` / ``json_schema`` constrains the output to JSON
+(of the schema); ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
 also the engine's request id."""
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from starlette.background import BackgroundTask
 from api.deps import Caller, ChatDep, SessionDep, StateDep
 from api.error_responses import errors
 from api.generation import TenantEvents, open_generation, scheduling
-from api.openai_schemas import ChatCompletionRequest, message_text
+from api.openai_schemas import ChatCompletionRequest, message_text, response_format_spec
 from api.state import AppState
 from inference.service.events import GenerationEnded, GenerationFailed, TextDelta, TokenLogprobs
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
@@ -83,6 +84,7 @@ def generate_request(body: ChatCompletionRequest, completion_id: str, spec: Adap
         repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         logprobs=body.top_logprob_count(),
+        response_format=response_format_spec(body.response_format),
         **scheduling(caller, state.settings),  # the tenant's default SLO, else TAILOR_TTFT_SLO_S
     )
 

@@ -169,6 +169,7 @@ class InferenceCore:
                 repetition_penalty=req.repetition_penalty,
                 logit_bias=req.logit_bias,
                 logprobs=req.logprobs,
+                structured=req.response_format.structured() if req.response_format is not None else None,
             )
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
@@ -200,6 +201,8 @@ class InferenceCore:
         rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit,
                                            req.history_trim_step_tokens)
         request_id = req.request_id or uuid.uuid4().hex
+        if params.structured is not None:  # compile (once per schema, cached) off the event loop
+            await asyncio.to_thread(self.engine.grammars.problems, params.structured)
         started = time.monotonic()
         try:
             request = self.engine.request_from_ids(

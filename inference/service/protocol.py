@@ -23,7 +23,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
+
+from inference.structured import StructuredOutput
 
 SECRET_HEADER = "X-Tailor-Inference-Secret"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -52,6 +54,23 @@ class ChatTurn(BaseModel):
     content: str = Field(max_length=MAX_TEXT_CHARS)  # a bound also makes pydantic refuse lone surrogates
 
 
+class ResponseFormat(BaseModel):
+    """A structured output: ``json_object`` (any JSON object) or ``json_schema`` (an instance of
+    ``json_schema``; ``strict``: a keyword the grammar engine cannot enforce is refused, not
+    ignored). See ``inference.structured``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["json_object", "json_schema"]
+    json_schema: dict[str, JsonValue] | bool | None = None
+    strict: bool = False
+
+    def structured(self) -> StructuredOutput:
+        if self.type == "json_object":
+            return StructuredOutput.json_object()
+        return StructuredOutput.json_schema(True if self.json_schema is None else self.json_schema, self.strict)
+
+
 class GenerateRequest(BaseModel):
     """A chat generation. ``messages`` are oldest first and end with the user's new message.
 
@@ -75,6 +94,7 @@ class GenerateRequest(BaseModel):
     (``presence_penalty``, ``frequency_penalty``, ``repetition_penalty``) and ``logit_bias``
     (token id -> bias) as ``inference.sampling.SamplingParams`` defines them; ``logprobs``: None,
     or the number of top alternatives (0-20) to report with each generated token's logprob.
+    ``response_format``: the output must be JSON (of a schema), see :class:`ResponseFormat`.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -96,6 +116,7 @@ class GenerateRequest(BaseModel):
     repetition_penalty: float = Field(1.0, gt=0, le=10, allow_inf_nan=False)
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=1024)
     logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
     tenant: str | None = Field(None, min_length=1, max_length=200, strict=True)
     tenant_weight: float = Field(1.0, gt=0, allow_inf_nan=False, strict=True)
     ttft_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)

@@ -57,16 +57,22 @@ class GrammarMatcher:
         matcher failed (a resource limit, say), only the end-of-sequence tokens are allowed."""
         target = bitmask[row]
         if self.error is None:
-            self._m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
-            if self._m.is_error():
-                self.error = f"the output grammar failed: {self._m.get_error()}"
-            elif not bool(target.any()):
-                self.error = "the output grammar allows no next token"
+            self.error = self._compute_mask(target)
         if self.error is not None:
             target.zero_()
             for token_id in self.eos_token_ids:
                 if token_id < target.numel() * 32:
                     target[token_id // 32] |= _bit(token_id % 32)
+
+    def _compute_mask(self, target: torch.Tensor) -> str | None:
+        """Fill ``target`` from the matcher; the reason it failed, or None."""
+        try:
+            self._m.unsafe_compute_mask_ptr(target.data_ptr(), target.numel() * target.element_size())
+        except Exception as exc:  # misuse at the API level: this request fails, the loop goes on
+            return f"the output grammar failed: {exc}"
+        if self._m.is_error():
+            return f"the output grammar failed: {self._m.get_error()}"
+        return None if bool(target.any()) else "the output grammar allows no next token"
 
     def accept(self, token_id: int) -> bool:
         """Advance with ``token_id``; False (and ``error`` set) when the grammar does not allow it.

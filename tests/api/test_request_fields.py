@@ -40,13 +40,14 @@ def recorded(tmp_path_factory, tiny_checkpoint):
 def test_every_per_user_chat_field_reaches_the_engine(recorded):
     client, recorder, key, user = recorded
     body = {"message": "hi", "stream": True, "max_tokens": 3, "temperature": 0.25, "top_p": 0.5, "seed": 77,
-            "ttft_slo_s": 120.0}
+            "ttft_slo_s": 120.0, "response_format": {"type": "json_object"}}
     assert set(body) == set(ChatRequest.model_fields), "a new chat field must be mapped and listed here"
     r = client.post(f"/v1/users/{user}/chat", headers=bearer(key), json=body)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
     sent = recorder.requests[-1]
     assert sent.messages[-1].content == "hi"
     assert (sent.max_tokens, sent.temperature, sent.top_p, sent.seed, sent.ttft_slo_s) == (3, 0.25, 0.5, 77, 120.0)
+    assert sent.response_format.type == "json_object"
 
 
 def test_every_honoured_openai_field_reaches_the_engine(recorded):
@@ -56,13 +57,17 @@ def test_every_honoured_openai_field_reaches_the_engine(recorded):
             "temperature": 0.5, "top_p": 0.75, "top_k": 9, "seed": 11, "stop": ["zz", "yy"], "presence_penalty": 0.5,
             "frequency_penalty": -0.25, "repetition_penalty": 1.5, "logit_bias": {"17": -3.0, "4": 2}, "logprobs": True,
             "top_logprobs": 2, "n": 1, "user": "someone", "safety_identifier": "someone-else", "service_tier": "auto",
-            "modalities": ["text"], "store": False}
+            "modalities": ["text"], "store": False,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"},
+                                                                       "strict": True}}}
     assert set(body) == set(HONOURED), "a new honoured field must be mapped and listed here"
     r = client.post("/v1/chat/completions", headers=bearer(key), json=body)
     assert r.status_code == 200, r.text
     sent = recorder.requests[-1]
     assert [(m.role, m.content) for m in sent.messages] == [("system", "sys"), ("user", "hi")]
     assert (sent.max_tokens, sent.temperature, sent.top_p, sent.top_k, sent.seed) == (4, 0.5, 0.75, 9, 11)
+    assert (sent.response_format.type, sent.response_format.json_schema, sent.response_format.strict) == \
+        ("json_schema", {"type": "integer"}, True)
     assert sent.stop == ["zz", "yy"] and sent.logprobs == 2 and sent.logit_bias == {17: -3.0, 4: 2.0}
     assert (sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty) == (0.5, -0.25, 1.5)
     assert sent.request_id.startswith("chatcmpl-") and sent.request_id in r.text
@@ -77,4 +82,5 @@ def test_openai_defaults_are_neutral(recorded):
     sent = recorder.requests[-1]
     assert (sent.temperature, sent.top_p, sent.top_k, sent.seed, sent.stop, sent.logprobs) == (1.0, 1.0, 0, None, [], None)
     assert (sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty, sent.logit_bias) == (0, 0, 1, {})
+    assert sent.response_format is None
     assert r.json()["choices"][0]["logprobs"] is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 
 import jsonschema
 import pytest
@@ -207,3 +208,39 @@ def test_preempted_constrained_requests_give_the_same_valid_json(tiny_checkpoint
         assert out.finish_reason is FinishReason.STOP, (rid, out.finish_reason, out.error)
         jsonschema.validate(json.loads(out.text), schema)
         assert out.token_ids == roomy[rid].token_ids
+
+
+def test_without_llguidance_only_constrained_requests_are_refused(tiny_checkpoint, monkeypatch):
+    """Where the grammar package is missing (the GPU machine has no network) the engine still
+    runs free requests and refuses a constrained one with a clear reason."""
+    monkeypatch.setitem(sys.modules, "llguidance", None)  # import llguidance raises ImportError
+    monkeypatch.setitem(sys.modules, "llguidance.hf", None)
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, pool_bytes=8 << 20))
+    with pytest.raises(ValueError, match="structured outputs need the llguidance package"):
+        engine.make_request([1, 2, 3], SamplingParams(structured=StructuredOutput.json_object()))
+    engine.add(engine.make_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)))
+    while engine.has_unfinished():
+        engine.step()
+
+
+def test_a_failing_matcher_fails_its_request_and_the_batch_goes_on(tiny_checkpoint):
+    """A matcher whose mask computation raises ends its own request with ``error``; the free
+    request beside it finishes normally."""
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, pool_bytes=8 << 20))
+    broken = engine.make_request([1, 2, 3], SamplingParams(max_tokens=8, structured=StructuredOutput.json_object()))
+
+    class Exploding:
+        def unsafe_compute_mask_ptr(self, *_):
+            raise RuntimeError("boom")
+
+    broken.grammar._m = Exploding()
+    engine.add(broken)
+    engine.add(engine.make_request([4, 5, 6], SamplingParams(max_tokens=4, temperature=0.0), "free"))
+    finals = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            if out.finished:
+                finals[out.request_id] = out
+    assert finals[broken.request_id].finish_reason is FinishReason.ERROR
+    assert "boom" in finals[broken.request_id].error
+    assert finals["free"].finish_reason is FinishReason.LENGTH and len(finals["free"].token_ids) == 4
