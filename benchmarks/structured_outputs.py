@@ -18,14 +18,11 @@ once per schema, not per request.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import json
 import statistics
 import time
 from pathlib import Path
 
-import torch
-
+from benchmarks.run_report import report_header, write_report
 from inference.bundled_model import BUNDLED_MODEL_NAME
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
@@ -127,14 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['side']:>12} {r['requests']:>8} {r['constrained_requests']:>5} {r['output_tokens']:>7} "
               f"{r['wall_s']:>8.3f} {r['tokens_per_s']:>8.1f}")
     print(f"constrained half: {slowdown * 100:+.1f}% wall time (goal: at most +10%)")
-    report = {"benchmark": "structured_outputs", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-              "device": args.device, "torch_version": torch.__version__,
-              "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-              "compile_s": compile_s, "results": rows, "slowdown": slowdown}
-    out = args.out or RESULTS / f"structured_outputs-{args.device}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    report = {**report_header("structured_outputs", args), "compile_s": compile_s, "results": rows,
+              "slowdown": slowdown}
+    write_report(report, args.out or RESULTS / f"structured_outputs-{args.device}.json")
     return 0
 
 

@@ -22,6 +22,7 @@ from inference.sampling import SamplingParams
 from inference.structured import StructuredOutput
 from inference.structured.grammar import StructuredGrammars, unpack_bitmask
 from support.adapters import synthetic_adapter
+from support.engine_helpers import run_to_completion
 
 llguidance = pytest.importorskip("llguidance")
 
@@ -113,11 +114,7 @@ def test_twenty_schemas_greedy_and_sampled_validate_with_adapters_in_a_mixed_bat
         engine.add(engine.make_request(prompt, SamplingParams(max_tokens=24, temperature=0.0), rid,
                                        [None, "a"][j % 2]))
         free_ids.append(rid)
-    finals = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
+    finals = run_to_completion(engine)
     assert sum(mixed_steps) >= 10, "constrained and free requests must have shared steps"
     stopped = 0
     for rid, schema in expected.items():
@@ -194,12 +191,7 @@ def test_preempted_constrained_requests_give_the_same_valid_json(tiny_checkpoint
             params = SamplingParams(max_tokens=80, temperature=0.0 if i % 2 else 0.8, seed=i,
                                     structured=StructuredOutput.json_schema(schema))
             engine.add(engine.make_request(prompt, params, f"r{i}"))
-        finals = {}
-        while engine.has_unfinished():
-            for out in engine.step():
-                if out.finished:
-                    finals[out.request_id] = out
-        return finals, engine.scheduler.num_preemptions
+        return run_to_completion(engine), engine.scheduler.num_preemptions
 
     roomy, none = run(16 << 20)
     tight, preemptions = run(40 * 4 * 2 * 32 * 2 * 4)  # 40 pages: the 8 requests need about 100
@@ -218,9 +210,8 @@ def test_without_llguidance_only_constrained_requests_are_refused(tiny_checkpoin
     engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, pool_bytes=8 << 20))
     with pytest.raises(ValueError, match="structured outputs need the llguidance package"):
         engine.make_request([1, 2, 3], SamplingParams(structured=StructuredOutput.json_object()))
-    engine.add(engine.make_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0)))
-    while engine.has_unfinished():
-        engine.step()
+    engine.add(engine.make_request([1, 2, 3], SamplingParams(max_tokens=3, temperature=0.0), "free"))
+    assert run_to_completion(engine)["free"].finish_reason is FinishReason.LENGTH
 
 
 def test_a_failing_matcher_fails_its_request_and_the_batch_goes_on(tiny_checkpoint):
@@ -236,11 +227,7 @@ def test_a_failing_matcher_fails_its_request_and_the_batch_goes_on(tiny_checkpoi
     broken.grammar._m = Exploding()
     engine.add(broken)
     engine.add(engine.make_request([4, 5, 6], SamplingParams(max_tokens=4, temperature=0.0), "free"))
-    finals = {}
-    while engine.has_unfinished():
-        for out in engine.step():
-            if out.finished:
-                finals[out.request_id] = out
+    finals = run_to_completion(engine)
     assert finals[broken.request_id].finish_reason is FinishReason.ERROR
     assert "boom" in finals[broken.request_id].error
     assert finals["free"].finish_reason is FinishReason.LENGTH and len(finals["free"].token_ids) == 4
