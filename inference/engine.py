@@ -32,7 +32,7 @@ from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.device import bind_thread, free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
 from inference.fairness import admission_order, check_tenant
-from inference.model import LlamaModel
+from inference.model import LlamaModel, ParallelContext
 from inference.model_config import ModelConfig
 from inference.model_runner import ModelRunner
 from inference.output_processor import OutputProcessor
@@ -45,6 +45,9 @@ from inference.slo import FirstTokenDeadlines, check_ttft_slo
 from inference.step_budget import StepTokenBudget
 from inference.structured.grammar import StructuredGrammars
 from inference.tokenizer import Tokenizer
+from inference.tensor_parallel.group import WorkerGroup
+from inference.tensor_parallel.partition import TensorParallelLayout
+from inference.tensor_parallel.worker import rank_weights
 from inference.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -96,14 +99,20 @@ class LLMEngine:
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)
         self.backend = select_backend(self.device, self.config.use_triton)
-        weights = load_weights(self.checkpoint_dir, self.model_config, self.device, self.dtype)
-        self.model = LlamaModel(self.model_config, weights, self.device, self.dtype, self.backend)
-        del weights
+        self.workers: WorkerGroup | None = None
+        self.parallel: TensorParallelLayout | None = None
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
-        geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
-        self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
+        if self.config.tensor_parallel_size == 1:
+            weights = load_weights(self.checkpoint_dir, self.model_config, self.device, self.dtype)
+            self.model = LlamaModel(self.model_config, weights, self.device, self.dtype, self.backend)
+            del weights
+            geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
+            self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
+        else:
+            self._start_tensor_parallel()
         if self.config.warm_up_kernels:
-            self.backend.warm_up(self.model_config, self.pool, self.config.max_lora_rank)
+            rank_config = self.model_config if self.parallel is None else self.parallel.rank_config()
+            self.backend.warm_up(rank_config, self.pool, self.config.max_lora_rank)
         if adapter_store is None:
             store_dir = self.config.adapter_store_dir
             if store_dir is None:  # a private folder, removed with the engine
@@ -117,8 +126,11 @@ class LLMEngine:
             host_budget_bytes=self.config.host_adapter_bytes,
             max_rank=self.config.max_lora_rank,
             fetch_threads=self.config.adapter_fetch_threads,
+            parallel=self.parallel,
         )
-        self.runner = ModelRunner(self.model, self.pool, self.adapters, self.backend)
+        if self.workers is not None:
+            self.adapters.page_in_listeners.append(self.workers.queue_page_in)
+        self.runner = ModelRunner(self.model, self.pool, self.adapters, self.backend, self.workers)
         self.prefix_cache = PrefixCache(self.pool, enabled=self.config.enable_prefix_cache)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens,
@@ -140,6 +152,27 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+
+    def _start_tensor_parallel(self) -> None:
+        """Rank 0's shard of the model and pool here, ranks 1..N-1 in worker processes (the same
+        number of pages on every rank; pool sizes are per rank)."""
+        self.parallel = TensorParallelLayout(self.model_config, self.config.tensor_parallel_size)
+        rank_config = self.parallel.rank_config()
+        weights = rank_weights(self.checkpoint_dir, self.model_config, self.parallel, 0, self.device, self.dtype)
+        geometry = PageGeometry.for_model(rank_config, self.config.page_tokens, self.dtype)
+        self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
+        self.workers = WorkerGroup(str(self.checkpoint_dir), self.parallel.size, self.device, self.dtype,
+                                   self.pool.num_pages, self.config.page_tokens, self.config.use_triton,
+                                   self.config.warm_up_kernels, self.config.max_lora_rank)
+        weakref.finalize(self, self.workers.close)
+        context = ParallelContext(self.workers.comm, self.parallel.vocab_range(0)[0], self.model_config.vocab_size)
+        self.model = LlamaModel(rank_config, weights, self.device, self.dtype, self.backend, context)
+
+    def close(self) -> None:
+        """Stop the adapter fetchers and the tensor-parallel workers (no step may run after)."""
+        self.adapters.close()
+        if self.workers is not None:
+            self.workers.close()
 
     def _pool_bytes(self) -> int:
         if self.config.pool_bytes is not None:

@@ -36,6 +36,9 @@ class EngineConfig:
       cache budget), ``adapter_store_dir`` (local object-store folder; None = a temporary one),
       ``prefetch_reserve_fraction`` (pool share kept free when paging in queued requests'
       adapters ahead of their turn), ``adapter_fetch_threads``.
+    * ``tensor_parallel_size``: ranks the model is split over (``inference.tensor_parallel``):
+      1 runs everything in this process; N > 1 adds N-1 worker processes (gloo on CPU, NCCL on
+      CUDA, one GPU per rank from ``device`` on). Pool sizes are then per rank.
     """
 
     device: str = "cpu"
@@ -59,6 +62,7 @@ class EngineConfig:
     adapter_store_dir: str | None = None
     prefetch_reserve_fraction: float = 0.1
     adapter_fetch_threads: int = 2
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -94,6 +98,9 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
                 problems.append(f"{name} must be a finite number >= 0, got {value!r}")
+        if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
+                or self.tensor_parallel_size < 1:
+            problems.append(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
         if self.adapter_fetch_threads < 1:
             problems.append("adapter_fetch_threads must be >= 1")
         if problems:

@@ -29,3 +29,11 @@ class ForwardBatch:
     query_start_loc: torch.Tensor
     logits_indices: torch.Tensor
     max_q_len: int
+
+    def to(self, device: torch.device) -> "ForwardBatch":
+        """The same batch on ``device`` (asynchronous copies from host tensors)."""
+        return ForwardBatch(*(getattr(self, name).to(device, non_blocking=True) for name in _TENSORS),
+                            max_q_len=self.max_q_len)
+
+
+_TENSORS = ("input_ids", "positions", "slot_mapping", "page_table", "seq_lens", "query_start_loc", "logits_indices")

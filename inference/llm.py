@@ -157,7 +157,7 @@ class LLM:
     def close(self) -> None:
         """Stop the engine thread (in-flight requests finish with an error)."""
         self._loop.stop()
-        self.engine.adapters.close()
+        self.engine.close()
 
     def __enter__(self) -> "LLM":
         return self

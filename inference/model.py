@@ -11,6 +11,8 @@ Llama implementation's arithmetic (norms and RoPE tables in fp32) so that greedy
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from inference.forward_batch import ForwardBatch
 from inference.model_config import ModelConfig, RopeConfig
 from inference.page_pool import PagePool
 
-__all__ = ["ATTENTION_MODULES", "MLP_MODULES", "ForwardBatch", "LlamaModel", "rope_inv_freq"]
+__all__ = ["ATTENTION_MODULES", "MLP_MODULES", "ForwardBatch", "LlamaModel", "ParallelContext", "rope_inv_freq"]
 
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
@@ -50,12 +52,25 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+@dataclass(frozen=True)
+class ParallelContext:
+    """This rank's place in a tensor-parallel group: its communicator, the first id of its
+    vocabulary range, and the unpadded vocabulary size (logits are cut back to it)."""
+
+    comm: Any
+    vocab_start: int
+    vocab_size: int
+
+
 class LlamaModel:
     """Weights plus the forward pass. Not an ``nn.Module``: inference only, no autograd."""
 
     def __init__(self, config: ModelConfig, weights: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,
-                 backend: Backend | None = None):
+                 backend: Backend | None = None, parallel: "ParallelContext | None" = None):
+        """``config`` and ``weights`` are this rank's (see ``inference.tensor_parallel.partition``)
+        when ``parallel`` is given; None runs the whole model in this process."""
         self.config = config
+        self.parallel = parallel
         self.backend = backend if backend is not None else select_backend(device)
         self.device = device
         self.dtype = dtype
@@ -96,8 +111,9 @@ class LlamaModel:
         return emb.cos().to(self.dtype)[:, None, :], emb.sin().to(self.dtype)[:, None, :]
 
     @torch.inference_mode()
-    def forward(self, batch: ForwardBatch, pool: PagePool, lora: StepLora | None = None) -> torch.Tensor:
-        """Run one step; write the new tokens' K/V into their pages; return fp32 logits [S, vocab]."""
+    def forward(self, batch: ForwardBatch, pool: PagePool, lora: StepLora | None = None) -> torch.Tensor | None:
+        """Run one step; write the new tokens' K/V into their pages; return fp32 logits [S, vocab]
+        (under tensor parallelism on rank 0 only; None on the other ranks)."""
         cfg = self.config
         attention = self.backend.attention
         n = batch.input_ids.shape[0]
@@ -106,7 +122,7 @@ class LlamaModel:
         rows = self.backend.batch_rows(n)
         input_ids = F.pad(batch.input_ids, (0, rows - n)) if rows != n else batch.input_ids
         positions = F.pad(batch.positions, (0, rows - n)) if rows != n else batch.positions
-        hidden = F.embedding(input_ids, self.embed)
+        hidden = self._embed(input_ids)
         cos, sin = self._rope(positions)
         # every layer attends over the same pages: what the backend derives from them, once
         attn_plan = attention.plan(batch, cfg.num_heads, tuple(pool.kv_layer(0).shape))
@@ -116,10 +132,32 @@ class LlamaModel:
             o = self._linear(attn, layer["o"])
             if lora is not None:
                 lora.apply(index, attn[:n], {"o_proj": o[:n]})
-            hidden = hidden + o
-            hidden = hidden + self._mlp(index, layer, self._rms_norm(hidden, layer["post_norm"]), n, lora)
+            hidden = hidden + self._reduce(o)
+            hidden = hidden + self._reduce(self._mlp(index, layer, self._rms_norm(hidden, layer["post_norm"]), n, lora))
         last = self._rms_norm(hidden[batch.logits_indices], self.final_norm)
-        return self._linear(last, self.lm_head).float().contiguous()
+        logits = self._linear(last, self.lm_head).float().contiguous()
+        if self.parallel is None:
+            return logits
+        gathered = self.parallel.comm.gather_columns(logits)
+        return None if gathered is None else gathered[:, : self.parallel.vocab_size].contiguous()
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden]; under tensor parallelism each rank embeds the ids of its vocabulary
+        range and one all-reduce sums the ranks' rows."""
+        if self.parallel is None:
+            return F.embedding(input_ids, self.embed)
+        start = self.parallel.vocab_start
+        local = input_ids - start
+        inside = (local >= 0) & (local < self.embed.shape[0])
+        hidden = F.embedding(torch.where(inside, local, 0), self.embed) * inside[:, None].to(self.dtype)
+        return self.parallel.comm.all_reduce(hidden.contiguous(), "all_reduce_embed")
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """A row-parallel layer's output: the sum of the ranks' partial outputs (with their LoRA
+        terms, see ``inference.tensor_parallel.partition``); itself without tensor parallelism."""
+        if self.parallel is None:
+            return partial
+        return self.parallel.comm.all_reduce(partial.contiguous(), "all_reduce_layer")
 
     def _attention(self, index: int, layer: dict, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n: int,
                    batch: ForwardBatch, pool: PagePool, lora: StepLora | None, plan) -> torch.Tensor:

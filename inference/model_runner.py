@@ -8,6 +8,7 @@ requests' adapter references, and runs the model. It knows nothing of sampling o
 from __future__ import annotations
 
 from collections import Counter
+from typing import Protocol
 
 import torch
 
@@ -21,10 +22,20 @@ from inference.page_pool import PagePool
 from inference.scheduler import ScheduledChunk, SchedulerOutput
 
 
+class StepSink(Protocol):
+    """Receives each step before rank 0 runs it (``inference.tensor_parallel.group``)."""
+
+    def send_step(self, batch: ForwardBatch, mapping: LoraMapping | None) -> None: ...
+
+
 class ModelRunner:
     """Runs one step's forward pass (engine thread only)."""
 
-    def __init__(self, model: LlamaModel, pool: PagePool, adapters: AdapterManager, backend: Backend):
+    def __init__(self, model: LlamaModel, pool: PagePool, adapters: AdapterManager, backend: Backend,
+                 workers: "StepSink | None" = None):
+        """``workers``: under tensor parallelism, the group that receives each step's batch and
+        LoRA mapping before this process runs rank 0's share of it."""
+        self.workers = workers
         self.model = model
         self.pool = pool
         self.adapters = adapters
@@ -35,9 +46,14 @@ class ModelRunner:
         """Forward pass of ``plan`` (reorders ``plan.chunks``). Returns fp32 logits [S, vocab] and
         the S chunks they belong to (the chunks that end in a token to sample), in row order."""
         self.order_chunks(plan)
-        batch, sampling_chunks = self.build_batch(plan)
-        logits = self.model.forward(batch, self.pool, self.prepare_lora(plan))
-        return logits, sampling_chunks
+        if self.workers is None:
+            batch, sampling_chunks = self.build_batch(plan)
+            return self.model.forward(batch, self.pool, self.prepare_lora(plan)), sampling_chunks
+        host_batch, sampling_chunks = self.build_host_batch(plan)
+        mapping = self.lora_mapping(plan)
+        self.workers.send_step(host_batch, mapping)
+        lora = None if mapping is None else self.backend.lora.prepare(mapping)
+        return self.model.forward(host_batch.to(self.device), self.pool, lora), sampling_chunks
 
     def order_chunks(self, plan: SchedulerOutput) -> None:
         """Each adapter's rows adjacent, in the order the LoRA backend computes fastest."""
@@ -58,6 +74,11 @@ class ModelRunner:
     def prepare_lora(self, plan: SchedulerOutput) -> StepLora | None:
         """The step's LoRA mapping (a slot per distinct adapter version) prepared by the backend,
         or None when no row has an adapter."""
+        mapping = self.lora_mapping(plan)
+        return None if mapping is None else self.backend.lora.prepare(mapping)
+
+    def lora_mapping(self, plan: SchedulerOutput) -> LoraMapping | None:
+        """The step's LoRA mapping, or None when no row has an adapter."""
         slot_of: dict[str, int] = {}
         slots = []
         chunk_slots = []
@@ -75,11 +96,15 @@ class ModelRunner:
             chunk_slots.append(slot_of[ref.uid])
         if not slots:
             return None
-        mapping = LoraMapping.build(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks])
-        return self.backend.lora.prepare(mapping)
+        return LoraMapping.build(self.pool, slots, chunk_slots, [c.num_tokens for c in plan.chunks])
 
     def build_batch(self, plan: SchedulerOutput) -> tuple[ForwardBatch, list[ScheduledChunk]]:
         """The step's device tensors, and the chunks whose last row is sampled."""
+        batch, sampling_chunks = self.build_host_batch(plan)
+        return batch.to(self.device), sampling_chunks
+
+    def build_host_batch(self, plan: SchedulerOutput) -> tuple[ForwardBatch, list[ScheduledChunk]]:
+        """The step's tensors in host memory, and the chunks whose last row is sampled."""
         page_tokens = self.pool.geometry.page_tokens
         ids: list[int] = []
         positions: list[int] = []
@@ -103,15 +128,14 @@ class ModelRunner:
             if chunk.samples:
                 logits_rows.append(starts[-1] - 1)
                 sampling_chunks.append(chunk)
-        device = self.device
         batch = ForwardBatch(
-            input_ids=torch.tensor(ids, dtype=torch.long).to(device, non_blocking=True),
-            positions=torch.tensor(positions, dtype=torch.long).to(device, non_blocking=True),
-            slot_mapping=torch.tensor(slots, dtype=torch.long).to(device, non_blocking=True),
-            page_table=table.to(device, non_blocking=True),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device, non_blocking=True),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32).to(device, non_blocking=True),
-            logits_indices=torch.tensor(logits_rows, dtype=torch.long).to(device, non_blocking=True),
+            input_ids=torch.tensor(ids, dtype=torch.long),
+            positions=torch.tensor(positions, dtype=torch.long),
+            slot_mapping=torch.tensor(slots, dtype=torch.long),
+            page_table=table,
+            seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
+            query_start_loc=torch.tensor(starts, dtype=torch.int32),
+            logits_indices=torch.tensor(logits_rows, dtype=torch.long),
             max_q_len=max(c.num_tokens for c in plan.chunks),
         )
         return batch, sampling_chunks

@@ -79,7 +79,11 @@ class HostTier:
         observe: Callable[[str, float], None],
         wanted: Callable[[str], bool],
         threads: int = 2,
+        split: Callable[[dict[str, LoraModuleWeights]], list[dict[str, LoraModuleWeights]]] | None = None,
     ):
+        """``split``: under tensor parallelism, every rank's share of an adapter's factors; the
+        packed form is then ``[ranks, layers, padded_elems]`` (rank 0 first)."""
+        self.split = split
         self.store, self.cache, self.geometry = store, cache, geometry
         self.dtype, self.pin = dtype, pin
         self.fetch_failures = fetch_failures
@@ -96,7 +100,13 @@ class HostTier:
     @releases_openmp_workers  # runs on fetcher and registering threads, not the engine's
     def load(self, ref: AdapterRef, modules: dict[str, LoraModuleWeights], started: float) -> None:
         """Pack ``ref``'s factors into host RAM (a host load timed from ``started``)."""
-        packed = pack_layers(modules, self.padded_elems(ref), self.dtype, self.pin)
+        if self.split is None:
+            packed = pack_layers(modules, self.padded_elems(ref), self.dtype, self.pin)
+        else:
+            shards = [pack_layers(m, self.padded_elems(ref), self.dtype, False) for m in self.split(modules)]
+            packed = torch.empty((len(shards), *shards[0].shape), dtype=self.dtype, pin_memory=self.pin)
+            for rank, shard in enumerate(shards):
+                packed[rank].copy_(shard)
         seconds = time.monotonic() - started
         self.cache.put(ref.uid, packed, load_seconds=seconds)
         self._observe("host", seconds)

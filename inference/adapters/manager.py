@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from inference.adapters.host_cache import HostAdapterCache, TierStats
 from inference.adapters.host_tier import (  # noqa: F401  (FETCH_RETRY_SECONDS re-exported)
@@ -35,6 +36,7 @@ from inference.adapters.host_tier import (  # noqa: F401  (FETCH_RETRY_SECONDS r
     fetch_failure_reason,
 )
 from inference.adapters.object_store import ObjectStore
+from inference.adapters.lora_weights import LoraModuleWeights
 from inference.adapters.peft_checkpoint import LoraAdapterWeights, adapter_files_from_dir, validate_adapter_files
 from inference.adapters.registry import AdapterRef, AdapterRegistry
 from inference.adapters.residency import DeviceAdapter, DeviceResidency, module_layout  # noqa: F401
@@ -43,6 +45,9 @@ from inference.device import pins_host_memory
 from inference.model_config import ModelConfig
 from inference.page_pool import PagePool
 from inference.scheduler import Admission
+
+if TYPE_CHECKING:
+    from inference.tensor_parallel.partition import TensorParallelLayout
 
 log = logging.getLogger(__name__)
 
@@ -70,13 +75,18 @@ class AdapterManager:
         max_rank: int = 128,
         fetch_threads: int = 2,
         key_prefix: str = "adapters",
+        parallel: TensorParallelLayout | None = None,
     ):
+        """``parallel``: the tensor-parallel partition; ``pool`` is then rank 0's, and host RAM
+        keeps every rank's share of each adapter (``[ranks, layers, elems]``), which a page-in
+        copies into rank 0's pages and hands to :attr:`page_in_listeners` for the other ranks."""
         self.model_config = model_config
+        self.parallel = parallel
         self.pool = pool
         self.store = store
         self.max_rank = max_rank
         self.key_prefix = key_prefix
-        self.shapes = model_config.linear_shapes()
+        self.shapes = (parallel.rank_config() if parallel is not None else model_config).linear_shapes()
         self.registry = AdapterRegistry()
         self.device = pool.tensor.device
         self.host = HostAdapterCache(host_budget_bytes)
@@ -85,7 +95,7 @@ class AdapterManager:
         self._host_tier = HostTier(
             store, self.host, pool.geometry, pool.tensor.dtype, pin=pins_host_memory(self.device),
             fetch_failures=self.stats.fetch_failures, observe=self._observe, wanted=self.registry.wanted,
-            threads=fetch_threads,
+            threads=fetch_threads, split=None if parallel is None else self._split,
         )
         self._device = DeviceResidency(pool, self.shapes, self.stats.device, self.registry.users, self._observe)
 
@@ -138,7 +148,8 @@ class AdapterManager:
             rank=weights.rank,
             target_modules=weights.target_modules,
             module_ranks=tuple((name, m.rank) for name, m in weights.modules.items()),
-            layer_elems=weights.layer_elems(),
+            layer_elems=(weights.layer_elems() if self.parallel is None
+                         else self.parallel.rank_layer_elems({n: m.rank for n, m in weights.modules.items()})),
             scaling=weights.scaling,
             config_key=config_key,
             weights_key=weights_key,
@@ -148,6 +159,15 @@ class AdapterManager:
         for stale in self.registry.stale_versions(adapter_id):
             self.forget_version(stale)
         return ref
+
+    def _split(self, modules: dict[str, LoraModuleWeights]) -> list[dict[str, LoraModuleWeights]]:
+        """Every rank's share of an adapter's factors, in rank order."""
+        return [self.parallel.shard_lora(modules, rank) for rank in range(self.parallel.size)]
+
+    @property
+    def page_in_listeners(self) -> list:
+        """Callables ``(pages, packed [ranks, layers, elems])`` told of every page-in."""
+        return self._device.page_in_listeners
 
     def forget_version(self, ref: AdapterRef) -> None:
         """Drop a superseded, unused version from the registry and host RAM (any thread)."""

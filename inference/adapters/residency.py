@@ -66,21 +66,26 @@ class DeviceResidency:
         self.device = pool.tensor.device
         self.adapters: dict[str, DeviceAdapter] = {}
         self._copier = PageCopier(self.device)
+        # callables (pages, packed [ranks, layers, elems]) told of each tensor-parallel page-in
+        self.page_in_listeners: list[Callable[[list[int], torch.Tensor], None]] = []
 
     def get(self, uid: str) -> DeviceAdapter | None:
         return self.adapters.get(uid)
 
     def page_in(self, ref: AdapterRef, packed: torch.Tensor, protect: str | None, evict: bool = True) -> bool:
-        """Copy ``ref``'s packed host form into free pages (evicting idle adapters other than
+        """Copy ``ref``'s packed host form (``[layers, elems]``, or ``[ranks, layers, elems]``
+        under tensor parallelism: rank 0's share here, the rest to the listeners) into free pages (evicting idle adapters other than
         ``protect`` when ``evict``); False when the pages cannot be had."""
-        num_pages = packed.shape[1] // self.pool.geometry.page_elems
+        num_pages = packed.shape[-1] // self.pool.geometry.page_elems
         if not self.pool.can_allocate(num_pages) and evict:
             self.make_room(num_pages, protect=protect)
         if not self.pool.can_allocate(num_pages):
             return False
         started = time.monotonic()
         pages = self.pool.allocate(num_pages, PageKind.ADAPTER)
-        event = self.copy_into_pages(packed, pages)
+        event = self.copy_into_pages(packed[0] if packed.dim() == 3 else packed, pages)
+        for listener in self.page_in_listeners:
+            listener(pages, packed)
         layout = module_layout(ref, self.shapes)
         shapes = {name: self.shapes[name] for name in layout}
         self.adapters[ref.uid] = DeviceAdapter(ref, pages, layout, shapes, ready_event=event)

@@ -1,0 +1,124 @@
+"""Tensor parallelism on the CPU with gloo: the same greedy tokens as one process.
+
+Each test runs one mixed batch twice, with ``tensor_parallel_size`` 1 and N: base-model rows and
+adapters of different ranks and target sets (MLP included) in the same steps, prefill chunks next
+to decode tokens, and a pool small enough that requests are preempted.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from benchmarks.synthetic_adapters import synthetic_adapter
+from inference.engine import LLMEngine
+from inference.engine_config import EngineConfig
+from inference.model_config import ModelConfig
+from inference.page_pool import PageGeometry
+from inference.sampling import SamplingParams
+from inference.tensor_parallel.partition import TensorParallelConfigError, TensorParallelLayout
+from support.engine_helpers import run_to_completion
+
+ADAPTERS = {  # name: (rank, targets)
+    "r4-attn": (4, ("q_proj", "k_proj", "v_proj", "o_proj")),
+    "r8-mlp": (8, ("v_proj", "gate_proj", "up_proj", "down_proj")),
+    "r2-down": (2, ("o_proj", "down_proj")),
+}
+
+
+def _adapters(root, config: ModelConfig, std: float) -> dict:
+    return {name: synthetic_adapter(root / name, config, r=r, targets=targets, alpha=2 * r, seed=i, std=std)
+            for i, (name, (r, targets)) in enumerate(ADAPTERS.items())}
+
+
+def _run(checkpoint, tp: int, num_pages: int, adapters: dict, prompts: list, max_tokens: int,
+         budget: int) -> tuple[list[list[int]], dict]:
+    """Greedy tokens of every prompt (adapters round-robin, None first) and what the run saw."""
+    config = ModelConfig.from_checkpoint(checkpoint)
+    rank_config = TensorParallelLayout(config, tp).rank_config()
+    page_bytes = PageGeometry.for_model(rank_config, 4, torch.float32).page_bytes
+    engine = LLMEngine(checkpoint, EngineConfig(page_tokens=4, pool_bytes=num_pages * page_bytes,
+                                                max_num_batched_tokens=budget, enable_prefix_cache=False,
+                                                tensor_parallel_size=tp))
+    seen = {"mixed_steps": 0, "adapters_in_a_step": 0}
+    try:
+        assert engine.pool.num_pages == num_pages
+        for name, path in adapters.items():
+            engine.adapters.register_dir(name, path)
+        names = [None, *adapters]
+        run = engine.runner.run
+
+        def observe(plan):  # what the step mixes, read before the real run
+            prefill = any(c.num_tokens > 1 for c in plan.chunks)
+            decode = any(c.num_tokens == 1 and c.start >= len(c.request.prompt_token_ids) for c in plan.chunks)
+            seen["mixed_steps"] += prefill and decode
+            used = {c.request.adapter.uid for c in plan.chunks if c.request.adapter is not None}
+            seen["adapters_in_a_step"] = max(seen["adapters_in_a_step"], len(used))
+            return run(plan)
+
+        engine.runner.run = observe
+        requests = []
+        for i, prompt in enumerate(prompts):
+            request = engine.request_from_ids(prompt, SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                                                     ignore_eos=True), None, names[i % len(names)])
+            engine.add(request)
+            requests.append(request)
+        final = run_to_completion(engine)
+        seen["preemptions"] = engine.scheduler.num_preemptions
+        return [final[r.request_id].token_ids for r in requests], seen
+    finally:
+        engine.close()
+
+
+def _check(tokens_1, tokens_n, seen_n):
+    assert all(len(t) > 0 for t in tokens_1)
+    mismatched = [i for i, (a, b) in enumerate(zip(tokens_1, tokens_n)) if a != b]
+    assert not mismatched, f"prompts {mismatched} differ: {[(tokens_1[i], tokens_n[i]) for i in mismatched]}"
+    assert seen_n["preemptions"] > 0, "the pool was never tight: no preemption"
+    assert seen_n["mixed_steps"] > 0, "no step mixed prefill and decode"
+    assert seen_n["adapters_in_a_step"] >= 2, "no step mixed adapters"
+
+
+def test_tiny_llama_tp2_matches_tp1(tmp_path, tiny_checkpoint):
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)
+    adapters = _adapters(tmp_path, config, std=0.1)
+    rng = random.Random(7)
+    prompts = [[rng.randrange(3, config.vocab_size) for _ in range(rng.randint(6, 30))] for _ in range(8)]
+    tokens_1, seen_1 = _run(tiny_checkpoint, 1, 64, adapters, prompts, 8, budget=48)
+    tokens_2, seen_2 = _run(tiny_checkpoint, 2, 64, adapters, prompts, 8, budget=48)
+    print("tp1", seen_1, "tp2", seen_2)
+    _check(tokens_1, tokens_2, seen_2)
+
+
+def test_refuses_kv_heads_that_do_not_divide(tiny_checkpoint):
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)  # 4 query heads, 2 KV heads
+    with pytest.raises(TensorParallelConfigError, match="num_key_value_heads 2 does not divide by 3"):
+        TensorParallelLayout(config, 3)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
+        EngineConfig(tensor_parallel_size=0)
+
+
+SMOL_PROMPTS = [
+    "What is the capital of France? Answer in one sentence, please.",
+    "Write a short poem about the sea and the wind that moves over it.",
+    "List three colours of the rainbow and explain where rainbows come from.",
+    "Explain in simple words why the sky is blue during the day.",
+    "Give me a recipe for a quick breakfast with eggs and bread.",
+    "Tell me a fact about the planet Mars and its two small moons.",
+]
+
+
+def test_smollm2_tp3_matches_tp1(tmp_path, bundled_checkpoint):
+    """SmolLM2-135M: 9 query heads and 3 KV heads, one KV head per rank."""
+    from inference.tokenizer import Tokenizer
+
+    config = ModelConfig.from_checkpoint(bundled_checkpoint)
+    adapters = _adapters(tmp_path, config, std=0.02)
+    tokenizer = Tokenizer(bundled_checkpoint)
+    prompts = [tokenizer.encode(p + " " + p) for p in SMOL_PROMPTS]  # about 30 tokens each
+    tokens_1, seen_1 = _run(bundled_checkpoint, 1, 80, adapters, prompts, 8, budget=32)
+    tokens_3, seen_3 = _run(bundled_checkpoint, 3, 80, adapters, prompts, 8, budget=32)
+    print("tp1", seen_1, "tp3", seen_3)
+    _check(tokens_1, tokens_3, seen_3)
