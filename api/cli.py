@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=None, help="listen address (default: TAILOR_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None,
                        help="listen port (default: PORT, TAILOR_PORT, 8000; 8001 for inference)")
+    serve.add_argument("--tensor-parallel-size", type=int, default=None,
+                       help="split the model over N ranks: N-1 worker processes, one GPU each on CUDA "
+                            "(default: TAILOR_TENSOR_PARALLEL_SIZE or 1)")
 
     sub.add_parser("worker", help="run the Celery worker that validates adapters")
     return parser
@@ -147,6 +150,8 @@ def _serve_settings(args: argparse.Namespace):
         overrides["port"] = int(os.environ["PORT"])
     elif args.service == "inference" and "TAILOR_PORT" not in os.environ:
         overrides["port"] = 8001
+    if args.tensor_parallel_size is not None:
+        overrides["tensor_parallel_size"] = args.tensor_parallel_size
     return Settings(**overrides)
 
 

@@ -13,6 +13,7 @@ queued, so a bad request is refused with a ValueError and never reaches the loop
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import shutil
@@ -45,7 +46,7 @@ from inference.slo import FirstTokenDeadlines, check_ttft_slo
 from inference.step_budget import StepTokenBudget
 from inference.structured.grammar import StructuredGrammars
 from inference.tokenizer import Tokenizer
-from inference.tensor_parallel.group import WorkerGroup
+from inference.tensor_parallel.group import WorkerGroup, WorkerGroupError
 from inference.tensor_parallel.partition import TensorParallelLayout
 from inference.tensor_parallel.worker import rank_weights
 from inference.weights import load_weights
@@ -167,6 +168,34 @@ class LLMEngine:
         weakref.finalize(self, self.workers.close)
         context = ParallelContext(self.workers.comm, self.parallel.vocab_range(0)[0], self.model_config.vocab_size)
         self.model = LlamaModel(rank_config, weights, self.device, self.dtype, self.backend, context)
+
+    def tensor_parallel_failure(self) -> str | None:
+        """Why the tensor-parallel group cannot run a step (a worker exited), or None."""
+        if self.workers is None:
+            return None
+        return self.workers.failure()
+
+    def restart_workers(self) -> None:
+        """Replace a failed tensor-parallel group (engine thread, no live request: a step with a
+        dead worker fails its requests with the worker's failure, see :meth:`step`): forget what
+        the lost pools held (cached prefixes, resident adapters; host RAM keeps the adapters),
+        stop what is left of the old group and start a new one with the same geometry."""
+        if self.workers is None:
+            raise RuntimeError("the engine has no tensor-parallel group")
+        if self._requests:  # the step that meets the failure fails them (and the loop delivers that)
+            raise RuntimeError("requests are still in flight; restart once the failed step has failed them")
+        self.pool.free(self.prefix_cache.reclaim(self.prefix_cache.num_reclaimable))
+        self.adapters.drop_device_copies()
+        self.workers.close()
+        old = self.workers
+        self.workers = WorkerGroup(str(self.checkpoint_dir), old.size, self.device, self.dtype, self.pool.num_pages,
+                                   self.config.page_tokens, self.config.use_triton, self.config.warm_up_kernels,
+                                   self.config.max_lora_rank)
+        weakref.finalize(self, self.workers.close)
+        self.adapters.page_in_listeners.remove(old.queue_page_in)
+        self.adapters.page_in_listeners.append(self.workers.queue_page_in)
+        self.runner.workers = self.workers
+        self.model.parallel = dataclasses.replace(self.model.parallel, comm=self.workers.comm)
 
     def close(self) -> None:
         """Stop the adapter fetchers and the tensor-parallel workers (no step may run after)."""
@@ -328,7 +357,16 @@ class LLMEngine:
             self._finish(request, FinishReason.ERROR)
             outputs.append(self.outputs.output(request, [], []))
         if plan.chunks:
-            logits, sampling_chunks = self.runner.run(plan)
+            failure = self.tensor_parallel_failure()
+            if failure is not None:
+                raise WorkerGroupError(failure)
+            try:
+                logits, sampling_chunks = self.runner.run(plan)
+            except Exception as exc:  # a collective with a worker that died: say so
+                failure = None if self.workers is None else self.workers.wait_for_failure(2.0)
+                if failure is not None:
+                    raise WorkerGroupError(failure) from exc
+                raise
             self.scheduler.computed(plan)
             self._count_step(plan)
             if sampling_chunks:

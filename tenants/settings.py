@@ -159,6 +159,7 @@ class Settings(BaseSettings):
     max_waiting: int = Field(256, ge=1)
     host_adapter_bytes: int = Field(2 << 30, gt=0)
     max_lora_rank: int = Field(128, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)  # ranks the model is split over (inference.tensor_parallel)
     prefix_cache: bool = True  # reuse KV pages of earlier requests per tenant and adapter (inference.prefix_cache)
     # steps are kept about this long by lowering their token budget (inference.step_budget); 0 turns it off
     step_time_target_s: float = Field(0.15, ge=0, allow_inf_nan=False)
@@ -287,6 +288,7 @@ class Settings(BaseSettings):
             "max_waiting": self.max_waiting,
             "host_adapter_bytes": self.host_adapter_bytes,
             "max_lora_rank": self.max_lora_rank,
+            "tensor_parallel_size": self.tensor_parallel_size,
             "enable_prefix_cache": self.prefix_cache,
             "step_time_target_s": self.step_time_target_s or None,
         }

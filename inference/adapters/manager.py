@@ -285,6 +285,12 @@ class AdapterManager:
     def on_stop_running(self, ref: AdapterRef) -> None:
         self._device.on_stop_running(ref)
 
+    def drop_device_copies(self) -> None:
+        """Free every resident adapter's pages (engine thread; no request may be running): the
+        device pools were lost, e.g. a tensor-parallel group restarted. Host RAM keeps them."""
+        for uid in list(self._device.adapters):
+            self._device.drop(uid)
+
     def resident(self, uid: str) -> DeviceAdapter | None:
         return self._device.get(uid)
 

@@ -41,6 +41,7 @@ from inference.service.events import (
 )
 from inference.service.metrics import InferenceMetrics
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
+from inference.service.worker_supervisor import WorkerSupervisor
 
 log = logging.getLogger(__name__)
 UNLIKELY_LOGPROB = -9999.0  # reported for a logprob that is not finite (as OpenAI does)
@@ -91,17 +92,21 @@ class InferenceCore:
         self.prefetch_reserve_fraction = prefetch_reserve_fraction
         self._adapter_locks: dict[str, asyncio.Lock] = {}  # one per adapter id: one fetch at a time
         self.started_at = time.time()
+        # a tensor-parallel engine's workers: watched, restarted when one dies (not ready meanwhile)
+        self.supervisor = WorkerSupervisor(llm.loop) if llm.engine.workers is not None else None
 
     # ------------------------------------------------------------------ health
     def ready(self) -> bool:
-        """The engine thread is alive and accepting work."""
-        return self.llm.loop.alive
+        """The engine thread is alive and accepting work (and every tensor-parallel worker runs)."""
+        return self.llm.loop.alive and (self.supervisor is None or self.supervisor.healthy())
 
     async def is_ready(self) -> bool:
         """``ready()`` for callers that treat every backend alike (the remote client is async)."""
         return self.ready()
 
     def close(self) -> None:
+        if self.supervisor is not None:
+            self.supervisor.stop()
         self.llm.close()
 
     async def aclose(self) -> None:

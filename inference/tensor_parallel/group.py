@@ -122,19 +122,35 @@ class WorkerGroup:
         """Ranks whose worker process has exited."""
         return [rank for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]
 
+    def failure(self) -> str | None:
+        """A clear account of the first worker that exited, or None while all run."""
+        for rank, process in enumerate(self.processes, start=1):
+            if not process.is_alive():
+                return (f"tensor-parallel worker rank {rank} (pid {process.pid}) exited with code "
+                        f"{process.exitcode}")
+        return None
+
+    def wait_for_failure(self, timeout_s: float) -> str | None:
+        """:meth:`failure`, waiting up to ``timeout_s`` for it (a collective may see a peer's
+        sockets close before its exit is reaped)."""
+        deadline = time.monotonic() + timeout_s
+        while (failure := self.failure()) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return failure
+
     def close(self, timeout_s: float = 10.0) -> None:
         """Tell live workers to stop and wait for them; kill what is left."""
         if self._closed:
             return
         self._closed = True
-        if not self.dead_ranks():
+        if not self.dead_ranks():  # a group with a dead rank cannot take a message: kill it
             try:
                 self.comm.broadcast_object(StepMessage([], None, None, stop=True))
+                deadline = time.monotonic() + timeout_s
+                for process in self.processes:
+                    process.join(max(0.0, deadline - time.monotonic()))
             except Exception:
                 log.warning("stopping the tensor-parallel workers failed; killing them")
-        deadline = time.monotonic() + timeout_s
-        for process in self.processes:
-            process.join(max(0.0, deadline - time.monotonic()))
         self._kill()
         self.comm.close()
 
