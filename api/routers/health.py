@@ -39,8 +39,10 @@ def _store_ok(state) -> bool:
 
 @router.get("/readyz", responses={503: {"description": "not ready: names the checks that failed (or draining)"}})
 async def readyz(request: Request, state: StateDep) -> JSONResponse:
-    """200 when the database, the object store and inference all answer; else 503 naming which not.
-    While the process drains for shutdown: 503 ``draining`` at once, without probing anything."""
+    """200 when the database, the object store and inference all answer (with several inference
+    replicas: at least one; ``inference_replicas`` then names each one's state); else 503 naming
+    which not. While the process drains for shutdown: 503 ``draining`` at once, without probing
+    anything."""
     if is_draining(request.app):
         return JSONResponse({"status": "draining"}, status_code=503, headers={"Retry-After": "5"})
     database, store = await asyncio.gather(asyncio.to_thread(_database_ok, state), asyncio.to_thread(_store_ok, state))
@@ -50,6 +52,9 @@ async def readyz(request: Request, state: StateDep) -> JSONResponse:
         inference = False
     checks = {"database": database, "object_store": store, "inference": inference}
     body = {name: ("ok" if ok else "unavailable") for name, ok in checks.items()}
+    replicas = getattr(state.inference, "replicas", None)  # api.replicas.ReplicaRouter, just probed
+    if replicas is not None and len(replicas) > 1:
+        body["inference_replicas"] = {r.url: ("ok" if r.healthy else "unavailable") for r in replicas}
     ok = all(checks.values())
     return JSONResponse({"status": "ok" if ok else "unavailable", **body}, status_code=200 if ok else 503,
                         headers=None if ok else {"Retry-After": "5"})

@@ -174,7 +174,9 @@ def test_two_replicas_affinity_failover_and_return(tmp_path: Path, tiny_checkpoi
             assert _running(survivor) == set(users)
             assert _api_sample(api, "tailor_router_decisions_total",
                                {"replica": survivor, "decision": "failover"}) == 2 * len(homes[victim])
-            assert api.get("/readyz").status_code == 200  # one replica is enough to be ready
+            ready = api.get("/readyz")  # one replica is enough to be ready
+            assert ready.status_code == 200, ready.text
+            assert ready.json()["inference_replicas"] == {survivor: "ok", victim: "unavailable"}
 
             # restarted on the same address: probed back into the ring, it serves its adapters again
             start_replica(int(victim.rsplit(":", 1)[1]))
