@@ -5,6 +5,7 @@ scenario is tests/api/test_replicas_live.py."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import random
 from collections import Counter
 
@@ -14,12 +15,16 @@ from pydantic import SecretStr, ValidationError
 from api.app import build_inference
 from api.replicas import ReplicaRouter
 from inference import LLM
+from inference.adapters.object_store import LocalFolderStore
+from inference.model_config import ModelConfig
 from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference, rendezvous_order
 from inference.service.core import InferenceCore
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest, InferenceError
+from support.adapters import synthetic_adapter
 from support.live_server import serve_app
 from support.service_fixtures import free_ports
+from tenants.platform import remote_prefetch_hook
 from tenants.settings import Settings
 
 SECRET = "replica-routing-secret-0123456789"
@@ -171,3 +176,33 @@ def test_settings_reach_the_router():
     assert router.load_factor == 2.0 and router.probe_interval_s == 0.5
     with pytest.raises(ValidationError, match="router_load_factor"):
         Settings(router_load_factor=1.0)
+
+
+def test_the_workers_prefetch_goes_to_the_home_replica_or_the_next(tmp_path, tiny_checkpoint):
+    """``remote_prefetch_hook`` (the Celery worker's ready hook) with two replicas, one real and one
+    where nothing listens: an adapter whose home is the real one is loaded there; one whose home is
+    the dead one is loaded on the next replica in its order, the real one."""
+    store = LocalFolderStore(tmp_path / "store")
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)
+    folder = synthetic_adapter(tmp_path / "adapter", config, r=4, targets=("q_proj", "v_proj"), alpha=8.0, seed=1)
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    store.put("a/adapter_config.json", (folder / "adapter_config.json").read_bytes())
+    store.put("a/adapter_model.safetensors", weights)
+    core = InferenceCore(LLM(str(tiny_checkpoint), pool_bytes=16 << 20, adapter_store=store))
+    (dead_port,) = free_ports(1)
+    dead = f"http://127.0.0.1:{dead_port}"
+    try:
+        with serve_app(create_inference_app(core, SECRET)) as live:
+            replicas = [live, dead]
+            ids = _adapter_ids(64)
+            homed_live = next(i for i in ids if rendezvous_order(i, replicas)[0] == live)
+            homed_dead = next(i for i in ids if rendezvous_order(i, replicas)[0] == dead)
+            hook = remote_prefetch_hook(Settings(inference_urls=",".join(replicas),
+                                                 inference_secret=SecretStr(SECRET)))
+            registry = core.engine.adapters.registry
+            for adapter_id in (homed_live, homed_dead):
+                hook(AdapterSpec(id=adapter_id, config_key="a/adapter_config.json",
+                                 weights_key="a/adapter_model.safetensors", sha256=hashlib.sha256(weights).hexdigest()))
+                assert registry.get(adapter_id) is not None, adapter_id
+    finally:
+        core.close()
