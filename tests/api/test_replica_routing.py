@@ -206,3 +206,30 @@ def test_the_workers_prefetch_goes_to_the_home_replica_or_the_next(tmp_path, tin
                 assert registry.get(adapter_id) is not None, adapter_id
     finally:
         core.close()
+
+
+def test_delete_drops_the_adapter_on_every_replica(tmp_path, tiny_checkpoint):
+    """A spill or failover may have loaded an adapter anywhere: ``drop_adapter`` asks every
+    replica, and one that does not answer does not stop the others."""
+    store = LocalFolderStore(tmp_path / "store")
+    config = ModelConfig.from_checkpoint(tiny_checkpoint)
+    folder = synthetic_adapter(tmp_path / "adapter", config, r=4, targets=("q_proj",), alpha=8.0, seed=2)
+    cores = [InferenceCore(LLM(str(tiny_checkpoint), pool_bytes=16 << 20, adapter_store=store)) for _ in range(2)]
+    (dead_port,) = free_ports(1)
+    try:
+        for core in cores:
+            core.llm.register_adapter("shared", folder)
+        with serve_app(create_inference_app(cores[0], SECRET)) as one, \
+                serve_app(create_inference_app(cores[1], SECRET)) as two:
+            async def drop() -> tuple[bool, bool]:
+                router = ReplicaRouter.from_urls([one, two, f"http://127.0.0.1:{dead_port}"], SECRET, 30.0)
+                try:
+                    return await router.drop_adapter("shared", 30.0), await router.drop_adapter("shared", 30.0)
+                finally:
+                    await router.aclose()
+
+            assert asyncio.run(drop()) == (True, False)  # dropped where held; the second time nowhere
+            assert all(core.engine.adapters.registry.get("shared") is None for core in cores)
+    finally:
+        for core in cores:
+            core.close()
