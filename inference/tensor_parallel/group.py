@@ -23,7 +23,7 @@ from inference.forward_batch import ForwardBatch
 from inference.lora_mapping import LoraMapping
 from inference.adapters.residency import DeviceAdapter
 from inference.tensor_parallel.comm import DEFAULT_TIMEOUT_S, Communicator
-from inference.tensor_parallel.worker import READY_KEY, StepMessage, WorkerSpec, worker_main
+from inference.tensor_parallel.worker import READY_KEY, STARTED_KEY, StepMessage, WorkerSpec, worker_main
 
 log = logging.getLogger(__name__)
 
@@ -71,20 +71,23 @@ class WorkerGroup:
             process.start()
             self.processes.append(process)
         try:
+            self._wait_for(store, STARTED_KEY, start_timeout_s)  # a rank that dies this early is seen
             self.comm = Communicator(HOST, store.port, 0, size, device, timeout_s, store=store)
-            self._wait_ready(store, start_timeout_s)
+            self._wait_for(store, READY_KEY, start_timeout_s)
         except BaseException:
             self._kill()
             raise
         log.info("tensor-parallel group of %d ranks ready (workers: pids %s)", size,
                  [p.pid for p in self.processes])
 
-    def _wait_ready(self, store: dist.Store, timeout_s: float) -> None:
+    def _wait_for(self, store: dist.Store, key_format: str, timeout_s: float) -> None:
+        """Until every worker set ``key_format`` to "ok"; WorkerGroupError when one reports an
+        error, exits, or ``timeout_s`` passes."""
         deadline = time.monotonic() + timeout_s
         pending = set(range(1, self.size))
         while pending:
             for rank in sorted(pending):
-                key = READY_KEY.format(rank=rank)
+                key = key_format.format(rank=rank)
                 if store.check([key]):
                     status = store.get(key).decode()
                     if status != "ok":

@@ -10,12 +10,14 @@ same forward pass as every other rank, so the collectives line up.
 
 from __future__ import annotations
 
+import datetime
 import logging
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from inference.adapters.residency import DeviceAdapter
 from inference.backends import select_backend
@@ -32,6 +34,7 @@ from inference.weights import load_weights
 log = logging.getLogger(__name__)
 
 READY_KEY = "ready/{rank}"
+STARTED_KEY = "started/{rank}"
 
 
 @dataclass(frozen=True)
@@ -126,7 +129,9 @@ def worker_main(spec: WorkerSpec) -> None:
     device = torch.device(spec.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL binds this rank to its own GPU
-    comm = Communicator(spec.host, spec.port, spec.rank, spec.size, device, spec.timeout_s)
+    store = dist.TCPStore(spec.host, spec.port, spec.size, False, timeout=datetime.timedelta(seconds=spec.timeout_s))
+    store.set(STARTED_KEY.format(rank=spec.rank), "ok")  # the driver joins the groups only after every rank did
+    comm = Communicator(spec.host, spec.port, spec.rank, spec.size, device, spec.timeout_s, store=store)
     try:
         worker = Worker(spec, comm)
     except Exception:
