@@ -14,10 +14,9 @@ for what Tailor does anyway, such as ``n: 1`` or ``response_format: {"type": "te
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
-
-import json
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, StringConstraints, Tag, \
     ValidationInfo, field_validator, model_validator
@@ -225,10 +224,10 @@ class ChatCompletionRequest(BaseModel):
     modalities: Annotated[list[str] | None, _neutral_only(lambda v: v in (None, ["text"]),
                                                           "only the text modality is supported")] = None
     store: Annotated[bool | None, _neutral_only(lambda v: v is not True, "completions are not stored")] = None
-    # refused (a later version honours the first ones) -------------------------------------------------
     response_format: ResponseFormatField | None = Field(
         None, description="`text`, `json_object` or `json_schema` (with `strict`): the output is constrained to JSON "
         "(of the schema) by a grammar")
+    # refused (a later version honours the first ones) -------------------------------------------------
     tools: refused(f"tools are {NOT_YET}", _absent_or_empty) = None
     tool_choice: refused(f"tool_choice is {NOT_YET}", lambda v: v in (None, "none")) = None
     parallel_tool_calls: refused(f"parallel_tool_calls: tools are {NOT_YET}") = None

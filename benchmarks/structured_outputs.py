@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         wall, produced = _round(engine, free_batch(lengths))
         walls["free"].append(wall)
         tokens["free"] = sum(produced.values())
+        print(f"round {len(walls['free'])}: constrained {walls['constrained'][-1]:.2f} s, free {wall:.2f} s "
+              f"({tokens['free']} tokens)", flush=True)
     assert tokens["free"] == tokens["constrained"], tokens
     rows = []
     for side in ("free", "constrained"):
