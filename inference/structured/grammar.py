@@ -136,6 +136,11 @@ class StructuredGrammars:
             return False
         return True
 
+    def load(self) -> None:
+        """Build the grammar engine's view of the tokenizer now (else on the first constrained
+        request); GrammarUnavailableError where llguidance is missing."""
+        self._llg_tokenizer()
+
     def _llg_tokenizer(self) -> Any:
         with self._tokenizer_lock:
             if self._tokenizer is None:

@@ -23,3 +23,4 @@ def test_structured_outputs_benchmark_smoke(tmp_path, tiny_checkpoint):
     assert all(r["wall_s"] > 0 and r["tokens_per_s"] > 0 for r in report["results"])
     assert len(report["compile_s"]) == len(structured_outputs.SCHEMAS)
     assert report["slowdown"] == pytest.approx(constrained["wall_s"] / free["wall_s"] - 1)
+    assert report["cpu_slowdown"] == pytest.approx(constrained["cpu_s"] / free["cpu_s"] - 1)
