@@ -122,3 +122,39 @@ def test_smollm2_tp3_matches_tp1(tmp_path, bundled_checkpoint):
     tokens_3, seen_3 = _run(bundled_checkpoint, 3, 80, adapters, prompts, 8, budget=32)
     print("tp1", seen_1, "tp3", seen_3)
     _check(tokens_1, tokens_3, seen_3)
+
+
+def test_the_shards_recompose_the_layers_they_split(tiny_checkpoint):
+    """Column-parallel outputs concatenate, row-parallel partial outputs (LoRA included) sum, and
+    a vocabulary that does not divide is padded with zero rows."""
+    import dataclasses
+
+    from inference.adapters.lora_weights import LoraModuleWeights
+
+    config = dataclasses.replace(ModelConfig.from_checkpoint(tiny_checkpoint), vocab_size=10)
+    layout = TensorParallelLayout(config, 2)
+    gen = torch.Generator().manual_seed(0)
+    h, inter = config.hidden_size, config.intermediate_size
+    x, mid = torch.randn(5, h, generator=gen), torch.randn(5, inter, generator=gen)
+    weights = {"model.layers.0.mlp.up_proj.weight": torch.randn(inter, h, generator=gen),
+               "model.layers.0.mlp.down_proj.weight": torch.randn(h, inter, generator=gen),
+               "model.embed_tokens.weight": torch.randn(10, h, generator=gen)}
+    shards = [layout.shard_weights(weights, r) for r in range(2)]
+    up = torch.cat([x @ s["model.layers.0.mlp.up_proj.weight"].T for s in shards], dim=1)
+    torch.testing.assert_close(up, x @ weights["model.layers.0.mlp.up_proj.weight"].T)
+    down = sum(mid[:, r * inter // 2:(r + 1) * inter // 2] @ s["model.layers.0.mlp.down_proj.weight"].T
+               for r, s in enumerate(shards))
+    torch.testing.assert_close(down, mid @ weights["model.layers.0.mlp.down_proj.weight"].T)
+    assert shards[1]["model.embed_tokens.weight"].shape == (5, h) and layout.vocab_range(1) == (5, 10)
+    assert layout.vocab_shard == 5
+    padded = TensorParallelLayout(dataclasses.replace(config, vocab_size=9), 2).shard_weights(
+        {"model.embed_tokens.weight": weights["model.embed_tokens.weight"][:9]}, 1)["model.embed_tokens.weight"]
+    assert padded.shape == (5, h) and not padded[4].any()
+    lora = {"up_proj": LoraModuleWeights(torch.randn(1, 3, h, generator=gen), torch.randn(1, 3, inter, generator=gen)),
+            "down_proj": LoraModuleWeights(torch.randn(1, 3, inter, generator=gen), torch.randn(1, 3, h, generator=gen))}
+    parts = [layout.shard_lora(lora, r) for r in range(2)]
+    up_lora = torch.cat([(x @ p["up_proj"].a[0].T) @ p["up_proj"].b_t[0] for p in parts], dim=1)
+    torch.testing.assert_close(up_lora, (x @ lora["up_proj"].a[0].T) @ lora["up_proj"].b_t[0])
+    down_lora = sum((mid[:, r * inter // 2:(r + 1) * inter // 2] @ p["down_proj"].a[0].T) @ p["down_proj"].b_t[0]
+                    for r, p in enumerate(parts))
+    torch.testing.assert_close(down_lora, (mid @ lora["down_proj"].a[0].T) @ lora["down_proj"].b_t[0])
