@@ -128,14 +128,6 @@ class StructuredGrammars:
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="grammar-compile")
         self.compilations = 0
 
-    @staticmethod
-    def available() -> bool:
-        try:
-            import llguidance  # noqa: F401
-        except ImportError:
-            return False
-        return True
-
     def load(self) -> None:
         """Build the grammar engine's view of the tokenizer now (else on the first constrained
         request); GrammarUnavailableError where llguidance is missing."""
@@ -219,6 +211,3 @@ class StructuredGrammars:
                 raise ValueError(f"response_format: the schema cannot be used: {entry}")
             fresh = entry.deep_copy()
         return GrammarMatcher(fresh, self.eos_token_ids)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
