@@ -164,7 +164,8 @@ class LLMEngine:
         self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
         self.workers = WorkerGroup(str(self.checkpoint_dir), self.parallel.size, self.device, self.dtype,
                                    self.pool.num_pages, self.config.page_tokens, self.config.use_triton,
-                                   self.config.warm_up_kernels, self.config.max_lora_rank)
+                                   self.config.warm_up_kernels, self.config.max_lora_rank,
+                                   timeout_s=self.config.tensor_parallel_timeout_s)
         weakref.finalize(self, self.workers.close)
         context = ParallelContext(self.workers.comm, self.parallel.vocab_range(0)[0], self.model_config.vocab_size)
         self.model = LlamaModel(rank_config, weights, self.device, self.dtype, self.backend, context)
@@ -190,7 +191,7 @@ class LLMEngine:
         old = self.workers
         self.workers = WorkerGroup(str(self.checkpoint_dir), old.size, self.device, self.dtype, self.pool.num_pages,
                                    self.config.page_tokens, self.config.use_triton, self.config.warm_up_kernels,
-                                   self.config.max_lora_rank)
+                                   self.config.max_lora_rank, timeout_s=self.config.tensor_parallel_timeout_s)
         weakref.finalize(self, self.workers.close)
         self.adapters.page_in_listeners.remove(old.queue_page_in)
         self.adapters.page_in_listeners.append(self.workers.queue_page_in)

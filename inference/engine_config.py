@@ -39,6 +39,9 @@ class EngineConfig:
     * ``tensor_parallel_size``: ranks the model is split over (``inference.tensor_parallel``):
       1 runs everything in this process; N > 1 adds N-1 worker processes (gloo on CPU, NCCL on
       CUDA, one GPU per rank from ``device`` on). Pool sizes are then per rank.
+      ``tensor_parallel_timeout_s``: how long a collective of the model's data (all-reduce,
+      logits gather) and the group's start-up store wait for a rank before failing; a worker's
+      wait for the next step has no practical bound, so an idle service keeps its group.
     """
 
     device: str = "cpu"
@@ -63,6 +66,7 @@ class EngineConfig:
     prefetch_reserve_fraction: float = 0.1
     adapter_fetch_threads: int = 2
     tensor_parallel_size: int = 1
+    tensor_parallel_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         problems = []
@@ -101,6 +105,11 @@ class EngineConfig:
         if isinstance(self.tensor_parallel_size, bool) or not isinstance(self.tensor_parallel_size, int) \
                 or self.tensor_parallel_size < 1:
             problems.append(f"tensor_parallel_size must be an integer >= 1, got {self.tensor_parallel_size!r}")
+        if isinstance(self.tensor_parallel_timeout_s, bool) \
+                or not isinstance(self.tensor_parallel_timeout_s, (int, float)) \
+                or not 0 < self.tensor_parallel_timeout_s < float("inf"):
+            problems.append(f"tensor_parallel_timeout_s must be a finite number > 0, "
+                            f"got {self.tensor_parallel_timeout_s!r}")
         if self.adapter_fetch_threads < 1:
             problems.append("adapter_fetch_threads must be >= 1")
         if problems:

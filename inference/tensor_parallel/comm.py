@@ -21,6 +21,9 @@ import torch
 import torch.distributed as dist
 
 DEFAULT_TIMEOUT_S = 120.0
+# The control group's wait: a worker waits there for the driver's next step, which may come after
+# any idle time (or a long warm-up), so it has no practical bound; the data group keeps timeout_s.
+CONTROL_TIMEOUT = datetime.timedelta(days=365)
 
 
 @dataclass
@@ -42,7 +45,8 @@ class CollectiveLog:
 
 
 class Communicator:
-    """Rank ``rank`` of ``size``; collectives block until every rank took part (or time out)."""
+    """Rank ``rank`` of ``size``; collectives block until every rank took part (or time out: the
+    data group after ``timeout_s``, the control group after :data:`CONTROL_TIMEOUT`)."""
 
     def __init__(self, host: str, port: int, rank: int, size: int, device: torch.device,
                  timeout_s: float = DEFAULT_TIMEOUT_S, store: dist.Store | None = None):
@@ -51,7 +55,7 @@ class Communicator:
         if store is None:
             store = dist.TCPStore(host, port, size, rank == 0, timeout=timeout)
         self.store = store
-        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, timeout)
+        self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, CONTROL_TIMEOUT)
         if device.type == "cuda":
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout

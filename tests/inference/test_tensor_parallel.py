@@ -15,6 +15,7 @@ import torch
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
+from inference.llm import LLM
 from inference.model_config import ModelConfig
 from inference.page_pool import PageGeometry
 from inference.sampling import SamplingParams
@@ -98,6 +99,29 @@ def test_refuses_kv_heads_that_do_not_divide(tiny_checkpoint):
         TensorParallelLayout(config, 3)
     with pytest.raises(ValueError, match="tensor_parallel_size must be an integer >= 1"):
         EngineConfig(tensor_parallel_size=0)
+    with pytest.raises(ValueError, match="tensor_parallel_timeout_s must be a finite number > 0"):
+        EngineConfig(tensor_parallel_timeout_s=0)
+
+
+def test_an_idle_group_outlives_its_timeout(tiny_checkpoint):
+    """The workers wait for the next step without the data group's timeout: idle for longer than
+    it, the same group (same worker processes) still serves, with the same tokens as TP=1."""
+    import time
+
+    prompt = [5, 9, 11, 7, 3, 20, 13]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    with LLM(str(tiny_checkpoint), page_tokens=4, pool_bytes=2 << 20) as single:
+        expected = single.generate([prompt], params)[0].token_ids
+    with LLM(str(tiny_checkpoint), page_tokens=4, pool_bytes=2 << 20, tensor_parallel_size=2,
+             tensor_parallel_timeout_s=3.0) as llm:
+        workers = llm.engine.workers
+        pids = [p.pid for p in workers.processes]
+        time.sleep(5.0)  # idle for longer than the 3 s timeout, right after start-up
+        assert llm.generate([prompt], params)[0].token_ids == expected
+        time.sleep(5.0)  # and idle again between requests
+        assert workers.failure() is None
+        assert llm.generate([prompt], params)[0].token_ids == expected
+        assert llm.engine.workers is workers and [p.pid for p in workers.processes] == pids
 
 
 SMOL_PROMPTS = [
