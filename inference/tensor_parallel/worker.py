@@ -131,13 +131,13 @@ def worker_main(spec: WorkerSpec) -> None:
         torch.cuda.set_device(device)  # NCCL binds this rank to its own GPU
     store = dist.TCPStore(spec.host, spec.port, spec.size, False, timeout=datetime.timedelta(seconds=spec.timeout_s))
     store.set(STARTED_KEY.format(rank=spec.rank), "ok")  # the driver joins the groups only after every rank did
-    comm = Communicator(spec.host, spec.port, spec.rank, spec.size, device, spec.timeout_s, store=store)
-    try:
+    try:  # a failure here (NCCL's init included) reaches the driver as a WorkerGroupError naming it
+        comm = Communicator(spec.host, spec.port, spec.rank, spec.size, device, spec.timeout_s, store=store)
         worker = Worker(spec, comm)
     except Exception:
-        comm.store.set(READY_KEY.format(rank=spec.rank), "error: " + traceback.format_exc())
+        store.set(READY_KEY.format(rank=spec.rank), "error: " + traceback.format_exc())
         raise
-    comm.store.set(READY_KEY.format(rank=spec.rank), "ok")
+    store.set(READY_KEY.format(rank=spec.rank), "ok")
     with torch.inference_mode():
         worker.serve()
     comm.close()

@@ -182,3 +182,26 @@ def test_the_shards_recompose_the_layers_they_split(tiny_checkpoint):
     down_lora = sum((mid[:, r * inter // 2:(r + 1) * inter // 2] @ p["down_proj"].a[0].T) @ p["down_proj"].b_t[0]
                     for r, p in enumerate(parts))
     torch.testing.assert_close(down_lora, (mid @ lora["down_proj"].a[0].T) @ lora["down_proj"].b_t[0])
+
+
+def test_a_worker_whose_communicator_fails_reports_it(monkeypatch):
+    """The worker's process groups (NCCL's init on CUDA) are built inside the start-up report: the
+    driver reads the cause instead of waiting for the store to time out."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from inference.tensor_parallel import worker as worker_module
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("no communicator today")
+
+    monkeypatch.setattr(worker_module, "Communicator", failing)
+    store = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=10), wait_for_workers=False)
+    spec = worker_module.WorkerSpec("/nonexistent", 1, 2, "127.0.0.1", store.port, "cpu", "float32", 8, 4, None,
+                                    False, 8, torch.get_num_threads(), 10.0)
+    with pytest.raises(RuntimeError, match="no communicator today"):
+        worker_module.worker_main(spec)
+    status = store.get(worker_module.READY_KEY.format(rank=1)).decode()
+    assert status.startswith("error: ") and "no communicator today" in status
+
