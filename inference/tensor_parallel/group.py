@@ -76,6 +76,8 @@ class WorkerGroup:
             self._wait_for(store, READY_KEY, start_timeout_s)
         except BaseException:
             self._kill()
+            if hasattr(self, "comm"):  # the driver's process groups would leak
+                self.comm.close()
             raise
         log.info("tensor-parallel group of %d ranks ready (workers: pids %s)", size,
                  [p.pid for p in self.processes])

@@ -205,3 +205,21 @@ def test_a_worker_whose_communicator_fails_reports_it(monkeypatch):
     status = store.get(worker_module.READY_KEY.format(rank=1)).decode()
     assert status.startswith("error: ") and "no communicator today" in status
 
+
+def test_a_failed_start_closes_the_drivers_communicator(monkeypatch, tmp_path):
+    """A worker that cannot load its checkpoint fails the start with its cause, and the driver's
+    process groups are closed, not leaked."""
+    from inference.tensor_parallel import group as group_module
+
+    closed = []
+
+    class Recording(group_module.Communicator):
+        def close(self):
+            closed.append(self.rank)
+            super().close()
+
+    monkeypatch.setattr(group_module, "Communicator", Recording)
+    with pytest.raises(group_module.WorkerGroupError, match="rank 1 failed to start"):
+        group_module.WorkerGroup(str(tmp_path / "missing"), 2, torch.device("cpu"), torch.float32, 8, 4, None,
+                                 False, 8, timeout_s=30.0, start_timeout_s=60.0)
+    assert closed == [0]
