@@ -18,11 +18,13 @@ SECTIONS = (
     ("bandwidth", "kernels' achieved bandwidth vs a device copy", 60),
     ("hf_parity", "greedy tokens vs HF transformers (small random Llama)", 90),
     ("peft_parity", "mixed-adapter batch vs PEFT per request", 90),
+    # tp before the long sections: it returns at once on one GPU and is short on two, and last it
+    # could be skipped by --budget-s
+    ("tp", "tensor parallelism: TP=1 vs TP=2 greedy tokens and collective bytes (needs 2 GPUs)", 120),
     ("decode_floor", "decode step vs the weight-read floor (Llama-7B shape, random bf16 weights)", 90),
     ("adapter_throughput", "throughput with 1, 100 and 1000 adapters", 180),
     ("prefix_cache", "multi-turn chat with the prefix cache on and off (greedy identical, prompt tokens computed, TTFT)", 90),
     ("slora_eval", "S-LoRA's S1 on a Llama-7B-shaped model: Tailor against PEFT, 5 and 100 adapters, open loop", 200),
-    ("tp", "tensor parallelism: TP=1 vs TP=2 greedy tokens and collective bytes (needs 2 GPUs)", 120),
 )
 NO_CUDA_MESSAGE = ("gpu-check: CUDA is not available (torch {torch} sees no GPU); run it on a machine with an "
                    "NVIDIA GPU (`make gpu-check`)")
