@@ -1,15 +1,14 @@
 """The OpenAI Chat Completions request as ``POST /v1/chat/completions`` reads it: every field the
 official ``openai`` client can send is declared here and is either honoured or refused with a 422
 naming it. Nothing is ignored: a field this module does not know is refused too (``extra``), and so
-is a known field set to a value Tailor cannot honour (``n`` above 1, tools...), with a message that
-says so. ``response_format`` ``json_object`` and ``json_schema`` (with ``strict``) constrain the
+is a known field set to a value Tailor cannot honour (tools...), with a message that says so. ``response_format`` ``json_object`` and ``json_schema`` (with ``strict``) constrain the
 output to JSON (of the schema) with a grammar (``inference.structured``); a schema the grammar
 engine cannot compile is a 422 with its reason. All problems of one body come back in one 422
 (cross-field rules are field validators that read the fields declared before them).
 
 ``HONOURED`` and ``REFUSED`` list the fields by policy (the README's table and the tests follow
 them); a refused field is accepted only at its neutral value (absent, null, or the value that asks
-for what Tailor does anyway, such as ``n: 1`` or ``response_format: {"type": "text"}``).
+for what Tailor does anyway, such as ``tools: []`` or ``tool_choice: "none"``).
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ MAX_STOP = 16
 Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
 NOT_YET = "not supported yet"
+MAX_CHOICES = 8  # ``n``: choices of one completion
 
 
 def _neutral_only(is_neutral: Callable[[Any], bool], why: str):
@@ -216,7 +216,8 @@ class ChatCompletionRequest(BaseModel):
         None, description="token id (as a string) -> bias in [-100, 100] added to its logit")
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    n: Annotated[int | None, _neutral_only(lambda v: v in (None, 1), f"n other than 1 is {NOT_YET}")] = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES, description="choices to generate (they share the prompt's "
+                          "KV pages through the prefix cache; choice i samples with `seed + i`)")
     user: str | None = Field(None, max_length=255, description="the end user, logged with the completion's id")
     safety_identifier: str | None = Field(None, max_length=255, description="as `user`")
     service_tier: Annotated[str | None, _neutral_only(lambda v: v in (None, "auto", "default"),

@@ -5,7 +5,10 @@ version). The caller sends the whole conversation; nothing is stored.
 Every request field is honoured or refused with a 422 naming it (``api.openai_schemas``). The
 answer is OpenAI's ``chat.completion``, or with ``stream`` its ``chat.completion.chunk`` frames
 ending with ``data: [DONE]`` (and, with ``stream_options.include_usage``, a last chunk with the
-usage and no choices). ``logprobs`` gives each token's logprob, bytes and ``top_logprobs``
+usage and no choices). ``n`` asks for several choices: the first is started alone and the others
+once its first token is there, so that they find the prompt's full KV pages in the prefix cache
+(same tenant, adapter and prompt) and compute only its last partial page; choice i samples with
+``seed + i``, and the usage counts the prompt once. ``logprobs`` gives each token's logprob, bytes and ``top_logprobs``
 alternatives; ``response_format`` ``json_object`` / ``json_schema`` constrains the output to JSON
 (of the schema); ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
 also the engine's request id."""
@@ -29,7 +32,8 @@ from api.error_responses import errors
 from api.generation import TenantEvents, open_generation, scheduling
 from api.openai_schemas import ChatCompletionRequest, message_text, response_format_spec
 from api.state import AppState
-from inference.service.events import GenerationEnded, GenerationFailed, TextDelta, TokenLogprobs
+from inference.service.events import (GenerationEnded, GenerationEvent, GenerationFailed, TextDelta, TokenLogprobs,
+                                      is_terminal)
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
 from tenants.db import session_scope
 from tenants.platform import adapter_spec
@@ -101,14 +105,64 @@ async def chat_completions(body: ChatCompletionRequest, caller: ChatDep, state: 
         log.info("completion %s: tenant %s, key %s, user %r, safety_identifier %r", completion_id, caller.tenant_id,
                  caller.key_id, body.user, body.safety_identifier)
     request = generate_request(body, completion_id, spec, max_tokens, state, caller)
-    events = await open_generation(state, http_request, request, tenant_id=caller.tenant_id)
+    choices = await _open_choices(state, http_request, request, body.n or 1, caller.tenant_id)
     frame = _Frames(completion_id, created, body.model, body.logprobs is True)
     if not body.stream:
-        return await _completion(frame, events)
+        return await _completion(frame, choices)
     include_usage = body.stream_options is not None and body.stream_options.include_usage is True
-    return StreamingResponse(_completion_chunks(frame, events, include_usage),
+    return StreamingResponse(_completion_chunks(frame, choices, include_usage),
                              media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
-                             background=BackgroundTask(events.aclose))  # also when the body never started
+                             background=BackgroundTask(_close_all, choices))  # also when the body never started
+
+
+class _Choice:
+    """One choice's events: those already read (the first choice's, up to its first token) and the
+    rest of its stream."""
+
+    def __init__(self, index: int, events: TenantEvents):
+        self.index, self.events, self.read = index, events, []
+
+    async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        for event in self.read:
+            yield event
+        async for event in self.events:
+            yield event
+
+
+async def _close_all(choices: list[_Choice]) -> None:
+    for choice in choices:
+        await choice.events.aclose()
+
+
+def _sibling(request: GenerateRequest, index: int) -> GenerateRequest:
+    """Choice ``index``'s engine request: its own id and, with a seed, ``seed + index``."""
+    seed = None if request.seed is None else (request.seed + index) % 2**63
+    return request.model_copy(update={"request_id": f"{request.request_id}-{index}", "seed": seed})
+
+
+async def _open_choices(state: AppState, http_request: Request, request: GenerateRequest, n: int,
+                        tenant_id: str) -> list[_Choice]:
+    """Submit the ``n`` choices: the first at once, the others after its first token (or its end,
+    when it ended before one: then the others are not started). A refusal of any closes the ones
+    already open and is raised."""
+    choices = [_Choice(0, await open_generation(state, http_request, request, tenant_id=tenant_id))]
+    if n == 1:
+        return choices
+    try:
+        first = choices[0]
+        async for event in first.events:
+            first.read.append(event)
+            if isinstance(event, TextDelta) or is_terminal(event):
+                break
+        if isinstance(first.read[-1], GenerationFailed) if first.read else True:
+            return choices
+        for index in range(1, n):
+            choices.append(_Choice(index, await open_generation(state, http_request, _sibling(request, index),
+                                                                tenant_id=tenant_id)))
+    except BaseException:
+        await _close_all(choices)
+        raise
+    return choices
 
 
 def _logprob_entry(entry: TokenLogprobs) -> dict:
@@ -117,9 +171,12 @@ def _logprob_entry(entry: TokenLogprobs) -> dict:
             "top_logprobs": [{"token": a.token, "logprob": a.logprob, "bytes": list(a.bytes)} for a in entry.top]}
 
 
-def _usage(end: GenerationEnded) -> dict:
-    return {"prompt_tokens": end.prompt_tokens, "completion_tokens": end.completion_tokens,
-            "total_tokens": end.total_tokens}
+def _usage(ends: list[GenerationEnded]) -> dict:
+    """The completion's usage: the prompt once (the choices share it), the completion tokens of
+    every choice."""
+    completion = sum(end.completion_tokens for end in ends)
+    return {"prompt_tokens": ends[0].prompt_tokens, "completion_tokens": completion,
+            "total_tokens": ends[0].prompt_tokens + completion}
 
 
 class _Frames:
@@ -132,52 +189,82 @@ class _Frames:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model,
                 "service_tier": "default", "system_fingerprint": None}
 
-    def chunk(self, delta: dict, finish_reason: str | None, logprobs: list[dict] | None = None,
+    def chunk(self, index: int, delta: dict, finish_reason: str | None, logprobs: list[dict] | None = None,
               usage: bool = False) -> str:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish_reason,
+        choice = {"index": index, "delta": delta, "finish_reason": finish_reason,
                   "logprobs": {"content": logprobs, "refusal": None} if logprobs is not None else None}
         body = {**self.head("chat.completion.chunk"), "choices": [choice], **({"usage": None} if usage else {})}
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 
-async def _completion(frame: _Frames, events: TenantEvents) -> dict:
-    """Run the generation to its end: OpenAI's ``chat.completion`` (503 if it failed)."""
+async def _choice_result(frame: _Frames, choice: _Choice) -> tuple[dict, GenerationEnded]:
+    """Run one choice to its end: its ``choices[]`` entry and its end (503 if it failed)."""
     logprobs: list[dict] = []
-    try:
-        async for event in events:
-            if isinstance(event, TextDelta) and event.logprobs:
-                logprobs.extend(_logprob_entry(e) for e in event.logprobs)
-            elif isinstance(event, GenerationFailed):
-                raise HTTPException(event.status, f"generation failed: {event.message}", headers={"Retry-After": "1"})
-            elif isinstance(event, GenerationEnded):
-                choice = {"index": 0, "message": {"role": "assistant", "content": event.text, "refusal": None},
-                          "finish_reason": event.finish_reason.value,
-                          "logprobs": {"content": logprobs, "refusal": None} if frame.logprobs else None}
-                return {**frame.head("chat.completion"), "choices": [choice], "usage": _usage(event)}
-    finally:
-        await events.aclose()
+    async for event in choice:
+        if isinstance(event, TextDelta) and event.logprobs:
+            logprobs.extend(_logprob_entry(e) for e in event.logprobs)
+        elif isinstance(event, GenerationFailed):
+            raise HTTPException(event.status, f"generation failed: {event.message}", headers={"Retry-After": "1"})
+        elif isinstance(event, GenerationEnded):
+            return {"index": choice.index, "message": {"role": "assistant", "content": event.text, "refusal": None},
+                    "finish_reason": event.finish_reason.value,
+                    "logprobs": {"content": logprobs, "refusal": None} if frame.logprobs else None}, event
     raise HTTPException(503, "the generation ended without an answer", headers={"Retry-After": "1"})
 
 
-async def _completion_chunks(frame: _Frames, events: TenantEvents, include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's ``chat.completion.chunk`` frames, then (``include_usage``) one with the usage and
-    no choices, then ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+async def _completion(frame: _Frames, choices: list[_Choice]) -> dict:
+    """Run every choice to its end: OpenAI's ``chat.completion`` (503 if one failed)."""
     try:
-        yield frame.chunk({"role": "assistant", "content": ""}, None, [] if frame.logprobs else None, include_usage)
-        async for event in events:
-            if isinstance(event, TextDelta):
+        results = await asyncio.gather(*(_choice_result(frame, c) for c in choices))
+    finally:
+        await _close_all(choices)
+    return {**frame.head("chat.completion"), "choices": [choice for choice, _end in results],
+            "usage": _usage([end for _choice, end in results])}
+
+
+async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's ``chat.completion.chunk`` frames of every choice as they come (each names its
+    choice's ``index``), then (``include_usage``) one with the usage and no choices, then
+    ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+    queue: asyncio.Queue[tuple[int, GenerationEvent | None]] = asyncio.Queue()
+
+    async def pump(choice: _Choice) -> None:
+        try:
+            async for event in choice:
+                await queue.put((choice.index, event))
+        finally:
+            queue.put_nowait((choice.index, None))
+
+    tasks = []
+    try:
+        for choice in choices:
+            yield frame.chunk(choice.index, {"role": "assistant", "content": ""}, None,
+                              [] if frame.logprobs else None, include_usage)
+        tasks = [asyncio.create_task(pump(choice)) for choice in choices]
+        ends: dict[int, GenerationEnded] = {}
+        running = len(choices)
+        while running:
+            index, event = await queue.get()
+            if event is None:
+                running -= 1
+            elif isinstance(event, TextDelta):
                 entries = [_logprob_entry(e) for e in event.logprobs or ()] if frame.logprobs else None
-                yield frame.chunk({"content": event.text}, None, entries, include_usage)
+                yield frame.chunk(index, {"content": event.text}, None, entries, include_usage)
             elif isinstance(event, GenerationEnded):
-                yield frame.chunk({}, event.finish_reason.value, None, include_usage)
-                if include_usage:
-                    body = {**frame.head("chat.completion.chunk"), "choices": [], "usage": _usage(event)}
-                    yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
+                ends[index] = event
+                yield frame.chunk(index, {}, event.finish_reason.value, None, include_usage)
             elif isinstance(event, GenerationFailed):
                 yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+        if include_usage and len(ends) == len(choices):
+            body = {**frame.head("chat.completion.chunk"), "choices": [],
+                    "usage": _usage([ends[i] for i in sorted(ends)])}
+            yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        await events.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await _close_all(choices)
 
 
 PROCESS_STARTED = int(time.time())

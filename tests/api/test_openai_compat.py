@@ -88,12 +88,12 @@ def test_every_field_of_the_openai_request_is_classified():
     declared = set(ChatCompletionRequest.model_fields)
     assert sent_by_client <= declared, f"fields the openai client can send that the api does not know: {sent_by_client - declared}"
     assert set(HONOURED) | set(REFUSED) == declared and not set(HONOURED) & set(REFUSED)
-    assert {"tools", "tool_choice"} <= set(REFUSED) and {"n", "response_format"} <= set(HONOURED)  # n: 1 only, for now
+    assert {"tools", "tool_choice"} <= set(REFUSED) and {"n", "response_format"} <= set(HONOURED)
 
 
 def test_refused_fields_are_all_named_in_one_422(oai):
     problems = _refusal(
-        oai, n=2, response_format={"type": "json_schema", "json_schema": {"schema": {}}}, tools=[{"type": "function", "function": {"name": "f"}}],
+        oai, n=9, response_format={"type": "json_schema", "json_schema": {"schema": {}}}, tools=[{"type": "function", "function": {"name": "f"}}],
         tool_choice="auto", parallel_tool_calls=True, metadata={"k": "v"}, store=True, service_tier="flex",
         modalities=["text", "audio"], reasoning_effort="low", prompt_cache_key="k", verbosity="low",
         web_search_options={}, prediction={"type": "content", "content": "x"}, audio={"voice": "alloy", "format": "wav"},
@@ -105,8 +105,9 @@ def test_refused_fields_are_all_named_in_one_422(oai):
                 "prediction", "audio", "functions", "function_call", "top_logprobs", "max_completion_tokens",
                 "surprise", "guided_json"}
     assert set(problems) == expected, problems
-    for field in ("n", "tools", "tool_choice"):
+    for field in ("tools", "tool_choice"):
         assert "not supported yet" in problems[field], problems[field]
+    assert "less than or equal to 8" in problems["n"], problems["n"]
     assert problems["response_format.json_schema.json_schema.name"] == "Field required"
     assert "logprobs" in problems["top_logprobs"] and "differ" in problems["max_completion_tokens"]
 
