@@ -7,7 +7,10 @@ different ranks and targets (MLP included) on both engines. Reported: greedy tok
 wall time of the batch, and the driver's counted collective bytes against the formula
 (``inference.tensor_parallel.traffic``).
 
-Pass: every request's greedy tokens identical, and the counted data bytes equal the formula.
+Pass: every request's greedy tokens identical, or, where they first differ, TP=1's top-2 logit gap
+at that position under ``NEAR_TIE`` (fp32 all-reduces and split GEMMs are not bitwise equal to one
+GPU's, so a near-tie may flip; such requests are reported apart), and the counted data bytes equal
+the formula.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ from benchmarks.gpu_check.sizes import LLAMA_TINY, Context
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference.tensor_parallel.traffic import DATA_COLLECTIVES, step_payload_bytes
 
-COLUMNS = ["tp", "requests", "new_tokens", "wall_s", "tokens_per_s", "greedy_mismatches", "data_bytes_counted",
-           "data_bytes_formula"]
+COLUMNS = ["tp", "requests", "new_tokens", "wall_s", "tokens_per_s", "greedy_mismatches", "near_ties",
+           "data_bytes_counted", "data_bytes_formula"]
+NEAR_TIE = 2e-3  # TP=1's top-2 logit gap (fp32) under which a first divergence is a near-tie, not a defect
 ADAPTERS = {"r8-attn": (8, ("q_proj", "k_proj", "v_proj", "o_proj")),
             "r16-all": (16, ("q_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))}
 
@@ -48,7 +52,7 @@ def run(ctx: Context) -> dict:
         jobs = [(torch.randint(3, arch["vocab_size"], (int(torch.randint(8, 40, (1,), generator=gen)),),
                                generator=gen).tolist(), names[i % len(names)]) for i in range(requests)]
         pool = 8 << 20 if ctx.smoke else 256 << 20
-        rows, tokens = [], {}
+        rows, tokens, gaps = [], {}, []
         for tp in (1, 2):
             engine = make_engine(checkpoint, ctx.device, "float32", pool, tensor_parallel_size=tp,
                                  **({"page_tokens": 4} if ctx.smoke else {}))
@@ -58,29 +62,57 @@ def run(ctx: Context) -> dict:
                 engine_greedy(engine, jobs[:1], 2)  # first-use compilation and group warm-up out of the timing
                 counted, formula = _count_bytes(engine, tp)
                 started = time.perf_counter()
-                results = engine_greedy(engine, jobs, new_tokens)
+                results = engine_greedy(engine, jobs, new_tokens, top_logprobs=2)
                 wall = time.perf_counter() - started
             finally:
                 engine.close()
             tokens[tp] = [r["tokens"] for r in results]
+            if tp == 1:  # logprob gaps are logit gaps (one log-normaliser per row)
+                gaps = [[_top2_gap(top) for top in r["top"]] for r in results]
             rows.append({"tp": tp, "requests": requests, "new_tokens": new_tokens, "wall_s": round(wall, 3),
                          "tokens_per_s": round(requests * new_tokens / wall, 1),
                          "data_bytes_counted": sum(counted), "data_bytes_formula": sum(formula)})
-    mismatches = sum(a != b for a, b in zip(tokens[1], tokens[2]))
+    mismatches, near_ties, worst = _divergences(tokens[1], tokens[2], gaps)
     for row in rows:
         row["greedy_mismatches"] = mismatches if row["tp"] == 2 else 0
+        row["near_ties"] = near_ties if row["tp"] == 2 else 0
     bytes_ok = rows[1]["data_bytes_counted"] == rows[1]["data_bytes_formula"]
+    identical = requests - mismatches - near_ties
     return {
         "passed": mismatches == 0 and bytes_ok,
         "ran": True,
         "model": {**arch, "dtype": "float32"},
         "columns": COLUMNS,
         "rows": rows,
-        "notes": [f"greedy tokens identical for {requests - mismatches}/{requests} requests (base and two adapters "
-                  f"in one batch); TP=2 data collectives counted {rows[1]['data_bytes_counted']} bytes, formula "
+        "notes": [f"greedy tokens identical for {identical}/{requests} requests (base and two adapters in one "
+                  f"batch); {near_ties} diverge at a near-tie (TP=1 top-2 logit gap < {NEAR_TIE:g}), {mismatches} "
+                  f"beyond one{f' (largest gap {worst:.4g})' if mismatches else ''}; TP=2 data collectives counted {rows[1]['data_bytes_counted']} bytes, formula "
                   f"{rows[1]['data_bytes_formula']}; TP=2 over TP=1 wall time "
                   f"{rows[1]['wall_s'] / max(1e-9, rows[0]['wall_s']):.2f}x"],
     }
+
+
+def _top2_gap(top: dict) -> float:
+    values = sorted(top.values(), reverse=True)
+    return values[0] - values[1] if len(values) > 1 else float("inf")
+
+
+def _divergences(ref: list[list[int]], ours: list[list[int]], gaps: list[list[float]]) -> tuple[int, int, float]:
+    """Requests whose tokens differ beyond a near-tie, those that first differ at one, and the
+    largest TP=1 gap among the former (0 if none)."""
+    mismatches = near_ties = 0
+    worst = 0.0
+    for a, b, g in zip(ref, ours, gaps):
+        if a == b:
+            continue
+        k = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        gap = g[k] if k < len(g) else float("inf")
+        if gap < NEAR_TIE:
+            near_ties += 1
+        else:
+            mismatches += 1
+            worst = max(worst, gap)
+    return mismatches, near_ties, worst
 
 
 def _count_bytes(engine, tp: int) -> tuple[list[int], list[int]]:

@@ -133,3 +133,14 @@ def test_a_section_that_raises_is_an_error_and_the_report_says_why(tmp_path):
     md = md_path.read_text()
     assert "Overall: **FAIL**" in md and "## kernels: title: ERROR" in md and "kernel exploded" in md
     assert "## decode_floor: title: FAIL" in md
+
+
+def test_tp_section_accepts_a_first_divergence_at_a_near_tie_only():
+    from benchmarks.gpu_check.tp_section import NEAR_TIE, _divergences
+
+    ref = [[1, 2, 3], [1, 2, 3], [1, 2, 3], [1, 2, 3]]
+    ours = [[1, 2, 3], [1, 5, 6], [9, 2, 3], [1, 2, 3, 4]]
+    gaps = [[1.0] * 3, [1.0, NEAR_TIE / 2, 0.0], [0.5, 1.0, 1.0], [1.0] * 3]
+    # request 1 first differs at a near-tie (what follows may differ freely), request 2 at a clear
+    # gap, request 3 past TP=1's tokens (no gap: a mismatch)
+    assert _divergences(ref, ours, gaps) == (2, 1, float("inf"))
