@@ -176,6 +176,12 @@ class LLMEngine:
             return None
         return self.workers.failure()
 
+    def abort_tensor_parallel(self) -> None:
+        """A worker died (any thread, the supervisor's): abort the driver's data group so a step
+        waiting on it ends; that step's outputs are discarded and its requests fail (:meth:`step`)."""
+        if self.workers is not None:
+            self.workers.abort()
+
     def restart_workers(self) -> None:
         """Replace a failed tensor-parallel group (engine thread, no live request: a step with a
         dead worker fails its requests with the worker's failure, see :meth:`step`): forget what
@@ -363,6 +369,8 @@ class LLMEngine:
                 raise WorkerGroupError(failure)
             try:
                 logits, sampling_chunks = self.runner.run(plan)
+                if self.workers is not None:
+                    self._check_workers(logits)
             except Exception as exc:  # a collective with a worker that died: say so
                 failure = None if self.workers is None else self.workers.wait_for_failure(2.0)
                 if failure is not None:
@@ -378,6 +386,16 @@ class LLMEngine:
                 self.step_budget.observe(plan.num_tokens, seconds, plan.exhausted)
         self._prefetch()
         return outputs
+
+    def _check_workers(self, logits: torch.Tensor) -> None:
+        """Under tensor parallelism, before the step's logits are used: wait for them (on CUDA an
+        NCCL collective's ``wait()`` does not block the host, so this is where a step with a dead
+        peer waits, until the supervisor aborts the group), and fail the step if the group was
+        aborted meanwhile: its logits are garbage."""
+        if logits.device.type == "cuda":
+            torch.cuda.current_stream(logits.device).synchronize()
+        if self.workers.aborted:
+            raise WorkerGroupError(self.workers.wait_for_failure(2.0) or "the tensor-parallel group was aborted")
 
     def _refuse_late(self, now: float) -> list[RequestOutput]:
         """Refuse the waiting requests that can no longer meet their first-token deadline

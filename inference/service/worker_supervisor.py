@@ -1,7 +1,9 @@
 """Supervision of a tensor-parallel engine's worker processes, for the inference service.
 
 A thread checks the group every ``interval_s``. When a worker has exited it logs one clear line,
-and asks the engine thread to restart the group (``LLMEngine.restart_workers``): the requests in
+aborts the driver's data group from this thread (``LLMEngine.abort_tensor_parallel``: on NCCL the
+engine thread may be waiting on a collective that cannot complete, and would hold the restart
+until the NCCL timeout), and asks the engine thread to restart the group (``LLMEngine.restart_workers``): the requests in
 flight fail with the worker's failure as their error (the engine's next step meets the dead
 worker and fails them; the restart waits for that), and new ones run on the new group. While a
 worker is dead and until the new group is up, :meth:`WorkerSupervisor.healthy` is False, which
@@ -42,6 +44,10 @@ class WorkerSupervisor:
                 continue
             self._restarting.set()
             log.error("%s: the inference engine is not ready; restarting the tensor-parallel group", failure)
+            try:
+                self.loop.engine.abort_tensor_parallel()
+            except Exception as exc:  # best effort: the collective's timeout still ends the step
+                log.warning("aborting the tensor-parallel data group failed: %s", exc)
             try:
                 self.loop.call(lambda engine: engine.restart_workers(), self.restart_timeout_s)
                 self.restarts += 1

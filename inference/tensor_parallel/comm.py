@@ -13,12 +13,16 @@ all-reduce of ``[B, hidden]``. The benchmark (``benchmarks/tp_collectives.py``) 
 from __future__ import annotations
 
 import datetime
+import logging
+import os
 import pickle
 from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 120.0
 # The control group's wait: a worker waits there for the driver's next step, which may come after
@@ -57,12 +61,16 @@ class Communicator:
         self.store = store
         self.control = dist.ProcessGroupGloo(dist.PrefixStore("control", store), rank, size, CONTROL_TIMEOUT)
         if device.type == "cuda":
+            # on a collective's timeout or an abort, NCCL's watchdog aborts the communicator and keeps
+            # the process (torch's default, 3, tears the process down: the driver with it)
+            os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "2")
             options = dist.ProcessGroupNCCL.Options()
             options._timeout = timeout
             self.data = dist.ProcessGroupNCCL(dist.PrefixStore("data", store), rank, size, options)
         else:
             self.data = dist.ProcessGroupGloo(dist.PrefixStore("data", store), rank, size, timeout)
         self.log = CollectiveLog()
+        self.aborted = False
 
     # ------------------------------------------------------------------ control (gloo, CPU)
     def broadcast_object(self, obj: object | None) -> object:
@@ -108,6 +116,24 @@ class Communicator:
         self.data.gather(outputs, [tensor], opts).wait()
         self.log.record(name, tensor.numel() * tensor.element_size())
         return torch.cat(outputs[0], dim=1) if self.rank == 0 else None
+
+    def abort_data(self) -> None:
+        """Abort the data group from any thread (a peer died): on NCCL a collective the engine
+        thread waits on, whose ``wait()`` did not block the host, then ends instead of waiting for
+        the timeout. After this the group's results are garbage: the caller treats the step as
+        failed (``aborted`` is True). Gloo's collectives already fail when a peer's sockets close,
+        so a gloo group is only marked."""
+        self.aborted = True
+        if self.device.type != "cuda":
+            return
+        abort = getattr(self.data, "abort", None)
+        if abort is None:
+            log.warning("this torch has no ProcessGroupNCCL.abort: the step waits for the NCCL timeout")
+            return
+        try:
+            abort()
+        except Exception as exc:  # best effort: the timeout still ends the collective
+            log.warning("aborting the NCCL data group failed: %s", exc)
 
     def close(self) -> None:
         """Drop the process groups (best effort: a peer may be gone)."""

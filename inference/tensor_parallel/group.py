@@ -123,6 +123,15 @@ class WorkerGroup:
             self.comm.scatter(list(packed.unbind(0)), tuple(packed.shape[1:]), packed.dtype)
 
     # ------------------------------------------------------------------ supervision
+    def abort(self) -> None:
+        """A worker died: abort the driver's data group (any thread; see ``Communicator.abort_data``)
+        so the engine thread is not left in a collective that cannot complete."""
+        self.comm.abort_data()
+
+    @property
+    def aborted(self) -> bool:
+        return self.comm.aborted
+
     def dead_ranks(self) -> list[int]:
         """Ranks whose worker process has exited."""
         return [rank for rank, p in enumerate(self.processes, start=1) if not p.is_alive()]

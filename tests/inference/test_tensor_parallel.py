@@ -223,3 +223,19 @@ def test_a_failed_start_closes_the_drivers_communicator(monkeypatch, tmp_path):
         group_module.WorkerGroup(str(tmp_path / "missing"), 2, torch.device("cpu"), torch.float32, 8, 4, None,
                                  False, 8, timeout_s=30.0, start_timeout_s=60.0)
     assert closed == [0]
+
+
+def test_a_step_of_an_aborted_group_fails(tiny_checkpoint):
+    """Once the supervisor aborted the data group (a worker died; on NCCL the logits are then
+    garbage), the step in flight fails instead of sampling from them."""
+    from inference.tensor_parallel.group import WorkerGroupError
+
+    engine = LLMEngine(tiny_checkpoint, EngineConfig(page_tokens=4, pool_bytes=2 << 20, tensor_parallel_size=2))
+    try:
+        engine.add_request([5, 9, 11, 7], SamplingParams(max_tokens=4, temperature=0.0))
+        engine.abort_tensor_parallel()  # gloo: only marked (its collectives fail on a closed peer)
+        with pytest.raises(WorkerGroupError, match="aborted"):
+            engine.step()
+        assert engine.stats.generation_tokens == 0
+    finally:
+        engine.close()

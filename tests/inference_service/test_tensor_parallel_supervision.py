@@ -62,3 +62,41 @@ async def _bounded(stream, timeout_s: float):
         except StopAsyncIteration:
             return
         yield event
+
+
+def test_the_supervisor_aborts_the_data_group_before_it_asks_for_a_restart():
+    """On NCCL the engine thread may wait on a collective with the dead worker, and the restart
+    runs on that thread: the supervisor aborts the group from its own thread first."""
+    from inference.service.worker_supervisor import WorkerSupervisor
+
+    calls = []
+
+    class Engine:
+        def __init__(self):
+            self.failures = ["tensor-parallel worker rank 1 (pid 1) exited with code -9"]
+
+        def tensor_parallel_failure(self):
+            return self.failures[0] if self.failures else None
+
+        def abort_tensor_parallel(self):
+            calls.append("abort")
+
+        def restart_workers(self):
+            calls.append("restart")
+            self.failures.clear()
+
+    class Loop:
+        engine = Engine()
+
+        def call(self, fn, timeout):
+            assert calls == ["abort"], "the restart was asked for before the abort"
+            return fn(self.engine)
+
+    supervisor = WorkerSupervisor(Loop(), interval_s=0.01)
+    try:
+        deadline = time.monotonic() + 5
+        while supervisor.restarts == 0 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert calls == ["abort", "restart"] and supervisor.restarts == 1
+    finally:
+        supervisor.stop()
