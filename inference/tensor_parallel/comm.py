@@ -89,8 +89,9 @@ class Communicator:
         return obj if self.rank == 0 else pickle.loads(payload.numpy().tobytes())
 
     def scatter(self, shards: list[torch.Tensor] | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """Rank 0 hands ``shards[r]`` (CPU, ``shape``) to rank r; every rank returns its own."""
-        out = torch.empty(shape, dtype=dtype)
+        """Rank 0 hands ``shards[r]`` (CPU, ``shape``) to rank r; every rank returns its own (in
+        pinned memory on CUDA, so its copy into the page pool is a plain DMA)."""
+        out = torch.empty(shape, dtype=dtype, pin_memory=self.device.type == "cuda" and torch.cuda.is_available())
         opts = dist.ScatterOptions()
         opts.rootRank = 0
         inputs = [[s.contiguous() for s in shards]] if self.rank == 0 else []
