@@ -46,10 +46,13 @@ class Trace:
     def duration_s(self) -> float:
         return self.requests[-1].arrival_time if self.requests else 0.0
 
+    def used_adapters(self) -> list[int]:
+        """The adapter indices the requests name, ascending."""
+        return sorted({r.adapter for r in self.requests if r.adapter is not None})
+
     def summary(self) -> dict[str, Any]:
-        used = {r.adapter for r in self.requests if r.adapter is not None}
-        return {**summarize(self.requests), "num_adapters": self.num_adapters, "adapters_used": len(used),
-                "duration_s": self.duration_s}
+        return {**summarize(self.requests), "num_adapters": self.num_adapters,
+                "adapters_used": len(self.used_adapters()), "duration_s": self.duration_s}
 
 
 def synthetic_trace(num_adapters: int, rate: float, duration_s: float, *, ranks: Sequence[int] = (8,),
