@@ -162,13 +162,18 @@ class LLMEngine:
         weights = rank_weights(self.checkpoint_dir, self.model_config, self.parallel, 0, self.device, self.dtype)
         geometry = PageGeometry.for_model(rank_config, self.config.page_tokens, self.dtype)
         self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
-        self.workers = WorkerGroup(str(self.checkpoint_dir), self.parallel.size, self.device, self.dtype,
-                                   self.pool.num_pages, self.config.page_tokens, self.config.use_triton,
-                                   self.config.warm_up_kernels, self.config.max_lora_rank,
-                                   timeout_s=self.config.tensor_parallel_timeout_s)
-        weakref.finalize(self, self.workers.close)
+        self.workers = self._new_worker_group()
         context = ParallelContext(self.workers.comm, self.parallel.vocab_range(0)[0], self.model_config.vocab_size)
         self.model = LlamaModel(rank_config, weights, self.device, self.dtype, self.backend, context)
+
+    def _new_worker_group(self) -> WorkerGroup:
+        """Start ranks 1..N-1 for this engine's checkpoint and pool geometry (closed with the engine)."""
+        workers = WorkerGroup(str(self.checkpoint_dir), self.parallel.size, self.device, self.dtype,
+                              self.pool.num_pages, self.config.page_tokens, self.config.use_triton,
+                              self.config.warm_up_kernels, self.config.max_lora_rank,
+                              timeout_s=self.config.tensor_parallel_timeout_s)
+        weakref.finalize(self, workers.close)
+        return workers
 
     def tensor_parallel_failure(self) -> str | None:
         """Why the tensor-parallel group cannot run a step (a worker exited), or None."""
@@ -195,10 +200,7 @@ class LLMEngine:
         self.adapters.drop_device_copies()
         self.workers.close()
         old = self.workers
-        self.workers = WorkerGroup(str(self.checkpoint_dir), old.size, self.device, self.dtype, self.pool.num_pages,
-                                   self.config.page_tokens, self.config.use_triton, self.config.warm_up_kernels,
-                                   self.config.max_lora_rank, timeout_s=self.config.tensor_parallel_timeout_s)
-        weakref.finalize(self, self.workers.close)
+        self.workers = self._new_worker_group()
         self.adapters.page_in_listeners.remove(old.queue_page_in)
         self.adapters.page_in_listeners.append(self.workers.queue_page_in)
         self.runner.workers = self.workers
