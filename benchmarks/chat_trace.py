@@ -43,7 +43,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks.http_replay import LocalService, TenantKeys, create_tenant, upload_adapter
+from benchmarks.http_replay import LocalService, TenantKeys, bearer, create_tenant, json_ok, upload_adapter
 from benchmarks.live_server import write_results
 from benchmarks.open_loop import RequestTiming, markdown_table, summarize_run
 from benchmarks.workload import gamma_arrivals
@@ -153,23 +153,16 @@ class TurnTiming(RequestTiming):
     prompt_tokens: int | None = None
 
 
-def _headers(key: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {key}"}
-
-
 def create_users(tenant: TenantKeys, trace: ChatTrace, adapter_dir: Callable[[Session], Path]) -> dict[int, str]:
     """A platform user per session, its adapter uploaded and assigned; ``{session.user: user id}``."""
     ids = {}
     for session in trace.sessions:
-        r = httpx.post(f"{tenant.base}/v1/users", json={"external_id": f"chat-trace-{session.user}"},
-                       headers=_headers(tenant.admin_key), timeout=30.0)
-        r.raise_for_status()
-        user_id = r.json()["id"]
+        user_id = json_ok(httpx.post(f"{tenant.base}/v1/users", json={"external_id": f"chat-trace-{session.user}"},
+                                     headers=bearer(tenant.admin_key), timeout=30.0))["id"]
         if session.adapter is not None:
             adapter_id = upload_adapter(tenant, f"user-{session.user}-r{session.rank}", adapter_dir(session))
-            r = httpx.put(f"{tenant.base}/v1/users/{user_id}/adapter", json={"adapter_id": adapter_id},
-                          headers=_headers(tenant.admin_key), timeout=30.0)
-            r.raise_for_status()
+            json_ok(httpx.put(f"{tenant.base}/v1/users/{user_id}/adapter", json={"adapter_id": adapter_id},
+                              headers=bearer(tenant.admin_key), timeout=30.0))
         ids[session.user] = user_id
     return ids
 
@@ -177,7 +170,7 @@ def create_users(tenant: TenantKeys, trace: ChatTrace, adapter_dir: Callable[[Se
 async def _turn(client: httpx.AsyncClient, chat_key: str, user_id: str, body: dict, timing: TurnTiming) -> None:
     sent = time.monotonic()
     try:
-        async with client.stream("POST", f"/v1/users/{user_id}/chat", json=body, headers=_headers(chat_key)) as r:
+        async with client.stream("POST", f"/v1/users/{user_id}/chat", json=body, headers=bearer(chat_key)) as r:
             if r.status_code != 200:
                 timing.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
                 return
@@ -228,13 +221,18 @@ async def replay_chat(tenant: TenantKeys, trace: ChatTrace, user_ids: dict[int, 
     return [t for mine in timings for t in mine]
 
 
+def mean_prompt_tokens(timings: list[TurnTiming]) -> float | None:
+    """The mean prompt tokens of the turns that reported them (None when none did)."""
+    prompts = [t.prompt_tokens for t in timings if t.prompt_tokens is not None]
+    return float(np.mean(prompts)) if prompts else None
+
+
 def by_turn(timings: list[TurnTiming], slo_ttft_s: float) -> list[dict[str, Any]]:
     """:func:`summarize_run`'s statistics per turn number, with the mean prompt tokens."""
     rows = []
     for k in sorted({t.turn for t in timings}):
         mine = [t for t in timings if t.turn == k]
-        prompts = [t.prompt_tokens for t in mine if t.prompt_tokens is not None]
-        rows.append({"turn": k, "prompt_tokens_mean": float(np.mean(prompts)) if prompts else None,
+        rows.append({"turn": k, "prompt_tokens_mean": mean_prompt_tokens(mine),
                      **summarize_run(mine, slo_ttft_s)})
     return rows
 
@@ -249,10 +247,9 @@ COLUMNS = [("turn", "turn", "s"), ("turns", "requests", "d"), ("failed", "failed
 def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
-    from benchmarks.random_llama import is_random_model, random_checkpoint
+    from benchmarks.random_llama import checkpoint_for
     from benchmarks.slora_eval import MODEL_CACHE, TARGETS
     from benchmarks.synthetic_adapters import synthetic_adapter
-    from inference.engine import resolve_model
     from inference.model_config import ModelConfig
     from inference.tokenizer import Tokenizer
 
@@ -278,10 +275,7 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = (int(x) for x in text.split(","))
         return lo, hi
 
-    if is_random_model(args.model):
-        checkpoint = random_checkpoint(args.model, args.model_cache, generate_on=args.device)
-    else:
-        checkpoint = resolve_model(args.model)
+    checkpoint = checkpoint_for(args.model, args.model_cache, generate_on=args.device)
     config = ModelConfig.from_checkpoint(checkpoint)
     try:
         trace = synthetic_chat_trace(args.users, args.session_rate, turns_range=pair(args.turns),
@@ -307,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
         with tqdm(total=trace.num_turns, desc="turns", unit="turn") as bar:
             timings = asyncio.run(replay_chat(tenant, trace, user_ids, tokenizer.decode, progress=bar.update))
     overall = {"turn": "all", **summarize_run(timings, args.slo_ttft_s),
-               "prompt_tokens_mean": float(np.mean([t.prompt_tokens for t in timings if t.prompt_tokens is not None]))}
+               "prompt_tokens_mean": mean_prompt_tokens(timings)}
     rows = by_turn(timings, args.slo_ttft_s) + [overall]
     for row in rows:
         row["turn"] = str(row["turn"])

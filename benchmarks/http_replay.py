@@ -61,11 +61,13 @@ class TenantKeys:
     chat_key: str
 
 
-def _bearer(key: str) -> dict[str, str]:
+def bearer(key: str) -> dict[str, str]:
+    """The Authorization header of ``key``."""
     return {"Authorization": f"Bearer {key}"}
 
 
-def _ok(response: httpx.Response) -> dict:
+def json_ok(response: httpx.Response) -> dict:
+    """The JSON body of a 2xx answer; RuntimeError naming the call, the status and the body otherwise."""
     if response.status_code >= 300:
         raise RuntimeError(f"{response.request.method} {response.request.url.path} answered "
                            f"{response.status_code}: {response.text[:500]}")
@@ -76,8 +78,8 @@ def create_tenant(base: str, name: str, operator_token: str = OPERATOR_TOKEN, sy
                   timeout_s: float = 30.0) -> TenantKeys:
     """Create a tenant (operator token) and a chat key for it."""
     body = {"name": name} if system_prompt is None else {"name": name, "system_prompt": system_prompt}
-    tenant = _ok(httpx.post(f"{base}/v1/tenants", json=body, headers=_bearer(operator_token), timeout=timeout_s))
-    chat = _ok(httpx.post(f"{base}/v1/api-keys", json={"scope": "chat"}, headers=_bearer(tenant["api_key"]),
+    tenant = json_ok(httpx.post(f"{base}/v1/tenants", json=body, headers=bearer(operator_token), timeout=timeout_s))
+    chat = json_ok(httpx.post(f"{base}/v1/api-keys", json={"scope": "chat"}, headers=bearer(tenant["api_key"]),
                           timeout=timeout_s))
     return TenantKeys(base, tenant["id"], tenant["api_key"], chat["api_key"])
 
@@ -95,14 +97,14 @@ def zip_folder(folder: Path) -> bytes:
 def upload_adapter(tenant: TenantKeys, name: str, peft_dir: Path, timeout_s: float = 300.0) -> str:
     """Upload the PEFT adapter in ``peft_dir`` as ``name`` and wait until it is ready; its id."""
     files = [("files", (f"{name}.zip", zip_folder(peft_dir), "application/zip"))]
-    adapter = _ok(httpx.post(f"{tenant.base}/v1/adapters", data={"name": name}, files=files,
-                             headers=_bearer(tenant.admin_key), timeout=timeout_s))
+    adapter = json_ok(httpx.post(f"{tenant.base}/v1/adapters", data={"name": name}, files=files,
+                             headers=bearer(tenant.admin_key), timeout=timeout_s))
     deadline = time.monotonic() + timeout_s
     while adapter["status"] == "pending":
         if time.monotonic() > deadline:
             raise TimeoutError(f"adapter {name} still pending after {timeout_s} s")
         time.sleep(0.05)
-        adapter = _ok(httpx.get(f"{tenant.base}/v1/adapters/{adapter['id']}", headers=_bearer(tenant.admin_key),
+        adapter = json_ok(httpx.get(f"{tenant.base}/v1/adapters/{adapter['id']}", headers=bearer(tenant.admin_key),
                                 timeout=30.0))
     if adapter["status"] != "ready":
         raise RuntimeError(f"adapter {name} is {adapter['status']}: {adapter.get('error')}")
@@ -145,7 +147,7 @@ class LocalService:
 async def _one(client: httpx.AsyncClient, chat_key: str, body: dict, timing: RequestTiming, arrival: float) -> None:
     """Stream one completion into ``timing`` (times from ``arrival``, monotonic seconds)."""
     try:
-        async with client.stream("POST", "/v1/chat/completions", json=body, headers=_bearer(chat_key)) as r:
+        async with client.stream("POST", "/v1/chat/completions", json=body, headers=bearer(chat_key)) as r:
             if r.status_code != 200:
                 timing.error = f"HTTP {r.status_code}: {(await r.aread()).decode(errors='replace')[:300]}"
                 return

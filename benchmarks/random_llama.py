@@ -104,3 +104,13 @@ def random_checkpoint(name: str, cache_dir: Path, *, dtype: str = "float16", see
 
 def is_random_model(name: str) -> bool:
     return str(name).startswith(PREFIX)
+
+
+def checkpoint_for(name: str, cache_dir: Path, **random_options) -> Path:
+    """The checkpoint a benchmark's ``--model`` names: ``random:<shape>`` written into ``cache_dir``
+    (``random_options`` go to :func:`random_checkpoint`), else a bundled model or a directory."""
+    if is_random_model(name):
+        return random_checkpoint(name, cache_dir, **random_options)
+    from inference.engine import resolve_model
+
+    return Path(resolve_model(name))

@@ -37,8 +37,9 @@ import numpy as np
 import torch
 
 from api.replicas import ReplicaRouter
-from benchmarks.random_llama import is_random_model, random_checkpoint
-from benchmarks.run_report import median_run, report_header, write_report
+from benchmarks.live_server import write_results
+from benchmarks.random_llama import checkpoint_for
+from benchmarks.run_report import median_run, report_header
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
@@ -211,8 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(args: argparse.Namespace, scratch: Path) -> int:
-    checkpoint = (random_checkpoint(args.model, scratch / "models", dtype="float32") if is_random_model(args.model)
-                  else _resolve(args.model))
+    checkpoint = checkpoint_for(args.model, scratch / "models", dtype="float32")
     model_config = ModelConfig.from_checkpoint(checkpoint)
     specs = write_adapters(args, model_config, scratch)
     probe = LLM(str(checkpoint), device=args.device, dtype=args.dtype, adapter_store=LocalFolderStore(scratch / "store"),
@@ -258,14 +258,8 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
         "results": rows,
         "runs": runs,
     }
-    write_report(report, args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json")
+    write_results(report, args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json")
     return 0
-
-
-def _resolve(model: str) -> Path:
-    from inference.engine import resolve_model
-
-    return Path(resolve_model(model))
 
 
 if __name__ == "__main__":

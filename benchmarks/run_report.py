@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import platform
 from pathlib import Path
 
@@ -24,13 +23,6 @@ def report_header(benchmark: str, args: argparse.Namespace) -> dict:
         "torch_num_threads": torch.get_num_threads(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
     }
-
-
-def write_report(report: dict, out: Path) -> None:
-    """Write ``report`` as indented JSON to ``out`` (its folder made if missing) and say where."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {out}")
 
 
 def median_run(runs: list[dict], keep_all: tuple[str, ...] = ()) -> dict:

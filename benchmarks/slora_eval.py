@@ -57,11 +57,10 @@ from tqdm import tqdm
 from benchmarks.http_replay import LocalService, TenantKeys, create_tenant, replay_http, upload_adapter
 from benchmarks.open_loop import dotted, markdown_table, replay_in_process, summarize_run
 from benchmarks.peft_baseline import PeftServer
-from benchmarks.random_llama import is_random_model, random_checkpoint
+from benchmarks.random_llama import checkpoint_for
 from benchmarks.synthetic_adapters import synthetic_adapter
 from benchmarks.trace import Trace, save_trace, synthetic_trace
 from inference import LLM
-from inference.engine import resolve_model
 from inference.engine_config import EngineConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -311,11 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device.split(":")[0]
     args.out_dir.mkdir(parents=True, exist_ok=True)
     prefix = args.out_dir / f"slora_eval-{device}"
-    if is_random_model(args.model):
-        checkpoint = random_checkpoint(args.model, args.model_cache, dtype=args.random_dtype, seed=args.seed,
-                                       generate_on=args.device)
-    else:
-        checkpoint = resolve_model(args.model)
+    checkpoint = checkpoint_for(args.model, args.model_cache, dtype=args.random_dtype, seed=args.seed,
+                                generate_on=args.device)
     # PEFT's model first: on a GPU the engine sizes its page pool from the memory left after it
     dtype = EngineConfig(device=args.device, dtype=args.dtype).torch_dtype
     peft = PeftServer(checkpoint, args.device, dtype) if "peft" in args.system_list else None

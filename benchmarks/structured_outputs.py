@@ -22,7 +22,8 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks.run_report import report_header, write_report
+from benchmarks.live_server import write_results
+from benchmarks.run_report import report_header
 from inference.bundled_model import BUNDLED_MODEL_NAME
 from inference.engine import LLMEngine
 from inference.engine_config import EngineConfig
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
           "(goal: at most +10%)")
     report = {**report_header("structured_outputs", args), "compile_s": compile_s, "results": rows,
               "slowdown": slowdown, "cpu_slowdown": cpu_slowdown}
-    write_report(report, args.out or RESULTS / f"structured_outputs-{args.device}.json")
+    write_results(report, args.out or RESULTS / f"structured_outputs-{args.device}.json")
     return 0
 
 

@@ -18,7 +18,8 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from benchmarks.run_report import report_header, write_report
+from benchmarks.live_server import write_results
+from benchmarks.run_report import report_header
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference.bundled_model import BUNDLED_MODEL_NAME
 from inference.engine import LLMEngine
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data-collective bytes LoRA adds beyond the base formula: {lora_extra}")
     report = {**report_header("tp_collectives", args), "sides": sides, "lora_extra_data_bytes": lora_extra}
     if args.out is not None:
-        write_report(report, args.out)
+        write_results(report, args.out)
     ok = not any(side["mismatches"] for side in sides.values()) and lora_extra == 0
     return 0 if ok else 1
 
