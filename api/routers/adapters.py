@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, Header, HTTPException, Query, Response, UploadFile
-from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.deps import AdminDep, PageLimit, PageOffset, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.schemas import AdapterList, AdapterPublic
 from tenants import repositories as repo
@@ -156,8 +156,8 @@ def list_adapters(
     status: Annotated[str | None, Query(pattern=STATUS_PATTERN)] = None,
     user_id: Annotated[str | None, Query(max_length=64)] = None,
     name: Annotated[str | None, Query(max_length=200)] = None,
-    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
+    limit: PageLimit = 100,
+    offset: PageOffset = 0,
 ) -> AdapterList:
     """The tenant's adapters, by name then newest version first (deleted ones only when asked)."""
     rows = repo.list_adapters(session, caller.tenant_id, status=AdapterStatus(status) if status else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, BackgroundTasks, HTTPException, Query
 from sqlalchemy.exc import IntegrityError
 
-from api.deps import AdminDep, SessionDep, StateDep, is_id, not_found
+from api.deps import AdminDep, PageLimit, PageOffset, SessionDep, StateDep, is_id, not_found
 from api.error_responses import errors
 from api.prefetch import prefetch_quietly
 from api.schemas import AdapterAssignment, UserCreate, UserPublic
@@ -45,8 +45,8 @@ def list_users(
     caller: AdminDep,
     session: SessionDep,
     external_id: str | None = Query(None, max_length=255),
-    limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0, le=10_000_000),
+    limit: PageLimit = 100,
+    offset: PageOffset = 0,
 ) -> list[UserPublic]:
     users = repo.list_users(session, caller.tenant_id, external_id=external_id, limit=limit, offset=offset)
     return [user_public(u) for u in users]
