@@ -34,7 +34,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
@@ -61,7 +61,6 @@ class Replica:
     client: InferenceBackend
     healthy: bool = True
     in_flight: int = 0
-    ejections: int = field(default=0, repr=False)
 
 
 class RouterMetrics:
@@ -220,7 +219,6 @@ class ReplicaRouter:
         """Take ``replica`` out of the ring (no-op when it is out already)."""
         if replica.healthy:
             replica.healthy = False
-            replica.ejections += 1
             self.metrics.ejections.labels(replica.url).inc()
             log.warning("inference replica %s taken out of the ring: %s", replica.url, why)
 
