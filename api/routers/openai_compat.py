@@ -142,9 +142,9 @@ def _sibling(request: GenerateRequest, index: int) -> GenerateRequest:
 
 async def _open_choices(state: AppState, http_request: Request, request: GenerateRequest, n: int,
                         tenant_id: str) -> list[_Choice]:
-    """Submit the ``n`` choices: the first at once, the others after its first token (or its end,
-    when it ended before one: then the others are not started). A refusal of any closes the ones
-    already open and is raised."""
+    """Submit the ``n`` choices: the first at once, the others after its first token or its end
+    (when the first failed, the others are not started). A refusal of any closes the ones already
+    open and is raised."""
     choices = [_Choice(0, await open_generation(state, http_request, request, tenant_id=tenant_id))]
     if n == 1:
         return choices
@@ -154,7 +154,7 @@ async def _open_choices(state: AppState, http_request: Request, request: Generat
             first.read.append(event)
             if isinstance(event, TextDelta) or is_terminal(event):
                 break
-        if isinstance(first.read[-1], GenerationFailed) if first.read else True:
+        if not first.read or isinstance(first.read[-1], GenerationFailed):
             return choices
         for index in range(1, n):
             choices.append(_Choice(index, await open_generation(state, http_request, _sibling(request, index),
@@ -222,10 +222,13 @@ async def _completion(frame: _Frames, choices: list[_Choice]) -> dict:
             "usage": _usage([end for _choice, end in results])}
 
 
-async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usage: bool) -> AsyncIterator[str]:
-    """OpenAI's ``chat.completion.chunk`` frames of every choice as they come (each names its
-    choice's ``index``), then (``include_usage``) one with the usage and no choices, then
-    ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+    """Every choice's events as they come, as ``(choice index, event)``: one choice is read
+    directly; several through a queue fed by a task each (cancelled when this is closed)."""
+    if len(choices) == 1:
+        async for event in choices[0]:
+            yield choices[0].index, event
+        return
     queue: asyncio.Queue[tuple[int, GenerationEvent | None]] = asyncio.Queue()
 
     async def pump(choice: _Choice) -> None:
@@ -235,19 +238,33 @@ async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usa
         finally:
             queue.put_nowait((choice.index, None))
 
-    tasks = []
+    tasks = [asyncio.create_task(pump(choice)) for choice in choices]
     try:
-        for choice in choices:
-            yield frame.chunk(choice.index, {"role": "assistant", "content": ""}, None,
-                              [] if frame.logprobs else None, include_usage)
-        tasks = [asyncio.create_task(pump(choice)) for choice in choices]
-        ends: dict[int, GenerationEnded] = {}
         running = len(choices)
         while running:
             index, event = await queue.get()
             if event is None:
                 running -= 1
-            elif isinstance(event, TextDelta):
+            else:
+                yield index, event
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usage: bool) -> AsyncIterator[str]:
+    """OpenAI's ``chat.completion.chunk`` frames of every choice as they come (each names its
+    choice's ``index``), then (``include_usage``) one with the usage and no choices, then
+    ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+    events = _merged(choices)
+    try:
+        for choice in choices:
+            yield frame.chunk(choice.index, {"role": "assistant", "content": ""}, None,
+                              [] if frame.logprobs else None, include_usage)
+        ends: dict[int, GenerationEnded] = {}
+        async for index, event in events:
+            if isinstance(event, TextDelta):
                 entries = [_logprob_entry(e) for e in event.logprobs or ()] if frame.logprobs else None
                 yield frame.chunk(index, {"content": event.text}, None, entries, include_usage)
             elif isinstance(event, GenerationEnded):
@@ -261,9 +278,7 @@ async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usa
             yield f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
         yield "data: [DONE]\n\n"
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await events.aclose()
         await _close_all(choices)
 
 
