@@ -186,28 +186,29 @@ class StructuredGrammars:
                 self._cache.popitem(last=False)
         return entry
 
-    def problems(self, spec: StructuredOutput) -> list[str]:
-        """Why ``spec`` cannot be served ([] when it can); compiles it (or reads the cache)."""
+    def _served(self, spec: StructuredOutput) -> tuple[Any, list[str]]:
+        """``spec``'s compiled grammar and [] when it can be served, else None and why; compiles
+        it (or reads the cache)."""
         found = spec.problems()
         if found:
-            return [f"response_format: {p}" for p in found]
+            return None, [f"response_format: {p}" for p in found]
         try:
             entry = self._entry(spec)
         except GrammarUnavailableError as exc:
-            return [str(exc)]
-        return [f"response_format: the schema cannot be used: {entry}"] if isinstance(entry, str) else []
+            return None, [str(exc)]
+        if isinstance(entry, str):
+            return None, [f"response_format: the schema cannot be used: {entry}"]
+        return entry, []
+
+    def problems(self, spec: StructuredOutput) -> list[str]:
+        """Why ``spec`` cannot be served ([] when it can); compiles it (or reads the cache)."""
+        return self._served(spec)[1]
 
     def matcher(self, spec: StructuredOutput) -> GrammarMatcher:
         """A new matcher for ``spec``; ValueError naming the problems if it cannot be served."""
-        problems = self.problems(spec)
+        entry, problems = self._served(spec)
         if problems:
             raise ValueError("; ".join(problems))
         with self._lock:
-            template = self._cache.get(spec)
-            fresh = template.deep_copy() if template is not None and not isinstance(template, str) else None
-        if fresh is None:  # evicted between the two looks: compile again
-            entry = self._entry(spec)
-            if isinstance(entry, str):
-                raise ValueError(f"response_format: the schema cannot be used: {entry}")
             fresh = entry.deep_copy()
         return GrammarMatcher(fresh, self.eos_token_ids)
