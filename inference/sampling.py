@@ -279,8 +279,8 @@ def apply_logit_adjustments(
     if constrained:
         if histories is None:
             raise ValueError("structured outputs need the rows' grammar matchers")
-        sub[torch.tensor(constrained, device=device)] = _grammar_masked(
-            sub[torch.tensor(constrained, device=device)], [histories[rows[j]] for j in constrained])
+        at = torch.tensor(constrained, device=device)
+        sub[at] = _grammar_masked(sub[at], [histories[rows[j]] for j in constrained])
     out = logits.clone()
     out[idx] = sub
     return out
