@@ -298,6 +298,10 @@ class AdapterManager:
         """The versions now in device pages."""
         return list(self._device.adapters)
 
+    def resident_adapters(self) -> list[DeviceAdapter]:
+        """The adapters now in device pages (their references and pages), a copy of the list."""
+        return list(self._device.adapters.values())
+
     def resident_counts(self) -> tuple[int, int]:
         """(adapters in host RAM, adapters in device pages)."""
         return len(self.host), len(self._device.adapters)

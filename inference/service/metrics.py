@@ -178,7 +178,7 @@ class GatewayCollector(Collector):
 
     def _adapters(self, occupancy) -> tuple[list[str], list[str], int]:
         engine = self.engine
-        device = _snapshot(lambda: list(engine.adapters._device.adapters.values()))
+        device = _snapshot(engine.adapters.resident_adapters)
         running = sorted({d.ref.adapter_id for d in device})
         queued = _snapshot(lambda: [r.adapter_id for r in list(engine.scheduler.waiting)])
         waiting = sorted({a for a in queued if a is not None} - set(running))
