@@ -7,8 +7,13 @@ An ``InferenceBackend`` over one ``RemoteInference`` client per replica (``TAILO
    fetched from S3 and paged in on one replica, and every api process and worker agrees on it.
 2. Bounded loads (Mirrokni et al.). A replica takes a request only while its in-flight count
    stays within ``ceil(c * (in-flight + 1) / healthy replicas)`` (``c``:
-   ``TAILOR_ROUTER_LOAD_FACTOR``); otherwise the request spills to the adapter's next replica in
-   its order. Base-model requests (no adapter) go to the least loaded replica.
+   ``TAILOR_ROUTER_LOAD_FACTOR``); otherwise the request spills. Base-model requests (no adapter)
+   go to the least loaded replica.
+2a. A spill goes to a holder first: among the under-bound replicas, one that likely holds the
+   adapter already (``Residency``: the router's own record of the adapters it sent to each
+   replica, most recent first), the most recently used there first; only when none does, to the
+   next under-bound replica in the adapter's order. A spill then costs no page-in where a copy
+   exists, and a hot adapter's spills keep landing on the replica that has it.
 3. Load is this api process's own in-flight count per replica: exact and current at the moment of
    the decision (a replica's queue read from its metrics is a probe interval old, and costs a
    scrape). With N api processes each bounds its own share, so the sum stays bounded too.
@@ -25,7 +30,8 @@ An ``InferenceBackend`` over one ``RemoteInference`` client per replica (``TAILO
    every replica (a spilled or failed-over request may have paged it in anywhere).
 
 Metrics (``RouterMetrics``, served on the api's ``/metrics``): routing decisions by replica and
-kind, retries, ejections, and per replica its state (up) and in-flight count.
+kind (a spill to a holder is ``spill_holder``, one to the next replica in order ``spill``),
+retries, ejections, and per replica its state (up) and in-flight count.
 """
 
 from __future__ import annotations
@@ -33,8 +39,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from prometheus_client import CollectorRegistry, Counter
@@ -48,19 +55,73 @@ from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceEr
 
 log = logging.getLogger(__name__)
 
-DECISIONS = ("home", "spill", "failover", "least_loaded")
+DECISIONS = ("home", "spill", "spill_holder", "failover", "least_loaded")
 PROBE_TIMEOUT_S = 2.0
+RESIDENCY_ENTRIES = 1024  # adapters remembered per replica (a few times a device tier's count)
+
+
+class Residency:
+    """The adapters this router sent to one replica (generations and prefetches), most recent
+    last, at most ``capacity`` of them: the router's model of what the replica holds.
+
+    A replica's tiers keep recently used adapters (the device tier evicts idle adapters in LRU
+    order, the host tier too), so an adapter's stack distance here, the number of other adapters
+    sent to the replica since, says how likely it is still there: under ``device capacity`` it is
+    in device pages, under ``device + host capacity`` in host RAM. Comparing distances across
+    replicas of one size therefore ranks device holders before host holders without the router
+    knowing either capacity. The record is exact for what this process routed; it misses other
+    api processes' requests (then it falls back to hash order) and evictions it did not cause
+    (then a spill lands where the adapter was, as good a guess as any)."""
+
+    def __init__(self, capacity: int = RESIDENCY_ENTRIES):
+        if capacity < 1:
+            raise ValueError("capacity must be >= 1")
+        self.capacity = capacity
+        self._recent: OrderedDict[str, None] = OrderedDict()
+
+    def touch(self, adapter_id: str) -> None:
+        """``adapter_id`` was just sent to the replica: make it the most recent (forgetting the
+        oldest past ``capacity``)."""
+        self._recent[adapter_id] = None
+        self._recent.move_to_end(adapter_id)
+        if len(self._recent) > self.capacity:
+            self._recent.popitem(last=False)
+
+    def forget(self, adapter_id: str) -> None:
+        """The replica dropped ``adapter_id`` (deleted)."""
+        self._recent.pop(adapter_id, None)
+
+    def clear(self) -> None:
+        """The replica may have lost everything (it left the ring: restarted, or died)."""
+        self._recent.clear()
+
+    def distance(self, adapter_id: str) -> int | None:
+        """How many other adapters were sent to the replica since ``adapter_id`` (0: it was the
+        last one); None when it is not in the record. Costs O(distance)."""
+        if adapter_id not in self._recent:
+            return None
+        for distance, key in enumerate(reversed(self._recent)):
+            if key == adapter_id:
+                return distance
+        raise AssertionError("unreachable: the key is in the record")
+
+    def __contains__(self, adapter_id: str) -> bool:
+        return adapter_id in self._recent
+
+    def __len__(self) -> int:
+        return len(self._recent)
 
 
 @dataclass
 class Replica:
-    """One inference service: its client, whether it is in the ring, and this process's
-    in-flight generations on it."""
+    """One inference service: its client, whether it is in the ring, this process's in-flight
+    generations on it, and the adapters this process sent to it (``Residency``)."""
 
     url: str
     client: InferenceBackend
     healthy: bool = True
     in_flight: int = 0
+    residency: Residency = field(default_factory=Residency)
 
 
 class RouterMetrics:
@@ -69,8 +130,10 @@ class RouterMetrics:
     def __init__(self, router: ReplicaRouter):
         self.registry = CollectorRegistry()
         self.decisions = Counter("tailor_router_decisions", "Generations routed, by replica and decision: home "
-                                 "(the adapter's home replica), spill (home over its load bound), failover (home "
-                                 "out of the ring), least_loaded (base model).", ["replica", "decision"],
+                                 "(the adapter's home replica), spill_holder (home over its load bound; to a replica "
+                                 "this api process sent the adapter to before), spill (home over its load bound; "
+                                 "no such replica under the bound: to the next in the adapter's order), failover "
+                                 "(home out of the ring), least_loaded (base model).", ["replica", "decision"],
                                  registry=self.registry)
         self.retries = Counter("tailor_router_retries", "Generations a replica refused before the first event "
                                "(unreachable, 503 or 429) and that were tried on the next one.", ["replica"],
@@ -201,24 +264,40 @@ class ReplicaRouter:
         healthy = [r for r in ordered if r.healthy]
         bound = self.load_bound()
         under = [r for r in healthy if r.in_flight + 1 <= bound]
-        over = [r for r in healthy if r not in under]
+        over = [r for r in healthy if r.in_flight + 1 > bound]
+        first = under[:1] if under[:1] == healthy[:1] else []  # the home (or its failover) within the bound
+        spills = self.spill_order(adapter_id, [r for r in under if r not in first])
         result: list[tuple[Replica, str]] = []
-        for replica in under + over:
+        for replica in first + spills + over:
             if replica is ordered[0]:
                 decision = "home"
-            elif healthy and replica is healthy[0] and replica in under:
+            elif replica is healthy[0] and replica in under:
                 decision = "failover"  # the home is out of the ring; this is the next in order
+            elif adapter_id in replica.residency:
+                decision = "spill_holder"
             else:
                 decision = "spill"
             result.append((replica, decision))
         result += [(r, "failover") for r in ordered if not r.healthy]
         return result
 
+    @staticmethod
+    def spill_order(adapter_id: str, replicas: list[Replica]) -> list[Replica]:
+        """``replicas`` (in the adapter's hash order) reordered for a spill: those that hold the
+        adapter by their ``Residency`` first, the most recently used there first (smallest stack
+        distance: device before host), then the others in hash order."""
+        holders = [r for r in replicas if adapter_id in r.residency]
+        others = [r for r in replicas if adapter_id not in r.residency]
+        if len(holders) > 1:  # distances cost O(distance): only when there is a choice
+            holders.sort(key=lambda r: r.residency.distance(adapter_id))  # stable: ties keep the hash order
+        return holders + others
+
     # ------------------------------------------------------------------ health
     def eject(self, replica: Replica, why: str) -> None:
         """Take ``replica`` out of the ring (no-op when it is out already)."""
         if replica.healthy:
             replica.healthy = False
+            replica.residency.clear()  # it may come back restarted, holding nothing
             self.metrics.ejections.labels(replica.url).inc()
             log.warning("inference replica %s taken out of the ring: %s", replica.url, why)
 
@@ -281,6 +360,8 @@ class ReplicaRouter:
                 replica.in_flight -= 1
                 raise
             self.metrics.decisions.labels(replica.url, decision).inc()
+            if adapter_id is not None:
+                replica.residency.touch(adapter_id)
             return RoutedEvents(self, replica, events)
         assert last is not None
         raise last
@@ -291,12 +372,17 @@ class ReplicaRouter:
 
     async def prefetch(self, spec: AdapterSpec) -> str:
         """Warm ``spec`` on its home replica; the tier it reached there."""
-        return await self.home(spec.id).client.prefetch(spec)
+        home = self.home(spec.id)
+        tier = await home.client.prefetch(spec)
+        home.residency.touch(spec.id)
+        return tier
 
     async def drop_adapter(self, adapter_id: str, timeout: float | None = 60.0) -> bool:
         """Drop the adapter on every replica (any may hold it); True if any held it. A replica
         that cannot be reached holds nothing it could serve; TimeoutError if one's in-flight
         requests outlast ``timeout``; InferenceError only when no replica answered."""
+        for replica in self.replicas:
+            replica.residency.forget(adapter_id)
         results = await asyncio.gather(*(r.client.drop_adapter(adapter_id, timeout) for r in self.replicas),
                                        return_exceptions=True)
         timeouts = [r for r in results if isinstance(r, TimeoutError)]
