@@ -9,14 +9,30 @@ a full batch (``--max-num-seqs`` requests of the longest prompt and output). A t
 ``--concurrency`` clients in a closed loop:
 
 * affinity: the api's ``api.replicas.ReplicaRouter`` (rendezvous hashing of the adapter id with
-  bounded loads), fed with the two cores as its backends;
-* round-robin: the next replica in turn, whatever the adapter.
+  bounded loads, ``--load-factor``; a spill goes to a replica that holds the adapter first), fed
+  with the cores as its backends;
+* affinity_unbounded: the same router with load factor = the replica count, where the bound
+  ``ceil(c * (in flight + 1) / replicas)`` is never below a replica's in-flight count + 1, so
+  nothing spills: pure rendezvous placement;
+* round-robin: the next replica in turn, whatever the adapter;
+* with ``--compare-spill``, also affinity_hash_spill: the router with the spill to the next
+  under-bound replica in hash order, whatever holds the adapter (``HashOrderSpill``: the router
+  before the holder preference), to measure what that preference brings. With two replicas the
+  two are the same policy (a spill has one replica to go to); it takes three or more.
 
 Every run starts from fresh replicas (cold host and device tiers); rounds alternate which policy
 runs first. Counts come from the engines' adapter statistics: device hit rate = admissions
 served from device pages / all admissions (a count, so machine load does not move it), page-ins
 (device loads), fetches from the store (host loads). Throughput is requests / wall time of the
 whole trace, side by side in one run; the reported ratio is the median of the rounds' ratios.
+
+Next to the measurement, the steady-state model of the same popularity (``steady_state_model``):
+each replica's device tier as a cache of ``--room`` adapters under independent Zipf requests.
+An ideal cache (the ``--room`` most popular of what it serves: optimal for independent requests)
+bounds what any policy reaches; LRU (Che's approximation) is what the engines' tiers do. The
+ceiling of the ratio is ideal affinity over LRU round-robin: no affinity cache can do better
+against the round-robin replicas as they are. A finite trace starts cold, so a measured ratio can
+still sit a little above it (round-robin pays every first fetch on each replica, affinity once).
 
     python -m benchmarks.replica_routing                                  # CPU defaults (random:tiny)
     python -m benchmarks.replica_routing --model smollm2-135m --num-requests 600
@@ -45,12 +61,12 @@ from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
 from inference.model_config import ModelConfig
 from inference.page_pool import PageGeometry
+from inference.service.client import rendezvous_order
 from inference.service.core import InferenceCore
 from inference.service.events import GenerationEnded
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ("affinity", "round_robin")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
 
@@ -72,6 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-factor", type=float, default=1.25, help="the router's bounded-load factor c")
     p.add_argument("--repeats", type=int, default=2, help="rounds; each runs both policies, alternating order")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compare-spill", action="store_true",
+                   help="also run affinity with the spill in hash order (no holder preference)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     for name in ("adapters", "replicas", "room", "num_requests", "concurrency", "repeats", "max_num_seqs"):
@@ -82,14 +100,72 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def zipf_trace(n: int, num_adapters: int, s: float, seed: int) -> list[int]:
-    """``n`` adapter indices: rank k (1-based) drawn with probability proportional to ``1/k**s``,
-    the ranks assigned to ids in a random order (popularity does not follow the id)."""
+def zipf_draw(n: int, num_adapters: int, s: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(probability of each adapter index, ``n`` drawn adapter indices): rank k (1-based) has
+    probability proportional to ``1/k**s``, the ranks assigned to ids in a random order
+    (popularity does not follow the id)."""
     rng = np.random.default_rng(seed)
     weights = 1.0 / np.arange(1, num_adapters + 1) ** s
-    ranks = rng.choice(num_adapters, size=n, p=weights / weights.sum())
+    p = weights / weights.sum()
+    ranks = rng.choice(num_adapters, size=n, p=p)
     ids = rng.permutation(num_adapters)
-    return [int(ids[r]) for r in ranks]
+    popularity = np.empty(num_adapters)
+    popularity[ids] = p
+    return popularity, ids[ranks]
+
+
+def zipf_trace(n: int, num_adapters: int, s: float, seed: int) -> list[int]:
+    """``n`` adapter indices drawn Zipf-popular (see ``zipf_draw``)."""
+    return [int(i) for i in zipf_draw(n, num_adapters, s, seed)[1]]
+
+
+def ideal_hit_rate(p: np.ndarray, room: int) -> float:
+    """Steady-state hit rate of a cache of ``room`` items under independent requests with
+    probabilities ``p`` (summing to 1) when it holds the ``room`` most popular: the best any
+    cache policy reaches on such requests."""
+    return float(np.sort(p)[::-1][:room].sum())
+
+
+def lru_hit_rate(p: np.ndarray, room: int) -> float:
+    """Steady-state hit rate of an LRU cache of ``room`` items under independent requests with
+    probabilities ``p`` (summing to 1), by Che's approximation: the characteristic time T solves
+    sum(1 - exp(-p T)) = room, and an item hits with probability 1 - exp(-p T)."""
+    p = p[p > 0]
+    if len(p) <= room:
+        return 1.0
+    lo, hi = 0.0, 1.0
+    while np.sum(1 - np.exp(-p * hi)) < room:
+        hi *= 2
+    for _ in range(200):  # bisection to float precision
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if np.sum(1 - np.exp(-p * mid)) < room else (lo, mid)
+    return float(np.sum(p * (1 - np.exp(-p * hi))))
+
+
+def steady_state_model(popularity: np.ndarray, homes: list[int], replicas: int, room: int) -> dict:
+    """Device-tier hit rates in steady state for affinity without spills (replica r serves the
+    adapters whose home is r, a cache of ``room`` for its share) and round-robin (every replica
+    serves the whole popularity with a cache of ``room``), ideal and LRU; and the ratios.
+    ``homes``: each adapter index's home replica."""
+    homes_array = np.asarray(homes)
+
+    def affinity(hit_rate) -> float:
+        total = 0.0
+        for r in range(replicas):
+            share = popularity[homes_array == r]
+            if share.sum() > 0:
+                total += share.sum() * hit_rate(share / share.sum(), room)
+        return total
+
+    model = {"ideal_affinity": affinity(ideal_hit_rate), "lru_affinity": affinity(lru_hit_rate),
+             "ideal_round_robin": ideal_hit_rate(popularity, room), "lru_round_robin": lru_hit_rate(popularity, room),
+             f"top_{room}_share": ideal_hit_rate(popularity, room),
+             f"top_{replicas * room}_share": ideal_hit_rate(popularity, replicas * room)}
+    model = {key: float(value) for key, value in model.items()}
+    model["ceiling_ratio"] = model["ideal_affinity"] / model["lru_round_robin"]
+    model["ideal_ratio"] = model["ideal_affinity"] / model["ideal_round_robin"]
+    model["lru_ratio"] = model["lru_affinity"] / model["lru_round_robin"]
+    return model
 
 
 def write_adapters(args: argparse.Namespace, model_config: ModelConfig, scratch: Path) -> list[AdapterSpec]:
@@ -128,6 +204,21 @@ def make_replicas(args, checkpoint: Path, store_dir: Path, pool_bytes: int) -> l
                               adapter_store=LocalFolderStore(store_dir), max_lora_rank=args.rank,
                               host_adapter_bytes=4 << 30))
             for _ in range(args.replicas)]
+
+
+class HashOrderSpill(ReplicaRouter):
+    """The router with its spill in plain hash order: the next under-bound replica, whether it
+    holds the adapter or not (the ablation of the holder preference)."""
+
+    @staticmethod
+    def spill_order(adapter_id: str, replicas: list) -> list:
+        return list(replicas)
+
+
+def policies(args: argparse.Namespace) -> tuple[str, ...]:
+    """The policies this run compares, round-robin last."""
+    return ("affinity", "affinity_unbounded", *(("affinity_hash_spill",) if args.compare_spill else ()),
+            "round_robin")
 
 
 class RoundRobin:
@@ -169,19 +260,32 @@ async def serve_trace(policy, requests: list[GenerateRequest], concurrency: int)
     return time.perf_counter() - started, tokens
 
 
+def replica_names(args: argparse.Namespace) -> list[str]:
+    """The replicas' names: what the router hashes adapter ids against."""
+    return [f"replica-{i}" for i in range(args.replicas)]
+
+
+def unbounded_factor(args: argparse.Namespace) -> float:
+    """A load factor whose bound never binds: with c = replicas, ceil(c * (in flight + 1) /
+    replicas) = in flight + 1, at least any one replica's in-flight count + 1 (above 1, as the
+    router requires)."""
+    return float(max(2, args.replicas))
+
+
 def run_policy(name: str, args, checkpoint: Path, store_dir: Path, pool_bytes: int,
                requests: list[GenerateRequest]) -> dict:
     """One policy over the trace on fresh replicas; its counts and throughput."""
     cores = make_replicas(args, checkpoint, store_dir, pool_bytes)
     try:
         async def go() -> tuple[float, int, dict]:
-            if name == "affinity":
-                policy = ReplicaRouter([(f"replica-{i}", core) for i, core in enumerate(cores)],
-                                       load_factor=args.load_factor)
+            if name != "round_robin":
+                router = HashOrderSpill if name == "affinity_hash_spill" else ReplicaRouter
+                policy = router([(name, core) for name, core in zip(replica_names(args), cores)],
+                                load_factor=unbounded_factor(args) if name == "affinity_unbounded" else args.load_factor)
                 wall, tokens = await serve_trace(policy, requests, args.concurrency)
                 decisions = {d: sum(policy.metrics.registry.get_sample_value(
                     "tailor_router_decisions_total", {"replica": r.url, "decision": d}) or 0 for r in policy.replicas)
-                    for d in ("home", "spill")}
+                    for d in ("home", "spill", "spill_holder")}
                 return wall, tokens, decisions
             wall, tokens = await serve_trace(RoundRobin(cores), requests, args.concurrency)
             return wall, tokens, {}
@@ -222,44 +326,68 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
         pool_bytes, sizing = pool_bytes_for(args, checkpoint, ref.layer_elems)
     finally:
         probe.close()
-    trace = zipf_trace(args.num_requests, args.adapters, args.zipf, args.seed)
+    popularity, drawn = zipf_draw(args.num_requests, args.adapters, args.zipf, args.seed)
+    trace = [int(i) for i in drawn]
     requests = requests_for(trace, specs, args)
+    names = replica_names(args)
+    homes = [names.index(rendezvous_order(spec.id, names)[0]) for spec in specs]
+    model = steady_state_model(popularity, homes, args.replicas, args.room)
     print(f"{args.adapters} adapters (rank {args.rank}), {len(set(trace))} used by {len(trace)} requests; "
           f"{args.replicas} replicas, pool {pool_bytes / 2**20:.1f} MiB each ({sizing})", flush=True)
 
-    runs: dict[str, list[dict]] = {p: [] for p in POLICIES}
+    compared = policies(args)
+    runs: dict[str, list[dict]] = {p: [] for p in compared}
     for repeat in range(args.repeats):
-        order = POLICIES if repeat % 2 == 0 else tuple(reversed(POLICIES))
+        order = compared if repeat % 2 == 0 else tuple(reversed(compared))
         for name in order:
             run = run_policy(name, args, checkpoint, scratch / "store", pool_bytes, requests)
             runs[name].append(run)
             print(f"round {repeat + 1}/{args.repeats} {name}: hit rate {run['device_hit_rate']:.3f}, "
                   f"{run['requests_per_s']:.2f} req/s", flush=True)
 
-    rows = [median_run(runs[name], ("requests_per_s", "device_hit_rate")) for name in POLICIES]
-    affinity, rr = rows
-    throughput_ratios = [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(runs["affinity"], runs["round_robin"])]
-    hit_ratio = affinity["device_hit_rate"] / max(1e-9, rr["device_hit_rate"])
-    print(f"\n{'policy':>12} {'hit rate':>9} {'hits':>6} {'misses':>7} {'page-ins':>9} {'fetches':>8} "
-          f"{'req/s':>8} {'tok/s':>8} {'wall s':>7}")
-    for r in rows:
-        print(f"{r['policy']:>12} {r['device_hit_rate']:>9.3f} {r['device_hits']:>6} {r['device_misses']:>7} "
-              f"{r['device_loads']:>9} {r['host_loads']:>8} {r['requests_per_s']:>8.2f} {r['tokens_per_s']:>8.1f} "
-              f"{r['wall_s']:>7.1f}")
-    print(f"hit rate affinity / round-robin: {hit_ratio:.2f}x; throughput affinity / round-robin, median of the "
-          f"rounds: {statistics.median(throughput_ratios):.2f}x (rounds {', '.join(f'{x:.2f}' for x in throughput_ratios)})")
+    rows = {name: median_run(runs[name], ("requests_per_s", "device_hit_rate")) for name in compared}
+    rr = rows["round_robin"]
+    hit_ratios = {name: rows[name]["device_hit_rate"] / max(1e-9, rr["device_hit_rate"]) for name in compared[:-1]}
+    throughput_ratios = {name: [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(runs[name], runs["round_robin"])]
+                         for name in compared[:-1]}
+    print_table(rows, hit_ratios, throughput_ratios, model)
     report = {
         **report_header("replica_routing", args),
         "sizing": sizing,
         "distinct_adapters_used": len(set(trace)),
-        "hit_rate_ratio": hit_ratio,
-        "throughput_ratio_rounds": throughput_ratios,
-        "throughput_ratio_median": statistics.median(throughput_ratios),
-        "results": rows,
+        "steady_state_model": model,
+        "hit_rate_ratio": hit_ratios["affinity"],
+        "hit_rate_ratio_unbounded": hit_ratios["affinity_unbounded"],
+        "throughput_ratio_rounds": throughput_ratios["affinity"],
+        "throughput_ratio_median": statistics.median(throughput_ratios["affinity"]),
+        "throughput_ratio_rounds_unbounded": throughput_ratios["affinity_unbounded"],
+        "hit_rate_ratios": hit_ratios,
+        "results": [rows[name] for name in compared],
         "runs": runs,
     }
     write_results(report, args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json")
     return 0
+
+
+def print_table(rows: dict[str, dict], hit_ratios: dict[str, float], throughput_ratios: dict[str, list[float]],
+                model: dict) -> None:
+    """The measured rows, the ratios against round-robin and the steady-state model."""
+    print(f"\n{'policy':>18} {'hit rate':>9} {'hits':>6} {'misses':>7} {'page-ins':>9} {'fetches':>8} "
+          f"{'spill/holder':>13} {'req/s':>8} {'tok/s':>8} {'wall s':>7}")
+    for r in rows.values():
+        decisions = r["router_decisions"]
+        spills = f"{decisions['spill']:.0f}/{decisions['spill_holder']:.0f}" if decisions else "-"
+        print(f"{r['policy']:>18} {r['device_hit_rate']:>9.3f} {r['device_hits']:>6} {r['device_misses']:>7} "
+              f"{r['device_loads']:>9} {r['host_loads']:>8} {spills:>13} {r['requests_per_s']:>8.2f} "
+              f"{r['tokens_per_s']:>8.1f} {r['wall_s']:>7.1f}")
+    for name, ratio in hit_ratios.items():
+        rounds = throughput_ratios[name]
+        print(f"{name} / round-robin: hit rate {ratio:.2f}x; throughput, median of the rounds "
+              f"{statistics.median(rounds):.2f}x (rounds {', '.join(f'{x:.2f}' for x in rounds)})")
+    print(f"steady state: hit rate ideal affinity {model['ideal_affinity']:.3f}, LRU affinity {model['lru_affinity']:.3f}, "
+          f"ideal round-robin {model['ideal_round_robin']:.3f}, LRU round-robin {model['lru_round_robin']:.3f}; "
+          f"ceiling (ideal affinity / LRU round-robin) {model['ceiling_ratio']:.2f}x, LRU / LRU "
+          f"{model['lru_ratio']:.2f}x, ideal / ideal {model['ideal_ratio']:.2f}x")
 
 
 if __name__ == "__main__":
