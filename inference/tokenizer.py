@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoTokenizer
+
+from inference.tool_calls import ToolCallFormat, detect_format
 
 
 class Tokenizer:
@@ -70,14 +73,43 @@ class Tokenizer:
     def has_chat_template(self) -> bool:
         return bool(getattr(self._tok, "chat_template", None))
 
-    def apply_chat_template(self, messages: list[dict[str, Any]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the model's template plus the assistant prompt."""
+    @functools.cached_property
+    def renders_tools(self) -> bool:
+        """The chat template reads a ``tools`` variable (so it can tell the model its functions)."""
+        return any("tools" in _template_variables(t) for t in self._templates())
+
+    @functools.cached_property
+    def tool_call_format(self) -> ToolCallFormat | None:
+        """The tool-call format the template teaches (``inference.tool_calls``), or None."""
+        for template in self._templates():
+            if "tools" in _template_variables(template):
+                found = detect_format(template)
+                if found is not None:
+                    return found
+        return None
+
+    def added_token_ids(self, texts: Iterable[str]) -> dict[str, int]:
+        """Those of ``texts`` that the tokenizer holds as single added tokens, with their ids."""
+        added = self._tok.get_added_vocab()
+        return {t: added[t] for t in texts if t in added}
+
+    def _templates(self) -> list[str]:
+        """The chat template's text (a checkpoint may name several, e.g. ``default`` and ``tool_use``)."""
+        template = getattr(self._tok, "chat_template", None)
+        if isinstance(template, dict):
+            return [t for t in template.values() if isinstance(t, str)]
+        return [template] if isinstance(template, str) else []
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+        """Token ids of ``messages`` rendered with the model's template plus the assistant prompt;
+        ``tools``: the functions (OpenAI's tool objects) for a template that renders them."""
         if not self.has_chat_template:
             raise ValueError("this model has no chat template")
         problems = _message_problems(messages)
         if problems:
             raise ValueError("invalid chat messages: " + "; ".join(problems))
-        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        extra = {"tools": tools} if tools else {}
+        ids = self._tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return list(ids)
@@ -97,7 +129,22 @@ def _byte_level_decoder() -> dict[str, int]:
     return chars
 
 
+@functools.lru_cache(maxsize=8)
+def _template_variables(template: str) -> frozenset[str]:
+    """The variables a Jinja template reads from its context."""
+    import jinja2
+    import jinja2.meta
+
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
+    except jinja2.TemplateSyntaxError:
+        return frozenset()
+
+
 def _message_problems(messages: Any) -> list[str]:
+    """What is wrong with a chat: each message a dict with a ``role`` (system, user, assistant or
+    tool) and a string ``content``; an assistant message may instead carry ``tool_calls`` (content
+    None), and a tool message names the call it answers (``tool_call_id``)."""
     if not isinstance(messages, list) or not messages:
         return ["a conversation must be a non-empty list of messages"]
     problems = []
@@ -105,8 +152,14 @@ def _message_problems(messages: Any) -> list[str]:
         if not isinstance(message, dict):
             problems.append(f"message {i} must be a dict with 'role' and 'content'")
             continue
-        if message.get("role") not in ("system", "user", "assistant"):
-            problems.append(f"message {i} role must be system, user or assistant, got {message.get('role')!r}")
-        if not isinstance(message.get("content"), str):
+        role = message.get("role")
+        if role not in ("system", "user", "assistant", "tool"):
+            problems.append(f"message {i} role must be system, user, assistant or tool, got {role!r}")
+        calls = message.get("tool_calls")
+        if calls is not None and (role != "assistant" or not isinstance(calls, list) or not calls):
+            problems.append(f"message {i}: only an assistant message has tool_calls (a non-empty list)")
+        if not isinstance(message.get("content"), str) and not (calls and message.get("content") is None):
             problems.append(f"message {i} content must be a string")
+        if role == "tool" and not isinstance(message.get("tool_call_id"), str):
+            problems.append(f"message {i}: a tool message needs the tool_call_id it answers")
     return problems

@@ -85,6 +85,7 @@ def write_tiny_llama(
     tie: bool = True,
     rope_scaling: dict | None = None,
     max_shard_size: str | None = None,
+    vocab_size: int = 49152,
 ) -> Path:
     """Save a random-weight HF Llama checkpoint that shares the bundled tokenizer."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -94,7 +95,7 @@ def write_tiny_llama(
     if rope_scaling:
         rope_parameters = {"rope_theta": 500000.0, **rope_scaling}
     config = LlamaConfig(
-        vocab_size=49152,
+        vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
@@ -123,3 +124,22 @@ def write_tiny_llama(
 def tiny_checkpoint(tmp_path_factory, bundled_checkpoint) -> Path:
     """A 2-layer GQA Llama with random weights (fast engine tests)."""
     return write_tiny_llama(tmp_path_factory.mktemp("tiny"), bundled_checkpoint, seed=1234)
+
+
+TOOL_TOKENS = ("<tool_call>", "</tool_call>")
+HERMES_TEMPLATE = Path(__file__).parent / "support" / "chat_templates" / "hermes_tools.jinja"
+
+
+@pytest.fixture(scope="session")
+def tools_checkpoint(tmp_path_factory, bundled_checkpoint) -> Path:
+    """The tiny Llama with a tool-calling tokenizer as Qwen2.5 has it: the bundled (ChatML)
+    tokenizer plus ``<tool_call>`` and ``</tool_call>`` as added, non-special tokens, and a
+    Hermes-format chat template that renders tools (tests/support/chat_templates/hermes_tools.jinja)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(bundled_checkpoint))
+    tokenizer.add_tokens(list(TOOL_TOKENS), special_tokens=False)
+    out = write_tiny_llama(tmp_path_factory.mktemp("tools"), bundled_checkpoint, seed=4321, vocab_size=len(tokenizer))
+    tokenizer.chat_template = HERMES_TEMPLATE.read_text()
+    tokenizer.save_pretrained(out)
+    return out

@@ -140,7 +140,7 @@ class StructuredGrammars:
                     import llguidance.hf
                 except ImportError as exc:
                     raise GrammarUnavailableError(
-                        "response_format: structured outputs need the llguidance package, which is not installed "
+                        "structured outputs need the llguidance package, which is not installed "
                         "on this inference server") from exc
                 from transformers import AutoTokenizer
 
@@ -156,7 +156,10 @@ class StructuredGrammars:
         tokenizer = self._llg_tokenizer()
         options = {**_JSON_OPTIONS, "lenient": not spec.strict}
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema_object(), overrides=options)
+            if spec.kind == "lark":
+                grammar = llguidance.LLMatcher.grammar_from_lark(spec.schema)
+            else:
+                grammar = llguidance.LLMatcher.grammar_from_json_schema(spec.schema_object(), overrides=options)
         except Exception as exc:  # llguidance reports schema errors as ValueError (or RuntimeError)
             return str(exc)
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, tokenizer)
@@ -191,13 +194,14 @@ class StructuredGrammars:
         it (or reads the cache)."""
         found = spec.problems()
         if found:
-            return None, [f"response_format: {p}" for p in found]
+            return None, [f"{spec.origin}: {p}" for p in found]
         try:
             entry = self._entry(spec)
         except GrammarUnavailableError as exc:
-            return None, [str(exc)]
+            return None, [f"{spec.origin}: {exc}"]
         if isinstance(entry, str):
-            return None, [f"response_format: the schema cannot be used: {entry}"]
+            what = "the grammar" if spec.kind == "lark" else "the schema"
+            return None, [f"{spec.origin}: {what} cannot be used: {entry}"]
         return entry, []
 
     def problems(self, spec: StructuredOutput) -> list[str]:
