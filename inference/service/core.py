@@ -42,6 +42,8 @@ from inference.service.events import (
 from inference.service.metrics import InferenceMetrics
 from inference.service.protocol import AdapterSpec, GenerateRequest, InferenceError
 from inference.service.worker_supervisor import WorkerSupervisor
+from inference.structured import StructuredOutput
+from inference.tool_calls import FORMATS, ToolCallFormat, tool_grammar
 
 log = logging.getLogger(__name__)
 UNLIKELY_LOGPROB = -9999.0  # reported for a logprob that is not finite (as OpenAI does)
@@ -160,7 +162,38 @@ class InferenceCore:
         return True
 
     # ------------------------------------------------------------------ generation
-    def _sampling(self, req: GenerateRequest) -> SamplingParams:
+    def _tool_setup(self, req: GenerateRequest) -> tuple[list[dict] | None, ToolCallFormat | None]:
+        """The tools to render (OpenAI tool objects, or None) and the format their calls are
+        constrained to (None: no calls). A template that does not render tools is a 422 unless the
+        choice is ``none`` (then the tools are left out), and so are tool calls or results in the
+        messages for it; so is a template whose call format Tailor does not know
+        (``inference.tool_calls``)."""
+        if not self.tokenizer.renders_tools and any(m.role == "tool" or m.tool_calls for m in req.messages):
+            raise InferenceError.invalid("messages: the model's chat template does not support tools, so it cannot "
+                                         "render tool calls or tool results")
+        if not req.tools:
+            return None, None
+        if not self.tokenizer.renders_tools:
+            if req.tool_choice == "none":
+                return None, None
+            raise InferenceError.invalid("tools: the model's chat template does not support tools (it has no place "
+                                         "for them), so this model cannot call functions")
+        entries = [t.function().template_entry() for t in req.tools]
+        fmt = self.tokenizer.tool_call_format
+        if fmt is None and req.tool_choice != "none":
+            raise InferenceError.invalid("tools: the model's chat template renders tools, but its tool-call format is "
+                                         "not one Tailor can constrain and parse (it knows "
+                                         f"{', '.join(FORMATS)})")
+        return entries, fmt
+
+    def _sampling(self, req: GenerateRequest, tool_format: ToolCallFormat | None = None) -> SamplingParams:
+        """The engine's sampling parameters; with ``tool_format`` the output is constrained to
+        ``req``'s tool choice in that format."""
+        structured = req.response_format.structured() if req.response_format is not None else None
+        if tool_format is not None and req.tools:
+            grammar = tool_grammar(tool_format, [t.function() for t in req.tools], req.tool_choice,
+                                   req.parallel_tool_calls, self.tokenizer.added_token_ids(tool_format.markers))
+            structured = StructuredOutput.lark(grammar, "tools")
         try:
             return SamplingParams(
                 max_tokens=req.max_tokens,
@@ -174,7 +207,7 @@ class InferenceCore:
                 repetition_penalty=req.repetition_penalty,
                 logit_bias=req.logit_bias,
                 logprobs=req.logprobs,
-                structured=req.response_format.structured() if req.response_format is not None else None,
+                structured=structured,
             )
         except ValueError as exc:
             raise InferenceError.invalid(str(exc)) from exc
@@ -193,7 +226,8 @@ class InferenceCore:
         """
         if not self.ready():
             raise InferenceError.unavailable("the engine is not running")
-        params = self._sampling(req)
+        tools, tool_format = self._tool_setup(req)
+        params = self._sampling(req, tool_format)
         room = self.engine.max_model_len - req.max_tokens
         if room < 1:
             raise InferenceError.invalid(
@@ -202,9 +236,9 @@ class InferenceCore:
             )
         limit = min(room, req.history_token_budget or room)
         ref = await self.ensure_adapter(req.adapter) if req.adapter is not None else None
-        messages = [m.model_dump() for m in req.messages]
+        messages = [m.template_message() for m in req.messages]
         rendered = await asyncio.to_thread(render_chat, self.tokenizer, req.system_prompt, messages, limit,
-                                           req.history_trim_step_tokens)
+                                           req.history_trim_step_tokens, tools)
         request_id = req.request_id or uuid.uuid4().hex
         if params.structured is not None:  # compile (once per schema, cached) off the event loop
             await asyncio.to_thread(self.engine.grammars.problems, params.structured)
@@ -222,7 +256,8 @@ class InferenceCore:
         except RuntimeError as exc:  # the loop stopped between the check and the submit
             raise InferenceError.unavailable(str(exc)) from exc
         first = await self._first_output(outputs, started) if req.ttft_slo_s is not None else None
-        events = self._events(request_id, rendered, outputs, started, first, req.logprobs is not None)
+        calls_from = tool_format.name if tool_format is not None and req.tool_choice != "none" else None
+        events = self._events(request_id, rendered, outputs, started, first, req.logprobs is not None, calls_from)
         return GenerationStream(events, lambda: self._abandon(outputs))
 
     async def _first_output(self, outputs: OutputStream, started: float) -> RequestOutput:
@@ -250,15 +285,17 @@ class InferenceCore:
         outputs.close()
 
     async def _events(self, request_id: str, rendered: RenderedPrompt, outputs: OutputStream, started: float,
-                      first: RequestOutput | None = None, logprobs: bool = False) -> AsyncIterator[GenerationEvent]:
+                      first: RequestOutput | None = None, logprobs: bool = False,
+                      tool_call_format: str | None = None) -> AsyncIterator[GenerationEvent]:
         """The engine's outputs (``first`` when it was read already, then the rest) as typed
         events, and the request's metrics on the way; ``started``: when it was submitted. With
-        ``logprobs`` every step that produced tokens yields a delta carrying theirs."""
+        ``logprobs`` every step that produced tokens yields a delta carrying theirs; the start
+        event names ``tool_call_format``."""
         prompt_tokens = len(rendered.token_ids)
         first_token_at: float | None = None
         stream = _outputs_after(first, outputs)
         try:
-            yield GenerationStarted(request_id, prompt_tokens, rendered.messages_used)
+            yield GenerationStarted(request_id, prompt_tokens, rendered.messages_used, tool_call_format)
             async for output in stream:
                 if output.new_token_ids and first_token_at is None:
                     first_token_at = time.monotonic() - started

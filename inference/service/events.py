@@ -2,8 +2,9 @@
 
 Inside Tailor a generation is a stream of these frozen dataclasses:
 
-* :class:`GenerationStarted` once, first: the request id, the prompt's length in tokens, and how
-  many of the request's messages made it into the prompt;
+* :class:`GenerationStarted` once, first: the request id, the prompt's length in tokens, how
+  many of the request's messages made it into the prompt, and the tool-call format to parse the
+  output with (when tools may be called);
 * :class:`TextDelta` for every step that produced text (``tokens``: how many token ids it carries;
   with logprobs requested also for steps that produced tokens but no text yet, each new token's
   :class:`TokenLogprobs` in ``logprobs``);
@@ -25,15 +26,20 @@ from typing import Union
 
 from inference.request import FinishReason
 from inference.service.protocol import InferenceError
+from inference.tool_calls import FORMATS
 
 FAILED_STATUS = 503  # a generation that fails after it started: the platform's fault, retry later
 
 
 @dataclass(frozen=True, slots=True)
 class GenerationStarted:
+    """``tool_call_format``: the output may hold tool calls in this format
+    (``inference.tool_calls.FORMATS``), or None."""
+
     request_id: str
     prompt_tokens: int
     messages_used: int
+    tool_call_format: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,8 +122,11 @@ class MalformedEvent(ValueError):
 def to_wire(event: GenerationEvent) -> dict:
     """The internal service's JSON object for ``event`` (key order is part of the wire format)."""
     if isinstance(event, GenerationStarted):
-        return {"event": "start", "request_id": event.request_id, "prompt_tokens": event.prompt_tokens,
+        wire = {"event": "start", "request_id": event.request_id, "prompt_tokens": event.prompt_tokens,
                 "messages_used": event.messages_used}
+        if event.tool_call_format is not None:
+            wire["tool_call_format"] = event.tool_call_format
+        return wire
     if isinstance(event, TextDelta):
         wire = {"event": "delta", "text": event.text, "tokens": event.tokens}
         if event.logprobs is not None:
@@ -146,8 +155,11 @@ def from_wire(obj: object) -> GenerationEvent:
         raise MalformedEvent("an event must be a JSON object")
     kind = obj.get("event")
     if kind == "start":
+        tool_format = obj.get("tool_call_format")
+        if tool_format is not None and tool_format not in FORMATS:
+            raise MalformedEvent(f"start event: unknown tool_call_format {tool_format!r}")
         return GenerationStarted(_field(obj, "request_id", str), _field(obj, "prompt_tokens", int),
-                                 _field(obj, "messages_used", int))
+                                 _field(obj, "messages_used", int), tool_format)
     if kind == "delta":
         logprobs = obj.get("logprobs")
         return TextDelta(_field(obj, "text", str), _field(obj, "tokens", int),

@@ -3,7 +3,8 @@
 A generation streams typed events (``inference.service.events``: started, text delta, ended,
 failed); over HTTP each is one JSON object per line (``application/x-ndjson``):
 
-* ``{"event": "start", "request_id", "prompt_tokens", "messages_used"}`` once, first;
+* ``{"event": "start", "request_id", "prompt_tokens", "messages_used"}`` once, first (with
+  ``"tool_call_format"`` when the output may hold tool calls: ``inference.tool_calls.FORMATS``);
 * ``{"event": "delta", "text", "tokens"}`` for every step that produced text (``tokens``: how many
   token ids this delta carries); with ``logprobs`` requested, for every step that produced tokens,
   with ``"logprobs": [{"token", "bytes", "logprob", "top": [{"token", "bytes", "logprob"}]}]``,
@@ -21,15 +22,18 @@ refusal) is there, the refusal as 503 with ``Retry-After`` and ``{"detail": [...
 
 from __future__ import annotations
 
-from typing import Literal
+import json
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue
+from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from inference.structured import StructuredOutput
+from inference.tool_calls import FUNCTION_NAME_PATTERN, FunctionSpec
 
 SECRET_HEADER = "X-Tailor-Inference-Secret"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TEXT_CHARS = 4_000_000
+MAX_TOOLS = 128  # functions offered in one request, and calls in one assistant turn
 
 
 class AdapterSpec(BaseModel):
@@ -47,11 +51,73 @@ class AdapterSpec(BaseModel):
     sha256: str = Field(pattern=SHA256_PATTERN)
 
 
-class ChatTurn(BaseModel):
+class ToolCallTurn(BaseModel):
+    """A call an earlier assistant turn made: ``arguments`` is the JSON text of an object."""
+
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_TEXT_CHARS)  # a bound also makes pydantic refuse lone surrogates
+    id: str = Field(min_length=1, max_length=200)
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    arguments: str = Field(max_length=MAX_TEXT_CHARS)
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if not isinstance(parsed, dict):
+            raise ValueError("a tool call's arguments must be the JSON text of an object")
+        return value
+
+
+class ChatTurn(BaseModel):
+    """A message: ``content`` (None only on an assistant turn that made ``tool_calls``); a ``tool``
+    message is the result of the call ``tool_call_id``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant", "tool"]
+    content: str | None = Field(max_length=MAX_TEXT_CHARS)  # a bound also makes pydantic refuse lone surrogates
+    tool_calls: list[ToolCallTurn] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ChatTurn:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message has tool_calls")
+        if self.content is None and self.tool_calls is None:
+            raise ValueError("content is missing (only an assistant message with tool_calls may omit it)")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message, and only a tool message, has a tool_call_id")
+        return self
+
+    def template_message(self) -> dict[str, Any]:
+        """The message as chat templates read it (a call's arguments as an object)."""
+        message: dict[str, Any] = {"role": self.role, "content": self.content}
+        if self.tool_calls is not None:
+            message["tool_calls"] = [{"id": c.id, "type": "function",
+                                      "function": {"name": c.name, "arguments": json.loads(c.arguments)}}
+                                     for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+class ToolSpec(BaseModel):
+    """A function the model may call (OpenAI's ``function`` object): ``parameters`` is the JSON
+    schema of its arguments (None: none); ``strict``: every schema keyword is enforced."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
+    parameters: dict[str, JsonValue] | None = None
+    strict: bool = False
+
+    def function(self) -> FunctionSpec:
+        return FunctionSpec(self.name, self.parameters, self.strict, self.description)
 
 
 class ResponseFormat(BaseModel):
@@ -95,6 +161,13 @@ class GenerateRequest(BaseModel):
     (token id -> bias) as ``inference.sampling.SamplingParams`` defines them; ``logprobs``: None,
     or the number of top alternatives (0-20) to report with each generated token's logprob.
     ``response_format``: the output must be JSON (of a schema), see :class:`ResponseFormat`.
+
+    Tools: ``tools`` are rendered with the chat template (which must support them) and the output
+    is constrained to the template's tool-call format (``inference.tool_calls``); ``tool_choice``
+    is ``auto`` (text or calls), ``required`` (calls only), ``none`` (text only) or the name of
+    one of the tools (one call of it); ``parallel_tool_calls``: more than one call may be made.
+    The start event names the format (``tool_call_format``) when calls may come, for the caller
+    to parse them out of the text.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -117,9 +190,25 @@ class GenerateRequest(BaseModel):
     logit_bias: dict[int, float] = Field(default_factory=dict, max_length=1024)
     logprobs: int | None = Field(None, ge=0, le=20)
     response_format: ResponseFormat | None = None
+    tools: list[ToolSpec] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_choice: str = Field("auto", min_length=1, max_length=64)
+    parallel_tool_calls: bool = True
     tenant: str | None = Field(None, min_length=1, max_length=200, strict=True)
     tenant_weight: float = Field(1.0, gt=0, allow_inf_nan=False, strict=True)
     ttft_slo_s: float | None = Field(None, gt=0, allow_inf_nan=False, strict=True)
+
+    @model_validator(mode="after")
+    def _tools_consistent(self) -> GenerateRequest:
+        names = [t.name for t in self.tools or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: function names must be unique")
+        if self.tool_choice not in ("auto", "none") and self.tool_choice != "required" and self.tool_choice not in names:
+            raise ValueError(f"tool_choice {self.tool_choice!r} is not auto, none, required or one of the tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice required needs tools")
+        if names and self.tool_choice != "none" and self.response_format is not None:
+            raise ValueError("response_format cannot be combined with tools (unless tool_choice is none)")
+        return self
 
 
 class PrefetchRequest(BaseModel):

@@ -181,3 +181,28 @@ async def test_the_core_renders_with_the_requests_step(tiny_checkpoint):
         assert started[1].messages_used > started[0].messages_used
     finally:
         core.close()
+
+
+def test_a_window_never_opens_at_a_tool_result_and_the_tools_count(tools_checkpoint, random_seed):
+    """With tools (a Hermes template): the kept history starts at a user turn, never at an
+    assistant's calls or a tool's result, and the tools' listing counts against the limit."""
+    tok = Tokenizer(tools_checkpoint)
+    rng = random.Random(random_seed)
+    call = {"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": {"q": _text(rng, 5)}}}
+    exchange = [{"role": "user", "content": _text(rng, 20)},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": _text(rng, 40)},
+                {"role": "tool", "tool_call_id": "c1", "content": _text(rng, 40)},
+                {"role": "assistant", "content": _text(rng, 30)}]
+    messages = [*exchange, *exchange, {"role": "user", "content": _text(rng, 10)}]
+    tools = [{"type": "function", "function": {"name": "lookup", "description": _text(rng, 30),
+                                               "parameters": {"type": "object", "properties": {"q": {"type": "string"}}}}}]
+    whole = len(tok.apply_chat_template(messages, tools))
+    for limit in range(whole - 200, whole + 1, 7):
+        rendered = render_chat(tok, None, messages, limit, None, tools)
+        start = len(messages) - rendered.messages_used
+        assert len(rendered.token_ids) <= limit
+        assert messages[start]["role"] == "user", (limit, start)
+        assert rendered.token_ids == tok.apply_chat_template(messages[start:], tools)
+    without = render_chat(tok, None, messages, whole, None, None)
+    assert len(without.token_ids) < whole  # the tools' listing took room

@@ -24,6 +24,8 @@ from inference.service.events import (
 EVENTS = [
     (GenerationStarted("r1", 12, 3),
      '{"event": "start", "request_id": "r1", "prompt_tokens": 12, "messages_used": 3}'),
+    (GenerationStarted("r2", 40, 1, "hermes"),
+     '{"event": "start", "request_id": "r2", "prompt_tokens": 40, "messages_used": 1, "tool_call_format": "hermes"}'),
     (TextDelta("Grüß", 2), '{"event": "delta", "text": "Grüß", "tokens": 2}'),
     (GenerationEnded(FinishReason.LENGTH, 12, 4, "Grüß dich"),
      '{"event": "end", "finish_reason": "length", "prompt_tokens": 12, "completion_tokens": 4, "text": "Grüß dich"}'),
@@ -41,7 +43,7 @@ def test_the_wire_form_is_unchanged_and_round_trips(event, line):
 
 
 def test_only_ended_and_failed_are_terminal():
-    assert [is_terminal(e) for e, _ in EVENTS] == [False, False, True, True, False]
+    assert [is_terminal(e) for e, _ in EVENTS] == [False, False, False, True, True, False]
     assert GenerationEnded(FinishReason.STOP, 2, 3, "x").total_tokens == 5
     assert GenerationFailed("x").status == 503
 
@@ -49,6 +51,7 @@ def test_only_ended_and_failed_are_terminal():
 @pytest.mark.parametrize("obj", [
     [], "start", {"event": "surprise"}, {"event": "delta", "text": "a"}, {"event": "delta", "text": 1, "tokens": 1},
     {"event": "start", "request_id": "r", "prompt_tokens": True, "messages_used": 1},
+    {"event": "start", "request_id": "r", "prompt_tokens": 1, "messages_used": 1, "tool_call_format": "xml"},
     {"event": "end", "finish_reason": "bored", "prompt_tokens": 1, "completion_tokens": 1, "text": ""},
     {"event": "delta", "text": "", "tokens": 1, "logprobs": {}},
     {"event": "delta", "text": "", "tokens": 1, "logprobs": [{"token": "a", "bytes": [256], "logprob": 0, "top": []}]},
