@@ -1,14 +1,17 @@
 """The OpenAI Chat Completions request as ``POST /v1/chat/completions`` reads it: every field the
 official ``openai`` client can send is declared here and is either honoured or refused with a 422
 naming it. Nothing is ignored: a field this module does not know is refused too (``extra``), and so
-is a known field set to a value Tailor cannot honour (tools...), with a message that says so. ``response_format`` ``json_object`` and ``json_schema`` (with ``strict``) constrain the
-output to JSON (of the schema) with a grammar (``inference.structured``); a schema the grammar
-engine cannot compile is a 422 with its reason. All problems of one body come back in one 422
+is a known field set to a value Tailor cannot honour (audio...), with a message that says so.
+``response_format`` ``json_object`` and ``json_schema`` (with ``strict``) constrain the output to
+JSON (of the schema) with a grammar (``inference.structured``); a schema the grammar engine cannot
+compile is a 422 with its reason. ``tools`` and ``tool_choice`` constrain the output to the model's
+tool-call format (``inference.tool_calls``); the inference service refuses them (422) for a model
+whose chat template does not support tools. All problems of one body come back in one 422
 (cross-field rules are field validators that read the fields declared before them).
 
 ``HONOURED`` and ``REFUSED`` list the fields by policy (the README's table and the tests follow
 them); a refused field is accepted only at its neutral value (absent, null, or the value that asks
-for what Tailor does anyway, such as ``tools: []`` or ``tool_choice: "none"``).
+for what Tailor does anyway, such as ``metadata: {}``).
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, JsonValue, StringConstraints, Tag, \
     ValidationInfo, field_validator, model_validator
 
-from inference.service.protocol import ResponseFormat
+from inference.service.protocol import MAX_TOOLS, ResponseFormat
 from inference.structured import MAX_SCHEMA_CHARS
+from inference.tool_calls import FUNCTION_NAME_PATTERN
 
 OPENAI_TYPES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "42" is not a number, "yes" no boolean
 MAX_CONTENT_CHARS = 1_000_000
@@ -29,7 +33,6 @@ MAX_STOP = 16
 # A length bound also makes pydantic check that the text is valid Unicode (a lone surrogate is not)
 Text = Annotated[str, StringConstraints(max_length=MAX_CONTENT_CHARS)]
 StopText = Annotated[str, StringConstraints(min_length=1, max_length=500)]
-NOT_YET = "not supported yet"
 MAX_CHOICES = 8  # ``n``: choices of one completion
 
 
@@ -88,31 +91,77 @@ NO_NAMES = "message names are not supported: the model's chat template has no pl
 
 
 def _supported_role(role: str) -> str:
-    if role in ("tool", "function"):
-        raise ValueError(f"tool and function messages are {NOT_YET}")
+    if role == "function":
+        raise ValueError("function messages are deprecated and not supported: send the result as a tool message")
     return role
 
 
+def _json_object_text(value: str) -> str:
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be the JSON text of an object")
+    return value
+
+
+class CalledFunction(BaseModel):
+    model_config = OPENAI_TYPES
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    arguments: Annotated[Text, AfterValidator(_json_object_text)]
+
+
+class MessageToolCall(BaseModel):
+    """A call an earlier assistant message made (as the completion returned it)."""
+
+    model_config = OPENAI_TYPES
+
+    id: str = Field(min_length=1, max_length=200)
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class Message(BaseModel):
-    """A chat message. ``developer`` is a ``system`` message. Tool calls and tool results, names,
-    audio and refusals are refused, naming the field."""
+    """A chat message. ``developer`` is a ``system`` message; an ``assistant`` message may carry
+    the ``tool_calls`` it made (its content may then be null), and a ``tool`` message is the result
+    of the call ``tool_call_id``. Names, audio, refusals and ``function`` messages are refused,
+    naming the field."""
 
     model_config = OPENAI_TYPES
 
     role: Annotated[Literal["system", "developer", "user", "assistant", "tool", "function"],
                     AfterValidator(_supported_role)]
-    content: Content
+    content: Content | None = None
     name: refused(NO_NAMES) = None
     refusal: refused("a refusal on an earlier assistant message is not supported (send it as content)") = None
     audio: refused("audio is not supported (text only)") = None
-    tool_calls: refused(f"tool calls are {NOT_YET}", _absent_or_empty) = None
-    function_call: refused(f"function calls are {NOT_YET}") = None
-    tool_call_id: refused(f"tool results are {NOT_YET}") = None
+    tool_calls: Annotated[list[MessageToolCall], Field(max_length=MAX_TOOLS)] | None = None
+    function_call: refused("function_call on a message is deprecated and not supported: use tool_calls") = None
+    tool_call_id: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _shape(self) -> Message:
+        problems = []
+        if self.tool_calls and self.role != "assistant":
+            problems.append("only an assistant message has tool_calls")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            problems.append("content is required (only an assistant message with tool_calls may omit it)")
+        if self.role == "tool" and self.tool_call_id is None:
+            problems.append("a tool message needs the tool_call_id of the call it answers")
+        if self.role != "tool" and self.tool_call_id is not None:
+            problems.append("only a tool message has a tool_call_id")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
-def message_text(message: Message) -> str:
-    """The message's text (text parts joined)."""
+def message_text(message: Message) -> str | None:
+    """The message's text (text parts joined); None when it has none (an assistant's tool calls)."""
     content = message.content
+    if content is None:
+        return None
     return content if isinstance(content, str) else "".join(p.text or "" for p in content)
 
 
@@ -180,6 +229,48 @@ def response_format_spec(value: TextFormat | JsonObjectFormat | JsonSchemaFormat
                           strict=value.json_schema.strict is True)
 
 
+class FunctionDefinition(BaseModel):
+    """A function the model may call: ``parameters`` is the JSON schema of its arguments (absent:
+    none); ``strict``: a schema keyword the grammar engine cannot enforce is a 422, not ignored."""
+
+    model_config = OPENAI_TYPES
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+    description: str | None = Field(None, max_length=10_000)
+    parameters: Annotated[dict[str, JsonValue], AfterValidator(_schema_size)] | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(BaseModel):
+    model_config = OPENAI_TYPES
+
+    type: Annotated[str, _neutral_only(lambda v: v == "function", "only function tools are supported")]
+    function: FunctionDefinition
+
+
+class FunctionName(BaseModel):
+    model_config = OPENAI_TYPES
+
+    name: str = Field(pattern=FUNCTION_NAME_PATTERN)
+
+
+class NamedToolChoice(BaseModel):
+    """``{"type": "function", "function": {"name": ...}}``: exactly one call of that function."""
+
+    model_config = OPENAI_TYPES
+
+    type: Literal["function"]
+    function: FunctionName
+
+
+def _unique_names(value: list[FunctionTool] | None) -> list[FunctionTool] | None:
+    names = [t.function.name for t in value or ()]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"function names must be unique; repeated: {', '.join(repeated)}")
+    return value
+
+
 def _token_id_keys(value: dict[str, float] | None) -> dict[str, float] | None:
     if value is not None:
         bad = [k for k in value if not k.isascii() or not k.isdigit() or len(k) > 9]
@@ -228,12 +319,18 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormatField | None = Field(
         None, description="`text`, `json_object` or `json_schema` (with `strict`): the output is constrained to JSON "
         "(of the schema) by a grammar")
-    # refused (a later version honours the first ones) -------------------------------------------------
-    tools: refused(f"tools are {NOT_YET}", _absent_or_empty) = None
-    tool_choice: refused(f"tool_choice is {NOT_YET}", lambda v: v in (None, "none")) = None
-    parallel_tool_calls: refused(f"parallel_tool_calls: tools are {NOT_YET}") = None
-    functions: refused(f"functions: tools are {NOT_YET}", _absent_or_empty) = None
-    function_call: refused(f"function_call: tools are {NOT_YET}", lambda v: v in (None, "none")) = None
+    tools: Annotated[list[FunctionTool], Field(max_length=MAX_TOOLS), AfterValidator(_unique_names)] | None = Field(
+        None, description="functions the model may call (the model's chat template must support tools); the calls "
+        "come back as `tool_calls`, their arguments constrained to each function's schema")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, validate_default=True, description="`auto` (default with tools): text or calls; `required`: one or "
+        "more calls; `none`: text only; a named function: one call of it")
+    parallel_tool_calls: bool | None = Field(None, description="more than one call in a turn (default true; the "
+                                             "model's format may allow only one)")
+    # refused ---------------------------------------------------------------------------------------
+    functions: refused("functions is deprecated and not supported: use tools", _absent_or_empty) = None
+    function_call: refused("function_call is deprecated and not supported: use tool_choice",
+                           lambda v: v in (None, "none")) = None
     audio: refused("audio output is not supported (text only)") = None
     prediction: refused("predicted outputs are not supported") = None
     metadata: refused("metadata is not supported: completions are not stored", _absent_or_empty) = None
@@ -269,6 +366,28 @@ class ChatCompletionRequest(BaseModel):
             raise ValueError("top_logprobs needs logprobs: true")
         return value
 
+    @field_validator("tool_choice")
+    @classmethod
+    def _choice_fits_tools(cls, value: str | NamedToolChoice | None, info: ValidationInfo) -> str | NamedToolChoice | None:
+        if "tools" not in info.data:  # the tools were refused: that error says it
+            return value
+        names = [t.function.name for t in info.data["tools"] or ()]
+        choice = value.function.name if isinstance(value, NamedToolChoice) else value
+        if choice not in (None, "none", "auto") and not names:
+            raise ValueError(f"tool_choice {choice!r} needs tools")
+        if isinstance(value, NamedToolChoice) and choice not in names:
+            raise ValueError(f"tool_choice names {choice!r}, which is not one of the tools ({', '.join(names)})")
+        constrained = info.data.get("response_format")
+        if names and choice != "none" and constrained is not None and not isinstance(constrained, TextFormat):
+            raise ValueError("response_format json_object/json_schema cannot be combined with tools (unless "
+                             "tool_choice is none): the tool-call format constrains the output")
+        return value
+
+    def tool_choice_name(self) -> str:
+        """The engine's ``tool_choice``: auto, none, required or a function's name."""
+        choice = self.tool_choice
+        return choice.function.name if isinstance(choice, NamedToolChoice) else choice or "auto"
+
     def stop_strings(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
 
@@ -280,5 +399,5 @@ class ChatCompletionRequest(BaseModel):
 HONOURED = ("model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature",
             "top_p", "top_k", "seed", "stop", "presence_penalty", "frequency_penalty", "repetition_penalty",
             "logit_bias", "logprobs", "top_logprobs", "n", "user", "safety_identifier", "service_tier", "modalities",
-            "store", "response_format")
+            "store", "response_format", "tools", "tool_choice", "parallel_tool_calls")
 REFUSED = tuple(name for name in ChatCompletionRequest.model_fields if name not in HONOURED)

@@ -10,7 +10,8 @@ once its first token is there, so that they find the prompt's full KV pages in t
 (same tenant, adapter and prompt) and compute only its last partial page; choice i samples with
 ``seed + i``, and the usage counts the prompt once. ``logprobs`` gives each token's logprob, bytes and ``top_logprobs``
 alternatives; ``response_format`` ``json_object`` / ``json_schema`` constrains the output to JSON
-(of the schema); ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
+(of the schema); ``tools`` / ``tool_choice`` give OpenAI ``tool_calls`` (``api.openai_tool_calls``)
+where the model's chat template supports tools, and 422 where it does not; ``user`` (or ``safety_identifier``) is logged with the completion's id, which is
 also the engine's request id."""
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from starlette.background import BackgroundTask
 from api.deps import Caller, ChatDep, SessionDep, StateDep
 from api.error_responses import errors
 from api.generation import TenantEvents, open_generation, scheduling
-from api.openai_schemas import ChatCompletionRequest, message_text, response_format_spec
+from api.openai_tool_calls import ChoiceToolCalls, plain_message
+from api.openai_schemas import ChatCompletionRequest, Message, message_text, response_format_spec
 from api.state import AppState
-from inference.service.events import (GenerationEnded, GenerationEvent, GenerationFailed, TextDelta, TokenLogprobs,
-                                      is_terminal)
-from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
+from inference.service.events import (GenerationEnded, GenerationEvent, GenerationFailed, GenerationStarted,
+                                      TextDelta, TokenLogprobs, is_terminal)
+from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest, ToolCallTurn, ToolSpec
 from tenants.db import session_scope
 from tenants.platform import adapter_spec
 from tenants.repositories import latest_ready_adapter, ready_adapters
@@ -67,14 +69,21 @@ def _check_limits(state: AppState, body: ChatCompletionRequest) -> int:
     return requested or state.settings.default_max_tokens
 
 
+def _turn(message: Message) -> ChatTurn:
+    """The engine's turn for an OpenAI message (``developer`` is ``system``)."""
+    calls = [ToolCallTurn(id=c.id, name=c.function.name, arguments=c.function.arguments)
+             for c in message.tool_calls] if message.tool_calls else None
+    return ChatTurn(role="system" if message.role == "developer" else message.role, content=message_text(message),
+                    tool_calls=calls, tool_call_id=message.tool_call_id)
+
+
 def generate_request(body: ChatCompletionRequest, completion_id: str, spec: AdapterSpec | None, max_tokens: int,
                      state: AppState, caller: Caller) -> GenerateRequest:
     """The engine request for ``body``: every honoured sampling field mapped (unset ones at the
     engine's neutral values), the tenant's scheduling, ``completion_id`` as the request id."""
     return GenerateRequest(
         request_id=completion_id,
-        messages=[ChatTurn(role="system" if m.role == "developer" else m.role, content=message_text(m))
-                  for m in body.messages],
+        messages=[_turn(m) for m in body.messages],
         adapter=spec,
         history_trim_step_tokens=state.settings.history_trim_step_tokens,  # when it outgrows the context
         max_tokens=max_tokens,
@@ -89,6 +98,10 @@ def generate_request(body: ChatCompletionRequest, completion_id: str, spec: Adap
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
         logprobs=body.top_logprob_count(),
         response_format=response_format_spec(body.response_format),
+        tools=[ToolSpec(name=t.function.name, description=t.function.description, parameters=t.function.parameters,
+                        strict=t.function.strict is True) for t in body.tools] if body.tools else None,
+        tool_choice=body.tool_choice_name(),
+        parallel_tool_calls=body.parallel_tool_calls is not False,
         **scheduling(caller, state.settings),  # the tenant's default SLO, else TAILOR_TTFT_SLO_S
     )
 
@@ -198,16 +211,21 @@ class _Frames:
 
 
 async def _choice_result(frame: _Frames, choice: _Choice) -> tuple[dict, GenerationEnded]:
-    """Run one choice to its end: its ``choices[]`` entry and its end (503 if it failed)."""
+    """Run one choice to its end: its ``choices[]`` entry (tool calls parsed out of the text when
+    the start event names their format) and its end (503 if it failed)."""
     logprobs: list[dict] = []
+    calls: ChoiceToolCalls | None = None
     async for event in choice:
-        if isinstance(event, TextDelta) and event.logprobs:
+        if isinstance(event, GenerationStarted) and event.tool_call_format is not None:
+            calls = ChoiceToolCalls(event.tool_call_format)
+        elif isinstance(event, TextDelta) and event.logprobs:
             logprobs.extend(_logprob_entry(e) for e in event.logprobs)
         elif isinstance(event, GenerationFailed):
             raise HTTPException(event.status, f"generation failed: {event.message}", headers={"Retry-After": "1"})
         elif isinstance(event, GenerationEnded):
-            return {"index": choice.index, "message": {"role": "assistant", "content": event.text, "refusal": None},
-                    "finish_reason": event.finish_reason.value,
+            message = calls.message(event.text) if calls is not None else plain_message(event.text)
+            reason = calls.finish_reason(event.finish_reason) if calls is not None else event.finish_reason.value
+            return {"index": choice.index, "message": message, "finish_reason": reason,
                     "logprobs": {"content": logprobs, "refusal": None} if frame.logprobs else None}, event
     raise HTTPException(503, "the generation ended without an answer", headers={"Retry-After": "1"})
 
@@ -256,20 +274,33 @@ async def _merged(choices: list[_Choice]) -> AsyncIterator[tuple[int, Generation
 async def _completion_chunks(frame: _Frames, choices: list[_Choice], include_usage: bool) -> AsyncIterator[str]:
     """OpenAI's ``chat.completion.chunk`` frames of every choice as they come (each names its
     choice's ``index``), then (``include_usage``) one with the usage and no choices, then
-    ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``."""
+    ``data: [DONE]``. With ``include_usage`` every other chunk has ``usage: null``. A choice whose
+    start event names a tool-call format streams its calls as ``tool_calls`` deltas
+    (``api.openai_tool_calls``); a delta's logprobs ride on its first chunk."""
     events = _merged(choices)
     try:
         for choice in choices:
             yield frame.chunk(choice.index, {"role": "assistant", "content": ""}, None,
                               [] if frame.logprobs else None, include_usage)
         ends: dict[int, GenerationEnded] = {}
+        calls: dict[int, ChoiceToolCalls] = {}
         async for index, event in events:
-            if isinstance(event, TextDelta):
+            if isinstance(event, GenerationStarted) and event.tool_call_format is not None:
+                calls[index] = ChoiceToolCalls(event.tool_call_format)
+            elif isinstance(event, TextDelta):
                 entries = [_logprob_entry(e) for e in event.logprobs or ()] if frame.logprobs else None
-                yield frame.chunk(index, {"content": event.text}, None, entries, include_usage)
+                deltas = calls[index].feed(event.text) if index in calls else [{"content": event.text}]
+                if not deltas and entries:
+                    deltas = [{}]  # the text is held back (it may open a call), its logprobs are not
+                for i, delta in enumerate(deltas):
+                    yield frame.chunk(index, delta, None, entries if i == 0 else None, include_usage)
             elif isinstance(event, GenerationEnded):
                 ends[index] = event
-                yield frame.chunk(index, {}, event.finish_reason.value, None, include_usage)
+                parsed = calls.get(index)
+                for delta in parsed.finish() if parsed is not None else ():
+                    yield frame.chunk(index, delta, None, None, include_usage)
+                reason = parsed.finish_reason(event.finish_reason) if parsed is not None else event.finish_reason.value
+                yield frame.chunk(index, {}, reason, None, include_usage)
             elif isinstance(event, GenerationFailed):
                 yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
         if include_usage and len(ends) == len(choices):

@@ -88,25 +88,25 @@ def test_every_field_of_the_openai_request_is_classified():
     declared = set(ChatCompletionRequest.model_fields)
     assert sent_by_client <= declared, f"fields the openai client can send that the api does not know: {sent_by_client - declared}"
     assert set(HONOURED) | set(REFUSED) == declared and not set(HONOURED) & set(REFUSED)
-    assert {"tools", "tool_choice"} <= set(REFUSED) and {"n", "response_format"} <= set(HONOURED)
+    assert {"functions", "function_call"} <= set(REFUSED)
+    assert {"n", "response_format", "tools", "tool_choice", "parallel_tool_calls"} <= set(HONOURED)
 
 
 def test_refused_fields_are_all_named_in_one_422(oai):
     problems = _refusal(
-        oai, n=9, response_format={"type": "json_schema", "json_schema": {"schema": {}}}, tools=[{"type": "function", "function": {"name": "f"}}],
-        tool_choice="auto", parallel_tool_calls=True, metadata={"k": "v"}, store=True, service_tier="flex",
+        oai, n=9, response_format={"type": "json_schema", "json_schema": {"schema": {}}},
+        tools=[{"type": "function", "function": {"name": "f g"}}], metadata={"k": "v"}, store=True, service_tier="flex",
         modalities=["text", "audio"], reasoning_effort="low", prompt_cache_key="k", verbosity="low",
         web_search_options={}, prediction={"type": "content", "content": "x"}, audio={"voice": "alloy", "format": "wav"},
         functions=[{"name": "f"}], function_call="auto", top_logprobs=2, max_completion_tokens=5,
         extra_body={"surprise": 1, "guided_json": {}},
     )
-    expected = {"n", "response_format.json_schema.json_schema.name", "tools", "tool_choice", "parallel_tool_calls", "metadata", "store",
+    expected = {"n", "response_format.json_schema.json_schema.name", "tools.0.function.name", "metadata", "store",
                 "service_tier", "modalities", "reasoning_effort", "prompt_cache_key", "verbosity", "web_search_options",
                 "prediction", "audio", "functions", "function_call", "top_logprobs", "max_completion_tokens",
                 "surprise", "guided_json"}
     assert set(problems) == expected, problems
-    for field in ("tools", "tool_choice"):
-        assert "not supported yet" in problems[field], problems[field]
+    assert "use tools" in problems["functions"] and "use tool_choice" in problems["function_call"]
     assert "less than or equal to 8" in problems["n"], problems["n"]
     assert problems["response_format.json_schema.json_schema.name"] == "Field required"
     assert "logprobs" in problems["top_logprobs"] and "differ" in problems["max_completion_tokens"]
@@ -117,13 +117,13 @@ def test_refused_message_features_are_named(oai):
                 {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]},
                 {"role": "assistant", "content": "ok", "name": "bot", "tool_calls": [
                     {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
-                {"role": "tool", "content": "42", "tool_call_id": "1"}]
+                {"role": "tool", "content": "42", "tool_call_id": "1"},
+                {"role": "function", "content": "42", "name": "f"}]
     problems = _refusal(oai, messages=messages)
     assert set(problems) == {"messages.1.content.parts.0.type", "messages.1.content.parts.0.image_url",
-                             "messages.2.name", "messages.2.tool_calls", "messages.3.role", "messages.3.tool_call_id"}, \
-        problems
+                             "messages.2.name", "messages.4.role", "messages.4.name"}, problems
     assert "only text" in problems["messages.1.content.parts.0.type"]
-    assert "not supported yet" in problems["messages.3.role"] and "not supported yet" in problems["messages.2.tool_calls"]
+    assert "deprecated" in problems["messages.4.role"]
 
 
 def test_neutral_values_of_refused_fields_are_accepted(oai):

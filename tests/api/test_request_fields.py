@@ -59,7 +59,10 @@ def test_every_honoured_openai_field_reaches_the_engine(recorded):
             "top_logprobs": 2, "n": 1, "user": "someone", "safety_identifier": "someone-else", "service_tier": "auto",
             "modalities": ["text"], "store": False,
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer"},
-                                                                       "strict": True}}}
+                                                                       "strict": True}},
+            "tools": [{"type": "function", "function": {"name": "f", "description": "d", "strict": True,
+                                                        "parameters": {"type": "object", "properties": {}}}}],
+            "tool_choice": "none", "parallel_tool_calls": False}
     assert set(body) == set(HONOURED), "a new honoured field must be mapped and listed here"
     r = client.post("/v1/chat/completions", headers=bearer(key), json=body)
     assert r.status_code == 200, r.text
@@ -69,6 +72,9 @@ def test_every_honoured_openai_field_reaches_the_engine(recorded):
     assert (sent.response_format.type, sent.response_format.json_schema, sent.response_format.strict) == \
         ("json_schema", {"type": "integer"}, True)
     assert sent.stop == ["zz", "yy"] and sent.logprobs == 2 and sent.logit_bias == {17: -3.0, 4: 2.0}
+    assert [(t.name, t.description, t.parameters, t.strict) for t in sent.tools] == \
+        [("f", "d", {"type": "object", "properties": {}}, True)]
+    assert (sent.tool_choice, sent.parallel_tool_calls) == ("none", False)
     assert (sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty) == (0.5, -0.25, 1.5)
     assert sent.request_id.startswith("chatcmpl-") and sent.request_id in r.text
     assert r.text.rstrip().endswith("data: [DONE]") and '"choices": [], "usage": {' in r.text
@@ -83,4 +89,5 @@ def test_openai_defaults_are_neutral(recorded):
     assert (sent.temperature, sent.top_p, sent.top_k, sent.seed, sent.stop, sent.logprobs) == (1.0, 1.0, 0, None, [], None)
     assert (sent.presence_penalty, sent.frequency_penalty, sent.repetition_penalty, sent.logit_bias) == (0, 0, 1, {})
     assert sent.response_format is None
+    assert (sent.tools, sent.tool_choice, sent.parallel_tool_calls) == (None, "auto", True)
     assert r.json()["choices"][0]["logprobs"] is None
