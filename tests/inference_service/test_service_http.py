@@ -244,6 +244,34 @@ async def test_full_queue_is_429_with_retry_after(tiny_checkpoint):
         llm.close()
 
 
+async def test_tools_and_tool_turns_cross_the_wire(tools_checkpoint):
+    """Tools, a named choice and a history with an assistant's calls and a tool's result: the same
+    events through the internal HTTP service as in-process, the start event naming the format."""
+    llm = LLM(str(tools_checkpoint), page_tokens=4)
+    tools_core = InferenceCore(llm)
+    parameters = {"type": "object", "required": ["n"], "additionalProperties": False,
+                  "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    messages = [{"role": "user", "content": "Count."},
+                {"role": "assistant", "content": None,
+                 "tool_calls": [{"id": "c1", "name": "count", "arguments": '{"n": 1}'}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "done"},
+                {"role": "user", "content": "Again."}]
+    req = GenerateRequest(messages=messages, tools=[{"name": "count", "parameters": parameters}], tool_choice="count",
+                          max_tokens=24, temperature=1.0, seed=5)
+    try:
+        with serve_app(create_inference_app(tools_core, SECRET)) as url:
+            remote = RemoteInference(url, SECRET, timeout_s=30.0)
+            over_http = await collect(await remote.start(req))
+            await remote.aclose()
+        local = await collect(await tools_core.start(req))
+        assert over_http[1:] == local[1:]  # the request ids differ
+        assert over_http[0].prompt_tokens == local[0].prompt_tokens and over_http[0].messages_used == 4
+        assert over_http[0].tool_call_format == "hermes" and over_http[-1].finish_reason is FinishReason.STOP
+        assert over_http[-1].text.startswith('<tool_call>\n{"name": "count", "arguments": {"n":')
+    finally:
+        llm.close()
+
+
 async def test_unreachable_service_is_503_with_retry_after():
     remote = RemoteInference(f"http://127.0.0.1:{closed_port()}", SECRET, timeout_s=5.0)
     try:
