@@ -136,28 +136,35 @@ def test_auto_calls_or_answers_and_none_only_answers(oai, hf_tokenizer):
 
 
 def test_streamed_calls_equal_the_unstreamed_ones(oai):
+    """Two choices with logprobs: each choice's streamed content, calls and finish reason equal the
+    unstreamed answer's, and every token's logprob arrives although text is held back."""
     for seed, choice in ((11, "required"), (12, {"type": "function", "function": {"name": "tag_note"}})):
-        options = dict(tool_choice=choice, seed=seed)
-        whole = _call(oai, **options).choices[0]
+        options = dict(tool_choice=choice, seed=seed, n=2, logprobs=True)
+        whole = _call(oai, **options)
         chunks = list(_call(oai, stream=True, stream_options={"include_usage": True}, **options))
-        calls: dict[int, dict] = {}
-        content, finish = "", None
+        calls: dict[int, dict[int, dict]] = {0: {}, 1: {}}
+        content, finish, logprobs = {0: "", 1: ""}, {}, {0: 0, 1: 0}
         for chunk in chunks[:-1]:
-            (delta_choice,) = chunk.choices
-            delta = delta_choice.delta
-            content += delta.content or ""
+            (part_choice,) = chunk.choices
+            index, delta = part_choice.index, part_choice.delta
+            content[index] += delta.content or ""
+            logprobs[index] += len(part_choice.logprobs.content or []) if part_choice.logprobs else 0
             for part in delta.tool_calls or ():
                 if part.id is not None:  # a call's first delta: id, type and name, no arguments yet
-                    assert part.index not in calls and part.type == "function" and part.function.arguments == ""
-                    calls[part.index] = {"id": part.id, "name": part.function.name, "arguments": ""}
+                    assert part.index not in calls[index] and part.type == "function"
+                    assert part.function.arguments == ""
+                    calls[index][part.index] = {"id": part.id, "name": part.function.name, "arguments": ""}
                 else:
-                    calls[part.index]["arguments"] += part.function.arguments
-            finish = delta_choice.finish_reason or finish
-        assert finish == whole.finish_reason
-        assert (content or None) == whole.message.content
-        assert [(c["name"], c["arguments"]) for _i, c in sorted(calls.items())] == \
-            [(c.function.name, c.function.arguments) for c in whole.message.tool_calls or ()]
-        assert chunks[-1].usage.completion_tokens == _call(oai, **options).usage.completion_tokens
+                    calls[index][part.index]["arguments"] += part.function.arguments
+            if part_choice.finish_reason is not None:
+                finish[index] = part_choice.finish_reason
+        for answer in whole.choices:
+            i = answer.index
+            assert finish[i] == answer.finish_reason and (content[i] or None) == answer.message.content
+            assert [(c["name"], c["arguments"]) for _n, c in sorted(calls[i].items())] == \
+                [(c.function.name, c.function.arguments) for c in answer.message.tool_calls or ()]
+            assert logprobs[i] == len(answer.logprobs.content) > 0
+        assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
 
 
 def test_earlier_calls_and_results_render_as_the_template_renders_them(oai, hf_tokenizer):
