@@ -265,8 +265,9 @@ class ReplicaRouter:
         bound = self.load_bound()
         under = [r for r in healthy if r.in_flight + 1 <= bound]
         over = [r for r in healthy if r.in_flight + 1 > bound]
-        first = under[:1] if under[:1] == healthy[:1] else []  # the home (or its failover) within the bound
-        spills = self.spill_order(adapter_id, [r for r in under if r not in first])
+        home_fits = bool(under) and under[0] is healthy[0]  # the home (or its failover) within the bound
+        first, rest = (under[:1], under[1:]) if home_fits else ([], under)
+        spills = self.spill_order(adapter_id, rest)
         result: list[tuple[Replica, str]] = []
         for replica in first + spills + over:
             if replica is ordered[0]:
