@@ -13,6 +13,8 @@ template has no tools answers 422 saying so.
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import httpx
 import jsonschema
@@ -27,6 +29,8 @@ from support.platform_flows import OPERATOR_TOKEN, create_key, create_tenant
 from tenants import migrate
 
 from .conftest import embedded_settings
+
+LLAMA3_TEMPLATE = Path(__file__).parents[1] / "support" / "chat_templates" / "llama3_json_tools.jinja"
 
 WEATHER = {"type": "object", "additionalProperties": False, "required": ["city", "unit"],
            "properties": {"city": {"type": "string", "maxLength": 12},
@@ -241,3 +245,39 @@ def test_a_template_without_tools_is_a_422_that_says_so(api_settings):
         with pytest.raises(openai.UnprocessableEntityError) as refused:
             oai.chat.completions.create(model="base", messages=history, max_tokens=2)
         assert "cannot render tool calls or tool results" in json.dumps(refused.value.body)
+
+
+def test_llama3_json_calls_through_the_api(tmp_path_factory, tiny_checkpoint):
+    """A template in Llama 3's JSON format (Meta's instruction sentence): one call per turn, its
+    arguments under ``parameters``, parsed into the same ``tool_calls``; auto may also answer."""
+    model = tmp_path_factory.mktemp("llama3-tools")
+    shutil.copytree(tiny_checkpoint, model, dirs_exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer.chat_template = LLAMA3_TEMPLATE.read_text()
+    tokenizer.save_pretrained(model)
+    settings = embedded_settings(tmp_path_factory.mktemp("llama3-api"), model, max_tokens_limit=96)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    migrate.upgrade(settings.resolved_database_url)
+    with serve_app(create_app(settings)) as server:
+        oai = _client(server, "llama3")
+        for seed in range(3):
+            choice = _call(oai, tool_choice="required", seed=seed).choices[0]
+            if choice.finish_reason != "length":
+                assert choice.finish_reason == "tool_calls" and choice.message.content is None
+                assert len(choice.message.tool_calls) == 1
+                _check_calls(choice.message.tool_calls)
+        named = _call(oai, tool_choice={"type": "function", "function": {"name": "register"}}, seed=1).choices[0]
+        assert named.finish_reason == "tool_calls" and named.message.tool_calls[0].function.name == "register"
+        brace = str(tokenizer.encode("{", add_special_tokens=False)[0])
+        answered = _call(oai, seed=2, max_tokens=8, logit_bias={brace: -100}).choices[0]
+        assert answered.message.tool_calls is None and not answered.message.content.startswith("{")
+        history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "register", "arguments": '{"who":{"age":3}}'}}]},
+                   {"role": "tool", "tool_call_id": "c1", "content": "ok"}, {"role": "user", "content": "And?"}]
+        usage = _call(oai, messages=history, tool_choice="none", max_tokens=2).usage
+        reference = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "register", "arguments": {"who": {"age": 3}}}}]},
+                     history[2], history[3]]
+        expected = tokenizer.apply_chat_template(reference, tools=TOOLS, add_generation_prompt=True, tokenize=True)
+        expected = expected["input_ids"] if hasattr(expected, "keys") else expected
+        assert usage.prompt_tokens == len(expected)
