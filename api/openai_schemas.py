@@ -378,9 +378,15 @@ class ChatCompletionRequest(BaseModel):
         if isinstance(value, NamedToolChoice) and choice not in names:
             raise ValueError(f"tool_choice names {choice!r}, which is not one of the tools ({', '.join(names)})")
         constrained = info.data.get("response_format")
+        problems = []
         if names and choice != "none" and constrained is not None and not isinstance(constrained, TextFormat):
-            raise ValueError("response_format json_object/json_schema cannot be combined with tools (unless "
-                             "tool_choice is none): the tool-call format constrains the output")
+            problems.append("response_format json_object/json_schema cannot be combined with tools (unless "
+                            "tool_choice is none): the tool-call format constrains the output")
+        if names and choice != "none" and info.data.get("stop"):
+            problems.append("stop cannot be combined with tools (unless tool_choice is none): a stop string could "
+                            "cut a call short")
+        if problems:
+            raise ValueError("; ".join(problems))
         return value
 
     def tool_choice_name(self) -> str:

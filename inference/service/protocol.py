@@ -208,6 +208,9 @@ class GenerateRequest(BaseModel):
             raise ValueError("tool_choice required needs tools")
         if names and self.tool_choice != "none" and self.response_format is not None:
             raise ValueError("response_format cannot be combined with tools (unless tool_choice is none)")
+        if names and self.tool_choice != "none" and self.stop:
+            raise ValueError("stop cannot be combined with tools (unless tool_choice is none): a stop string could cut "
+                             "a call short")
         return self
 
 

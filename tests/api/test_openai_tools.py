@@ -213,8 +213,9 @@ def test_bad_tool_requests_name_every_problem_in_one_422(oai):
     assert "nope" in problems["tool_choice"] and "get_weather" in problems["tool_choice"]
     problems = _problems(oai, tools=None, tool_choice="required")
     assert "needs tools" in problems["tool_choice"]
-    problems = _problems(oai, response_format={"type": "json_object"})
-    assert "response_format" in problems["tool_choice"]
+    problems = _problems(oai, response_format={"type": "json_object"}, stop=["\n"])
+    assert "response_format" in problems["tool_choice"] and "stop" in problems["tool_choice"]
+    assert _call(oai, tool_choice="none", stop=["\n"], max_tokens=2).choices[0].message.tool_calls is None
     messages = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
                     {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{not json"}}]},
                 {"role": "tool", "content": "18"},
