@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from inference.service.protocol import MAX_TOOLS, ResponseFormat
 from inference.structured import MAX_SCHEMA_CHARS
-from inference.tool_calls import FUNCTION_NAME_PATTERN
+from inference.tool_calls import FUNCTION_NAME_PATTERN, parameters_problem
 
 OPENAI_TYPES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "42" is not a number, "yes" no boolean
 MAX_CONTENT_CHARS = 1_000_000
@@ -229,6 +229,13 @@ def response_format_spec(value: TextFormat | JsonObjectFormat | JsonSchemaFormat
                           strict=value.json_schema.strict is True)
 
 
+def _object_schema(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    problem = parameters_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
 class FunctionDefinition(BaseModel):
     """A function the model may call: ``parameters`` is the JSON schema of its arguments (absent:
     none); ``strict``: a schema keyword the grammar engine cannot enforce is a 422, not ignored."""
@@ -237,7 +244,8 @@ class FunctionDefinition(BaseModel):
 
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
     description: str | None = Field(None, max_length=10_000)
-    parameters: Annotated[dict[str, JsonValue], AfterValidator(_schema_size)] | None = None
+    parameters: Annotated[dict[str, JsonValue], AfterValidator(_schema_size), AfterValidator(_object_schema)] | None \
+        = None
     strict: bool | None = None
 
 

@@ -109,11 +109,18 @@ def _sequence(text: str, marker_tokens: Mapping[str, int]) -> str:
     return " ".join(parts)
 
 
+def parameters_problem(parameters: dict[str, Any] | None) -> str | None:
+    """Why a function's ``parameters`` cannot describe its arguments (they are a JSON object), or None."""
+    if parameters is not None and parameters.get("type", "object") != "object":
+        return 'parameters must be the JSON schema of an object ("type": "object")'
+    return None
+
+
 def _arguments_schema(function: FunctionSpec) -> str:
     """The function's argument schema with llguidance's layout options (compact JSON; ``lenient``
     unless strict), as JSON text for ``%json``."""
-    schema = function.parameters if function.parameters is not None else {"type": "object", "properties": {},
-                                                                          "additionalProperties": False}
+    schema = {"type": "object", **function.parameters} if function.parameters is not None else \
+        {"type": "object", "properties": {}, "additionalProperties": False}
     options = {"whitespace_flexible": False, "lenient": not function.strict}
     return json.dumps({**schema, "x-guidance": options}, ensure_ascii=False, separators=(",", ":"))
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from inference.structured import StructuredOutput
-from inference.tool_calls import FUNCTION_NAME_PATTERN, FunctionSpec
+from inference.tool_calls import FUNCTION_NAME_PATTERN, FunctionSpec, parameters_problem
 
 SECRET_HEADER = "X-Tailor-Inference-Secret"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -115,6 +115,14 @@ class ToolSpec(BaseModel):
     description: str | None = Field(None, max_length=MAX_TEXT_CHARS)
     parameters: dict[str, JsonValue] | None = None
     strict: bool = False
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, JsonValue] | None) -> dict[str, JsonValue] | None:
+        problem = parameters_problem(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     def function(self) -> FunctionSpec:
         return FunctionSpec(self.name, self.parameters, self.strict, self.description)

@@ -204,9 +204,12 @@ def _problems(oai: OpenAI, **options) -> dict[str, str]:
 
 def test_bad_tool_requests_name_every_problem_in_one_422(oai):
     bad_tools = [*TOOLS, {"type": "function", "function": {"name": "get weather!"}},
-                 {"type": "function", "function": {"name": "get_weather"}}, {"type": "custom", "custom": {}}]
+                 {"type": "function", "function": {"name": "get_weather"}}, {"type": "custom", "custom": {}},
+                 {"type": "function", "function": {"name": "s", "parameters": {"type": "string"}}}]
     problems = _problems(oai, tools=bad_tools, tool_choice={"type": "function", "function": {"name": "nope"}})
-    assert "tools.4.function.name" in problems and "tools.6.type" in problems and "tools.6.custom" in problems
+    assert set(problems) == {"tools.4.function.name", "tools.6.type", "tools.6.custom", "tools.6.function",
+                             "tools.7.function.parameters"}
+    assert "object" in problems["tools.7.function.parameters"]
     problems = _problems(oai, tools=TOOLS + TOOLS[:1], response_format={"type": "json_object"})
     assert "unique" in problems["tools"] and "get_weather" in problems["tools"]
     problems = _problems(oai, tool_choice={"type": "function", "function": {"name": "nope"}})
