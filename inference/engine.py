@@ -13,7 +13,6 @@ queued, so a bad request is refused with a ValueError and never reaches the loop
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import logging
 import shutil
@@ -33,7 +32,7 @@ from inference.bundled_model import BUNDLED_MODEL_NAME, prepare_bundled_model
 from inference.device import bind_thread, free_memory_bytes, require_available
 from inference.engine_config import EngineConfig
 from inference.fairness import admission_order, check_tenant
-from inference.model import LlamaModel, ParallelContext
+from inference.model import LlamaModel
 from inference.model_config import ModelConfig
 from inference.model_runner import ModelRunner
 from inference.output_processor import OutputProcessor
@@ -46,9 +45,9 @@ from inference.slo import FirstTokenDeadlines, check_ttft_slo
 from inference.step_budget import StepTokenBudget
 from inference.structured.grammar import StructuredGrammars
 from inference.tokenizer import Tokenizer
-from inference.tensor_parallel.group import WorkerGroup, WorkerGroupError
+from inference.tensor_parallel.driver import TensorParallelDriver
+from inference.tensor_parallel.group import WorkerGroup
 from inference.tensor_parallel.partition import TensorParallelLayout
-from inference.tensor_parallel.worker import rank_weights
 from inference.weights import load_weights
 
 log = logging.getLogger(__name__)
@@ -100,8 +99,7 @@ class LLMEngine:
         self.dtype = self.config.torch_dtype
         self.tokenizer = Tokenizer(self.checkpoint_dir)
         self.backend = select_backend(self.device, self.config.use_triton)
-        self.workers: WorkerGroup | None = None
-        self.parallel: TensorParallelLayout | None = None
+        self.tp: TensorParallelDriver | None = None  # rank 0's side of a tensor-parallel group
         self.max_model_len = self.config.max_model_len or self.model_config.max_position_embeddings
         if self.config.tensor_parallel_size == 1:
             weights = load_weights(self.checkpoint_dir, self.model_config, self.device, self.dtype)
@@ -110,7 +108,10 @@ class LLMEngine:
             geometry = PageGeometry.for_model(self.model_config, self.config.page_tokens, self.dtype)
             self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
         else:
-            self._start_tensor_parallel()
+            self.tp = TensorParallelDriver(self.checkpoint_dir, self.model_config, self.config, self.device,
+                                           self.dtype, self.backend, self._pool_bytes())
+            self.model, self.pool = self.tp.model, self.tp.pool
+        self.parallel: TensorParallelLayout | None = None if self.tp is None else self.tp.layout
         if self.config.warm_up_kernels:
             rank_config = self.model_config if self.parallel is None else self.parallel.rank_config()
             self.backend.warm_up(rank_config, self.pool, self.config.max_lora_rank)
@@ -154,63 +155,39 @@ class LLMEngine:
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
 
-    def _start_tensor_parallel(self) -> None:
-        """Rank 0's shard of the model and pool here, ranks 1..N-1 in worker processes (the same
-        number of pages on every rank; pool sizes are per rank)."""
-        self.parallel = TensorParallelLayout(self.model_config, self.config.tensor_parallel_size)
-        rank_config = self.parallel.rank_config()
-        weights = rank_weights(self.checkpoint_dir, self.model_config, self.parallel, 0, self.device, self.dtype)
-        geometry = PageGeometry.for_model(rank_config, self.config.page_tokens, self.dtype)
-        self.pool = PagePool.with_bytes(geometry, self._pool_bytes(), self.device, self.dtype)
-        self.workers = self._new_worker_group()
-        context = ParallelContext(self.workers.comm, self.parallel.vocab_range(0)[0], self.model_config.vocab_size)
-        self.model = LlamaModel(rank_config, weights, self.device, self.dtype, self.backend, context)
-
-    def _new_worker_group(self) -> WorkerGroup:
-        """Start ranks 1..N-1 for this engine's checkpoint and pool geometry (closed with the engine)."""
-        workers = WorkerGroup(str(self.checkpoint_dir), self.parallel.size, self.device, self.dtype,
-                              self.pool.num_pages, self.config.page_tokens, self.config.use_triton,
-                              self.config.warm_up_kernels, self.config.max_lora_rank,
-                              timeout_s=self.config.tensor_parallel_timeout_s)
-        weakref.finalize(self, workers.close)
-        return workers
+    @property
+    def workers(self) -> WorkerGroup | None:
+        """The tensor-parallel worker processes (ranks 1..N-1), or None."""
+        return None if self.tp is None else self.tp.workers
 
     def tensor_parallel_failure(self) -> str | None:
         """Why the tensor-parallel group cannot run a step (a worker exited), or None."""
-        if self.workers is None:
-            return None
-        return self.workers.failure()
+        return None if self.tp is None else self.tp.failure()
 
     def abort_tensor_parallel(self) -> None:
         """A worker died (any thread, the supervisor's): abort the driver's data group so a step
         waiting on it ends; that step's outputs are discarded and its requests fail (:meth:`step`)."""
-        if self.workers is not None:
-            self.workers.abort()
+        if self.tp is not None:
+            self.tp.abort()
 
     def restart_workers(self) -> None:
         """Replace a failed tensor-parallel group (engine thread, no live request: a step with a
         dead worker fails its requests with the worker's failure, see :meth:`step`): forget what
         the lost pools held (cached prefixes, resident adapters; host RAM keeps the adapters),
         stop what is left of the old group and start a new one with the same geometry."""
-        if self.workers is None:
+        if self.tp is None:
             raise RuntimeError("the engine has no tensor-parallel group")
         if self._requests:  # the step that meets the failure fails them (and the loop delivers that)
             raise RuntimeError("requests are still in flight; restart once the failed step has failed them")
         self.pool.free(self.prefix_cache.reclaim(self.prefix_cache.num_reclaimable))
         self.adapters.drop_device_copies()
-        self.workers.close()
-        old = self.workers
-        self.workers = self._new_worker_group()
-        self.adapters.page_in_listeners.remove(old.queue_page_in)
-        self.adapters.page_in_listeners.append(self.workers.queue_page_in)
-        self.runner.workers = self.workers
-        self.model.parallel = dataclasses.replace(self.model.parallel, comm=self.workers.comm)
+        self.tp.restart(self.adapters.page_in_listeners, self.runner, self.model)
 
     def close(self) -> None:
         """Stop the adapter fetchers and the tensor-parallel workers (no step may run after)."""
         self.adapters.close()
-        if self.workers is not None:
-            self.workers.close()
+        if self.tp is not None:
+            self.tp.close()
 
     def _pool_bytes(self) -> int:
         if self.config.pool_bytes is not None:
@@ -366,17 +343,15 @@ class LLMEngine:
             self._finish(request, FinishReason.ERROR)
             outputs.append(self.outputs.output(request, [], []))
         if plan.chunks:
-            failure = self.tensor_parallel_failure()
-            if failure is not None:
-                raise WorkerGroupError(failure)
+            if self.tp is not None:
+                self.tp.check_ready()
             try:
                 logits, sampling_chunks = self.runner.run(plan)
-                if self.workers is not None:
-                    self._check_workers(logits)
+                if self.tp is not None:
+                    self.tp.check_step(logits)
             except Exception as exc:  # a collective with a worker that died: say so
-                failure = None if self.workers is None else self.workers.wait_for_failure(2.0)
-                if failure is not None:
-                    raise WorkerGroupError(failure) from exc
+                if self.tp is not None:
+                    self.tp.explain(exc)
                 raise
             self.scheduler.computed(plan)
             self._count_step(plan)
@@ -388,16 +363,6 @@ class LLMEngine:
                 self.step_budget.observe(plan.num_tokens, seconds, plan.exhausted)
         self._prefetch()
         return outputs
-
-    def _check_workers(self, logits: torch.Tensor) -> None:
-        """Under tensor parallelism, before the step's logits are used: wait for them (on CUDA an
-        NCCL collective's ``wait()`` does not block the host, so this is where a step with a dead
-        peer waits, until the supervisor aborts the group), and fail the step if the group was
-        aborted meanwhile: its logits are garbage."""
-        if logits.device.type == "cuda":
-            torch.cuda.current_stream(logits.device).synchronize()
-        if self.workers.aborted:
-            raise WorkerGroupError(self.workers.wait_for_failure(2.0) or "the tensor-parallel group was aborted")
 
     def _refuse_late(self, now: float) -> list[RequestOutput]:
         """Refuse the waiting requests that can no longer meet their first-token deadline
