@@ -18,7 +18,26 @@ a full batch (``--max-num-seqs`` requests of the longest prompt and output). A t
 * with ``--compare-spill``, also affinity_hash_spill: the router with the spill to the next
   under-bound replica in hash order, whatever holds the adapter (``HashOrderSpill``: the router
   before the holder preference), to measure what that preference brings. With two replicas the
-  two are the same policy (a spill has one replica to go to); it takes three or more.
+  two are the same policy (a spill has one replica to go to); it takes three or more;
+* with ``--load-factors c1,c2,...`` (the load-factor sweep), affinity_c<c> for each c in place of
+  the single affinity policy: the bound's trade-off, hit rate against load balance. A c at or
+  above the replica count is no bound (the unbounded policy already runs it) and is left out.
+
+Load balance, measured the same way for every policy. ``request_imbalance``: the most requests
+one replica served over the mean per replica (1 = even; n at most): the hottest replica's share
+of the work, which in an open-loop system at fleet utilization rho puts it at utilization
+rho * request_imbalance. ``mm1_wait_ratio``: what that costs in queueing by the M/M/1 model at
+rho = ``--model-utilization`` (0.7): the request-weighted mean wait with each replica at its
+measured share over the wait with even shares (inf when a replica's share saturates it); a
+model, for comparing c values, not a measured latency. And around the replicas
+(``LoadTracker``): each replica's generations in flight over the run's wall time.
+``load_imbalance``: the largest
+replica's time-averaged in-flight count over the mean of all replicas' (1 = even; with n
+replicas at most n); ``admit_load_ratio_p99``: at each admission, the chosen replica's in-flight
+count (this request included) over the mean across replicas at that moment, its 99th percentile
+(the bound caps it near c). The engines run in one process on shared cores, so a busier replica
+is not slower here than a quieter one: these are load figures, not latencies (each request's
+latency is in the JSON, but on this machine it measures the shared CPU).
 
 Every run starts from fresh replicas (cold host and device tiers); rounds alternate which policy
 runs first. Counts come from the engines' adapter statistics: device hit rate = admissions
@@ -63,7 +82,7 @@ from inference.model_config import ModelConfig
 from inference.page_pool import PageGeometry
 from inference.service.client import rendezvous_order
 from inference.service.core import InferenceCore
-from inference.service.events import GenerationEnded
+from inference.service.events import GenerationEnded, is_terminal
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -88,6 +107,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--load-factor", type=float, default=1.25, help="the router's bounded-load factor c")
     p.add_argument("--repeats", type=int, default=2, help="rounds; each runs both policies, alternating order")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--load-factors", type=_load_factors, default=None,
+                   help="sweep: comma-separated load factors, one affinity policy each (instead of --load-factor)")
+    p.add_argument("--model-utilization", type=float, default=0.7,
+                   help="fleet utilization at which mm1_wait_ratio models the queueing cost of the imbalance")
     p.add_argument("--compare-spill", action="store_true",
                    help="also run affinity with the spill in hash order (no holder preference)")
     p.add_argument("--out", type=Path, default=None)
@@ -97,7 +120,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} must be >= 1")
     if args.zipf <= 0:
         p.error("--zipf must be > 0")
+    if not 0 < args.model_utilization < 1:
+        p.error("--model-utilization must be in (0, 1)")
+    if args.load_factor <= 1:
+        p.error("--load-factor must be > 1")
     return args
+
+
+def _load_factors(text: str) -> tuple[float, ...]:
+    """``--load-factors``: distinct values above 1, ascending."""
+    try:
+        values = sorted({float(x) for x in text.split(",") if x.strip()})
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of numbers: {text!r}") from exc
+    if not values or values[0] <= 1:
+        raise argparse.ArgumentTypeError("load factors must be > 1")
+    return tuple(values)
+
+
+def swept_factors(args: argparse.Namespace) -> tuple[float, ...]:
+    """The sweep's load factors that bound anything (below the replica count); empty without a sweep."""
+    return tuple(c for c in (args.load_factors or ()) if c < args.replicas)
 
 
 def zipf_draw(n: int, num_adapters: int, s: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -217,14 +260,139 @@ class HashOrderSpill(ReplicaRouter):
 
 def policies(args: argparse.Namespace) -> tuple[str, ...]:
     """The policies this run compares, round-robin last."""
-    return ("affinity", "affinity_unbounded", *(("affinity_hash_spill",) if args.compare_spill else ()),
+    affinity = tuple(f"affinity_c{c:g}" for c in swept_factors(args)) if args.load_factors else ("affinity",)
+    return (*affinity, "affinity_unbounded", *(("affinity_hash_spill",) if args.compare_spill else ()),
             "round_robin")
+
+
+def request_imbalance(per_replica_requests: list[int]) -> float:
+    """The most requests one replica served over the mean per replica."""
+    mean = sum(per_replica_requests) / len(per_replica_requests)
+    return max(per_replica_requests) / mean if mean else 1.0
+
+
+def mm1_wait_ratio(per_replica_requests: list[int], rho: float) -> float:
+    """Request-weighted mean M/M/1 waiting time with the replicas at fleet utilization ``rho``
+    split as measured (replica r at rho * n * share_r), over the same with an even split
+    (rho / (1 - rho)); inf when a replica's utilization reaches 1."""
+    n, total = len(per_replica_requests), sum(per_replica_requests)
+    wait = 0.0
+    for count in per_replica_requests:
+        share = count / total
+        u = rho * n * share
+        if u >= 1:
+            return float("inf")
+        wait += share * u / (1 - u)
+    return wait / (rho / (1 - rho))
+
+
+def load_factor_of(name: str, args: argparse.Namespace) -> float:
+    """The router's load factor under policy ``name`` (an affinity policy)."""
+    if name == "affinity_unbounded":
+        return unbounded_factor(args)
+    if name.startswith("affinity_c"):
+        return float(name.removeprefix("affinity_c"))
+    return args.load_factor
+
+
+class LoadTracker:
+    """Each replica's generations in flight over time, for any policy: the replicas' backends
+    are wrapped (``backend``) so that a generation counts from its start until its last event
+    or its stream's close. See the module docstring for the figures (``summary``)."""
+
+    def __init__(self, replicas: int):
+        self.in_flight = [0] * replicas
+        self.area = [0.0] * replicas  # integral of in-flight over time, per replica
+        self.admit_ratios: list[float] = []
+        self.latencies: list[float] = []
+        self.peak = 0
+        self._since: float | None = None
+        self._first: float | None = None
+
+    def _advance(self) -> float:
+        now = time.perf_counter()
+        if self._since is not None:
+            for i, n in enumerate(self.in_flight):
+                self.area[i] += n * (now - self._since)
+        else:
+            self._first = now
+        self._since = now
+        return now
+
+    def admit(self, replica: int) -> float:
+        now = self._advance()
+        self.in_flight[replica] += 1
+        self.peak = max(self.peak, self.in_flight[replica])
+        self.admit_ratios.append(self.in_flight[replica] * len(self.in_flight) / sum(self.in_flight))
+        return now
+
+    def finish(self, replica: int, started: float) -> None:
+        now = self._advance()
+        self.in_flight[replica] -= 1
+        self.latencies.append(now - started)
+
+    def backend(self, replica: int, core: InferenceCore) -> _Tracked:
+        return _Tracked(self, replica, core)
+
+    def summary(self) -> dict:
+        span = (self._since - self._first) if self._first is not None and self._since is not None else 0.0
+        means = [a / span for a in self.area] if span > 0 else [0.0] * len(self.area)
+        overall = sum(means) / len(means)
+        return {"mean_in_flight": means, "load_imbalance": max(means) / overall if overall else 1.0,
+                "admit_load_ratio_p99": float(np.percentile(self.admit_ratios, 99)) if self.admit_ratios else 1.0,
+                "admit_load_ratio_mean": float(np.mean(self.admit_ratios)) if self.admit_ratios else 1.0,
+                "peak_in_flight": self.peak,
+                "latency_p50_s": float(np.percentile(self.latencies, 50)) if self.latencies else 0.0,
+                "latency_p99_s": float(np.percentile(self.latencies, 99)) if self.latencies else 0.0}
+
+
+class _Tracked:
+    """A replica's backend as the policies see it: ``start`` counts the generation in."""
+
+    def __init__(self, tracker: LoadTracker, replica: int, core: InferenceCore):
+        self._tracker, self._replica, self._core = tracker, replica, core
+
+    async def start(self, req: GenerateRequest) -> _TrackedEvents:
+        events = await self._core.start(req)
+        return _TrackedEvents(self._tracker, self._replica, events, self._tracker.admit(self._replica))
+
+
+class _TrackedEvents:
+    """The replica's events, counting the generation out at its terminal event or close."""
+
+    def __init__(self, tracker: LoadTracker, replica: int, events, started: float):
+        self._tracker, self._replica, self._events, self._started = tracker, replica, events, started
+        self._open = True
+
+    def __aiter__(self) -> _TrackedEvents:
+        return self
+
+    async def __anext__(self):
+        try:
+            event = await self._events.__anext__()
+        except StopAsyncIteration:
+            self._done()
+            raise
+        if is_terminal(event):
+            self._done()
+        return event
+
+    def _done(self) -> None:
+        if self._open:
+            self._open = False
+            self._tracker.finish(self._replica, self._started)
+
+    async def aclose(self) -> None:
+        try:
+            await self._events.aclose()
+        finally:
+            self._done()
 
 
 class RoundRobin:
     """The baseline: each request to the next replica in turn."""
 
-    def __init__(self, cores: list[InferenceCore]):
+    def __init__(self, cores: list):
         self._next = itertools.cycle(cores)
 
     async def start(self, req: GenerateRequest):
@@ -276,18 +444,19 @@ def run_policy(name: str, args, checkpoint: Path, store_dir: Path, pool_bytes: i
                requests: list[GenerateRequest]) -> dict:
     """One policy over the trace on fresh replicas; its counts and throughput."""
     cores = make_replicas(args, checkpoint, store_dir, pool_bytes)
+    tracker = LoadTracker(len(cores))
+    backends = [tracker.backend(i, core) for i, core in enumerate(cores)]
     try:
         async def go() -> tuple[float, int, dict]:
             if name != "round_robin":
                 router = HashOrderSpill if name == "affinity_hash_spill" else ReplicaRouter
-                policy = router([(name, core) for name, core in zip(replica_names(args), cores)],
-                                load_factor=unbounded_factor(args) if name == "affinity_unbounded" else args.load_factor)
+                policy = router(list(zip(replica_names(args), backends)), load_factor=load_factor_of(name, args))
                 wall, tokens = await serve_trace(policy, requests, args.concurrency)
                 decisions = {d: sum(policy.metrics.registry.get_sample_value(
                     "tailor_router_decisions_total", {"replica": r.url, "decision": d}) or 0 for r in policy.replicas)
                     for d in ("home", "spill", "spill_holder")}
                 return wall, tokens, decisions
-            wall, tokens = await serve_trace(RoundRobin(cores), requests, args.concurrency)
+            wall, tokens = await serve_trace(RoundRobin(backends), requests, args.concurrency)
             return wall, tokens, {}
 
         wall, tokens, decisions = asyncio.run(go())
@@ -303,6 +472,12 @@ def run_policy(name: str, args, checkpoint: Path, store_dir: Path, pool_bytes: i
             "per_replica_requests": [core.engine.stats.finished_requests for core in cores],
             "host_resident_at_end": [h for h, _d in resident], "device_resident_at_end": [d for _h, d in resident],
             "router_decisions": decisions,
+            "load_factor": load_factor_of(name, args) if name != "round_robin" else None,
+            "spill_fraction": (decisions["spill"] + decisions["spill_holder"]) / len(requests) if decisions else 0.0,
+            "request_imbalance": request_imbalance([core.engine.stats.finished_requests for core in cores]),
+            "mm1_wait_ratio": mm1_wait_ratio([core.engine.stats.finished_requests for core in cores],
+                                             args.model_utilization),
+            **tracker.summary(),
         }
     finally:
         for core in cores:
@@ -351,22 +526,54 @@ def _main(args: argparse.Namespace, scratch: Path) -> int:
     throughput_ratios = {name: [a["requests_per_s"] / b["requests_per_s"] for a, b in zip(runs[name], runs["round_robin"])]
                          for name in compared[:-1]}
     print_table(rows, hit_ratios, throughput_ratios, model)
+    if args.load_factors:
+        print_sweep(sweep_rows(rows, hit_ratios, compared), args)
     report = {
         **report_header("replica_routing", args),
         "sizing": sizing,
         "distinct_adapters_used": len(set(trace)),
         "steady_state_model": model,
-        "hit_rate_ratio": hit_ratios["affinity"],
+        "hit_rate_ratio": hit_ratios[compared[0]],
         "hit_rate_ratio_unbounded": hit_ratios["affinity_unbounded"],
-        "throughput_ratio_rounds": throughput_ratios["affinity"],
-        "throughput_ratio_median": statistics.median(throughput_ratios["affinity"]),
+        "throughput_ratio_rounds": throughput_ratios[compared[0]],
+        "throughput_ratio_median": statistics.median(throughput_ratios[compared[0]]),
         "throughput_ratio_rounds_unbounded": throughput_ratios["affinity_unbounded"],
         "hit_rate_ratios": hit_ratios,
+        "load_factor_sweep": sweep_rows(rows, hit_ratios, compared) if args.load_factors else None,
         "results": [rows[name] for name in compared],
         "runs": runs,
     }
     write_results(report, args.out or RESULTS / f"replica_routing-{args.device.split(':')[0]}.json")
     return 0
+
+
+def sweep_rows(rows: dict[str, dict], hit_ratios: dict[str, float], compared: tuple[str, ...]) -> list[dict]:
+    """One row per policy for the load-factor sweep: its c, hit rate and ratio to round-robin,
+    spill fraction and load-balance figures (round-robin last, ratio 1)."""
+    return [{"policy": name, "load_factor": rows[name]["load_factor"],
+             "device_hit_rate": rows[name]["device_hit_rate"],
+             "device_hit_rate_all_rounds": rows[name]["device_hit_rate_all_rounds"],
+             "hit_rate_ratio": hit_ratios.get(name, 1.0), "spill_fraction": rows[name]["spill_fraction"],
+             "request_imbalance": rows[name]["request_imbalance"], "mm1_wait_ratio": rows[name]["mm1_wait_ratio"],
+             "load_imbalance": rows[name]["load_imbalance"],
+             "admit_load_ratio_p99": rows[name]["admit_load_ratio_p99"],
+             "peak_in_flight": rows[name]["peak_in_flight"]}
+            for name in compared if name != "affinity_hash_spill"]
+
+
+def print_sweep(sweep: list[dict], args: argparse.Namespace) -> None:
+    dropped = [c for c in args.load_factors if c >= args.replicas]
+    print(f"\nload-factor sweep ({args.replicas} replicas, {args.concurrency} clients"
+          + (f"; c >= {args.replicas} is no bound: {', '.join(f'{c:g}' for c in dropped)} = unbounded" if dropped else "")
+          + ")")
+    print(f"{'policy':>18} {'c':>5} {'hit rate':>9} {'vs rr':>6} {'spilled':>8} {'req share':>10} "
+          f"{'M/M/1 wait':>11} {'in flight':>10} {'p99 admit':>10} {'peak':>5}")
+    for r in sweep:
+        c = f"{r['load_factor']:g}" if r["load_factor"] is not None else "-"
+        print(f"{r['policy']:>18} {c:>5} {r['device_hit_rate']:>9.3f} {r['hit_rate_ratio']:>5.2f}x "
+              f"{r['spill_fraction']:>8.3f} {r['request_imbalance']:>10.3f} {r['mm1_wait_ratio']:>10.2f}x "
+              f"{r['load_imbalance']:>10.3f} {r['admit_load_ratio_p99']:>10.2f} "
+              f"{r['peak_in_flight']:>5}")
 
 
 def print_table(rows: dict[str, dict], hit_ratios: dict[str, float], throughput_ratios: dict[str, list[float]],
