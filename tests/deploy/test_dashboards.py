@@ -244,3 +244,18 @@ def test_dashboard_provisioning_path_is_the_mounted_dashboards_dir(services):
     # the provisioning folders Grafana reads are the ones in the repository
     assert (REPO_ROOT / "docker/grafana/provisioning/datasources").is_dir()
     assert (REPO_ROOT / "docker/grafana/provisioning/dashboards").is_dir()
+
+
+def test_every_routing_decision_is_explained_on_the_panel_and_in_the_docs():
+    """The router's decision label values (``api.replicas.DECISIONS``) are each explained where an
+    operator reads them: the engine dashboard's "Routing decisions / s" description and the
+    metric's row in docs/observability.md."""
+    from api.replicas import DECISIONS
+
+    engine = json.loads((DASHBOARDS_DIR / "engine.json").read_text())
+    (panel,) = [p for p in iter_panels(engine["panels"]) if p.get("title") == "Routing decisions / s"]
+    (row,) = [line for line in (REPO_ROOT / "docs/observability.md").read_text().splitlines()
+              if line.startswith("| `tailor_router_decisions_total`")]
+    for decision in DECISIONS:
+        assert re.search(rf"\b{decision}\b", panel["description"]), f"panel description: {decision}"
+        assert re.search(rf"\b{decision}\b", row), f"docs/observability.md: {decision}"

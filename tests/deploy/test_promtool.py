@@ -134,3 +134,24 @@ def test_the_required_alerts_exist():
     assert 'outcome="retry"' in exprs["TailorWorkerValidationRetrying"]
     fetch = exprs["TailorAdapterFetchFailures"]
     assert "tailor_adapter_fetch_failures_total" in fetch and "reason" in fetch
+
+
+def test_every_alert_has_a_row_in_the_operations_alerts_table():
+    """docs/operations.md's alerts table is where an operator paged by an alert looks for what to
+    do: every alert in the rules has a row there with its severity and a non-empty action, and the
+    table names no alert the rules lack."""
+    rules = {}
+    for path in RULE_FILES:
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            rules.update({r["alert"]: r["labels"]["severity"] for r in group["rules"] if "alert" in r})
+    text = (REPO_ROOT / "docs/operations.md").read_text()
+    table = text[text.index("## Alerts"):]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| Tailor") and len(cells) == 4:
+            rows[cells[0]] = cells
+    assert set(rows) == set(rules)
+    for name, (_name, severity, fires_when, what_to_do) in rows.items():
+        assert severity == rules[name], f"{name}: severity in docs/operations.md"
+        assert fires_when and len(what_to_do) > 40, f"{name}: say when it fires and what to do"
