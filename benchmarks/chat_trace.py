@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import json
 import tempfile
 import time
@@ -46,6 +45,7 @@ import numpy as np
 from benchmarks.http_replay import LocalService, TenantKeys, bearer, create_tenant, json_ok, upload_adapter
 from benchmarks.live_server import write_results
 from benchmarks.open_loop import RequestTiming, markdown_table, summarize_run
+from benchmarks.run_report import report_header
 from benchmarks.workload import gamma_arrivals
 
 CHAT_TRACE_VERSION = 1
@@ -308,9 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown_table(rows, COLUMNS)
     print("\n" + table)
     path = args.out_dir / f"chat_trace-{args.device.split(':')[0]}.json"
-    write_results({"benchmark": "chat_trace", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-                         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                         "trace": trace.params, "rows": rows}, path)
+    write_results({**report_header("chat_trace", args), "trace": trace.params, "rows": rows}, path)
     return 0 if overall["failed"] == 0 else 1
 
 

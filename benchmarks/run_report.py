@@ -5,18 +5,29 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import platform
+import subprocess
 from pathlib import Path
 
 import torch
 
 
+def git_commit() -> str | None:
+    """The checkout's short commit id (None outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def report_header(benchmark: str, args: argparse.Namespace) -> dict:
-    """``benchmark``, the UTC date, the device and its name, torch's version and threads, and the
-    command-line arguments (paths as strings)."""
+    """``benchmark``, the UTC date, the commit, the device and its name, torch's version and
+    threads, and the command-line arguments (paths as strings)."""
     device = getattr(args, "device", "cpu")
     return {
         "benchmark": benchmark,
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "commit": git_commit(),
         "device": device,
         "device_name": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor() or "cpu",
         "torch_version": torch.__version__,

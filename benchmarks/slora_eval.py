@@ -41,23 +41,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
 import json
-import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from tqdm import tqdm
 
 from benchmarks.http_replay import LocalService, TenantKeys, create_tenant, replay_http, upload_adapter
 from benchmarks.open_loop import dotted, markdown_table, replay_in_process, summarize_run
 from benchmarks.peft_baseline import PeftServer
 from benchmarks.random_llama import checkpoint_for
+from benchmarks.run_report import report_header
 from benchmarks.synthetic_adapters import synthetic_adapter
 from benchmarks.trace import Trace, save_trace, synthetic_trace
 from inference import LLM
@@ -297,14 +294,6 @@ def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
     return path
 
 
-def _commit() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = args.device.split(":")[0]
@@ -342,14 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     if sweep:
         tables += f"\nRequest rate ({args.sweep_adapters} adapters):\n\n" + markdown_table(sweep, COLUMNS) + "\n"
     print("\n" + tables)
-    report = {
-        "benchmark": "slora_eval", "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "device": args.device, "model": args.model, "checkpoint": str(checkpoint),
-        "device_name": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-        "torch_version": torch.__version__, "torch_num_threads": torch.get_num_threads(),
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "rows": rows, "rate_sweep": sweep,
-    }
+    report = {**report_header("slora_eval", args), "model": args.model, "checkpoint": str(checkpoint),
+              "rows": rows, "rate_sweep": sweep}
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(tables)
     written = [] if args.no_plots else plot(rows, sweep, prefix)
