@@ -47,31 +47,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def count_steps(engine: LLMEngine) -> list[dict]:
+    """From now on, one entry per step of a tensor-parallel ``engine``: its rows (``tokens``), the
+    rows it sampled, the collectives' counted calls and payload bytes on rank 0, the formula's
+    bytes and the number of adapters in it. Empty (and nothing wrapped) without a group."""
+    steps: list[dict] = []
+    if engine.workers is None:
+        return steps
+    comm, run = engine.workers.comm, engine.runner.run
+    element_bytes = engine.pool.tensor.element_size()
+
+    def counted(plan):
+        comm.log.reset()
+        logits, sampling = run(plan)
+        tokens = engine.backend.batch_rows(plan.num_tokens)
+        expected = step_payload_bytes(engine.model_config, engine.parallel.size, tokens, len(sampling), element_bytes)
+        steps.append({"tokens": tokens, "sampled": len(sampling), "calls": dict(comm.log.calls),
+                      "bytes": dict(comm.log.bytes), "formula": expected,
+                      "adapters": len({c.request.adapter.uid for c in plan.chunks if c.request.adapter})})
+        return logits, sampling
+
+    engine.runner.run = counted
+    return steps
+
+
 def run_side(args: argparse.Namespace, adapters: dict[str, Path] | None) -> dict:
     """One pass of the batch; per step: B, S, the counted calls and bytes, the formula's bytes."""
     engine = LLMEngine(args.model, EngineConfig(device=args.device, tensor_parallel_size=args.tp,
                                                 pool_bytes=args.pool_mb << 20, enable_prefix_cache=False))
-    steps = []
     try:
         names = [None]
         for name, path in (adapters or {}).items():
             engine.adapters.register_dir(name, path)
             names = list(adapters)
-        comm = engine.workers.comm
-        run = engine.runner.run
-        element_bytes = engine.pool.tensor.element_size()
-
-        def counted(plan):
-            comm.log.reset()
-            logits, sampling = run(plan)
-            tokens = engine.backend.batch_rows(plan.num_tokens)
-            expected = step_payload_bytes(engine.model_config, args.tp, tokens, len(sampling), element_bytes)
-            steps.append({"tokens": tokens, "sampled": len(sampling), "calls": dict(comm.log.calls),
-                          "bytes": dict(comm.log.bytes), "formula": expected,
-                          "adapters": len({c.request.adapter.uid for c in plan.chunks if c.request.adapter})})
-            return logits, sampling
-
-        engine.runner.run = counted
+        steps = count_steps(engine)
         prompt = "Tell me about the history of the printing press and how it changed Europe."
         for i in range(args.batch):
             request = engine.make_request(f"{prompt} ({i})", SamplingParams(max_tokens=args.max_tokens, temperature=0.0),

@@ -24,7 +24,8 @@ import torch
 from benchmarks.gpu_check.checkpoints import engine_greedy, make_engine, write_llama
 from benchmarks.gpu_check.sizes import LLAMA_TINY, Context
 from benchmarks.synthetic_adapters import synthetic_adapter
-from inference.tensor_parallel.traffic import DATA_COLLECTIVES, step_payload_bytes
+from benchmarks.tp_collectives import count_steps
+from inference.tensor_parallel.traffic import DATA_COLLECTIVES
 
 COLUMNS = ["tp", "requests", "new_tokens", "wall_s", "tokens_per_s", "greedy_mismatches", "near_ties",
            "data_bytes_counted", "data_bytes_formula"]
@@ -60,7 +61,7 @@ def run(ctx: Context) -> dict:
                 for name, path in adapters.items():
                     engine.adapters.register_dir(name, path)
                 engine_greedy(engine, jobs[:1], 2)  # first-use compilation and group warm-up out of the timing
-                counted, formula = _count_bytes(engine, tp)
+                steps = count_steps(engine)  # empty at TP=1
                 started = time.perf_counter()
                 results = engine_greedy(engine, jobs, new_tokens, top_logprobs=2)
                 wall = time.perf_counter() - started
@@ -71,7 +72,8 @@ def run(ctx: Context) -> dict:
                 gaps = [[_top2_gap(top) for top in r["top"]] for r in results]
             rows.append({"tp": tp, "requests": requests, "new_tokens": new_tokens, "wall_s": round(wall, 3),
                          "tokens_per_s": round(requests * new_tokens / wall, 1),
-                         "data_bytes_counted": sum(counted), "data_bytes_formula": sum(formula)})
+                         "data_bytes_counted": sum(s["bytes"].get(n, 0) for s in steps for n in DATA_COLLECTIVES),
+                         "data_bytes_formula": sum(sum(s["formula"].values()) for s in steps)})
     mismatches, near_ties, worst = _divergences(tokens[1], tokens[2], gaps)
     for row in rows:
         row["greedy_mismatches"] = mismatches if row["tp"] == 2 else 0
@@ -113,25 +115,3 @@ def _divergences(ref: list[list[int]], ours: list[list[int]], gaps: list[list[fl
             mismatches += 1
             worst = max(worst, gap)
     return mismatches, near_ties, worst
-
-
-def _count_bytes(engine, tp: int) -> tuple[list[int], list[int]]:
-    """From now on, each step's counted data bytes and the formula's, appended to two lists."""
-    counted: list[int] = []
-    formula: list[int] = []
-    if engine.workers is None:
-        return counted, formula
-    comm, run = engine.workers.comm, engine.runner.run
-    element_bytes = engine.pool.tensor.element_size()
-
-    def counting(plan):
-        comm.log.reset()
-        logits, sampling = run(plan)
-        counted.append(sum(comm.log.bytes.get(n, 0) for n in DATA_COLLECTIVES))
-        expected = step_payload_bytes(engine.model_config, tp, engine.backend.batch_rows(plan.num_tokens),
-                                      len(sampling), element_bytes)
-        formula.append(sum(expected.values()))
-        return logits, sampling
-
-    engine.runner.run = counting
-    return counted, formula
