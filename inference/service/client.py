@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 UNAVAILABLE_RETRY_AFTER_S = 5
 UNREACHABLE_REASON = "unreachable"  # InferenceError.reason when the service did not answer
 PASSED_THROUGH = (422, 429)  # statuses the caller's caller should see as they are
+READY_TIMEOUT_S = 5.0  # a readiness probe that takes longer counts as not ready
 
 
 def _problems(response: httpx.Response) -> list[str]:
@@ -249,11 +250,11 @@ class RemoteInference:
         return response
 
     # ------------------------------------------------------------------ health
-    async def is_ready(self, timeout: float = 5.0) -> bool:
-        """True when the service answers ``/readyz`` with 200 within ``timeout`` seconds; False on
+    async def is_ready(self) -> bool:
+        """True when the service answers ``/readyz`` with 200 within ``READY_TIMEOUT_S``; False on
         any error."""
         try:
-            response = await self._client.get("/readyz", timeout=timeout)
+            response = await self._client.get("/readyz", timeout=READY_TIMEOUT_S)
         except httpx.HTTPError:
             return False
         return response.status_code == 200
