@@ -25,7 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field
 
 from inference.service.protocol import MAX_TOOLS, ResponseFormat
 from inference.structured import MAX_SCHEMA_CHARS
-from inference.tool_calls import FUNCTION_NAME_PATTERN, parameters_problem
+from inference.tool_calls import FUNCTION_NAME_PATTERN, json_object_text, parameters_problem
 
 OPENAI_TYPES = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)  # "42" is not a number, "yes" no boolean
 MAX_CONTENT_CHARS = 1_000_000
@@ -96,21 +96,11 @@ def _supported_role(role: str) -> str:
     return role
 
 
-def _json_object_text(value: str) -> str:
-    try:
-        parsed = json.loads(value)
-    except ValueError:
-        parsed = None
-    if not isinstance(parsed, dict):
-        raise ValueError("arguments must be the JSON text of an object")
-    return value
-
-
 class CalledFunction(BaseModel):
     model_config = OPENAI_TYPES
 
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
-    arguments: Annotated[Text, AfterValidator(_json_object_text)]
+    arguments: Annotated[Text, AfterValidator(json_object_text)]
 
 
 class MessageToolCall(BaseModel):

@@ -109,6 +109,17 @@ def _sequence(text: str, marker_tokens: Mapping[str, int]) -> str:
     return " ".join(parts)
 
 
+def json_object_text(value: str) -> str:
+    """``value`` if it is the JSON text of an object (a call's arguments); ValueError otherwise."""
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if not isinstance(parsed, dict):
+        raise ValueError("arguments must be the JSON text of an object")
+    return value
+
+
 def parameters_problem(parameters: dict[str, Any] | None) -> str | None:
     """Why a function's ``parameters`` cannot describe its arguments (they are a JSON object), or None."""
     if parameters is not None and parameters.get("type", "object") != "object":

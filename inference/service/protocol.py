@@ -23,12 +23,12 @@ refusal) is there, the refusal as 503 with ``Retry-After`` and ``{"detail": [...
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, JsonValue, field_validator, model_validator
 
 from inference.structured import StructuredOutput
-from inference.tool_calls import FUNCTION_NAME_PATTERN, FunctionSpec, parameters_problem
+from inference.tool_calls import FUNCTION_NAME_PATTERN, FunctionSpec, json_object_text, parameters_problem
 
 SECRET_HEADER = "X-Tailor-Inference-Secret"
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -58,18 +58,7 @@ class ToolCallTurn(BaseModel):
 
     id: str = Field(min_length=1, max_length=200)
     name: str = Field(pattern=FUNCTION_NAME_PATTERN)
-    arguments: str = Field(max_length=MAX_TEXT_CHARS)
-
-    @field_validator("arguments")
-    @classmethod
-    def _json_object(cls, value: str) -> str:
-        try:
-            parsed = json.loads(value)
-        except ValueError:
-            parsed = None
-        if not isinstance(parsed, dict):
-            raise ValueError("a tool call's arguments must be the JSON text of an object")
-        return value
+    arguments: Annotated[str, Field(max_length=MAX_TEXT_CHARS), AfterValidator(json_object_text)]
 
 
 class ChatTurn(BaseModel):
