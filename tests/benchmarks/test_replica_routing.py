@@ -97,3 +97,54 @@ def test_compare_spill_adds_the_hash_order_ablation(tmp_path):
     for name in ("affinity", "affinity_hash_spill"):
         assert sum(rows[name]["router_decisions"].values()) == 90 == sum(rows[name]["per_replica_requests"])
     assert set(report["hit_rate_ratios"]) == {"affinity", "affinity_unbounded", "affinity_hash_spill"}
+
+
+def test_load_balance_figures():
+    assert replica_routing.request_imbalance([100, 100]) == 1.0
+    assert replica_routing.request_imbalance([150, 50]) == 1.5
+    assert replica_routing.mm1_wait_ratio([100, 100], 0.7) == pytest.approx(1.0)
+    # at rho 0.7 a 60/40 split puts one replica at 0.84: (0.6 * 0.84/0.16 + 0.4 * 0.56/0.44) / (0.7/0.3)
+    assert replica_routing.mm1_wait_ratio([60, 40], 0.7) == pytest.approx((0.6 * 0.84 / 0.16 + 0.4 * 0.56 / 0.44) / (0.7 / 0.3))
+    assert replica_routing.mm1_wait_ratio([75, 25], 0.7) == float("inf")  # 0.7 * 2 * 0.75 >= 1
+
+
+def test_load_factors_parse_sorted_and_above_one():
+    args = replica_routing.parse_args(["--load-factors", "2.0,1.25,1.5,1.25", "--replicas", "2"])
+    assert args.load_factors == (1.25, 1.5, 2.0)
+    assert replica_routing.swept_factors(args) == (1.25, 1.5)  # c >= replicas is no bound: the unbounded policy
+    assert replica_routing.policies(args) == ("affinity_c1.25", "affinity_c1.5", "affinity_unbounded", "round_robin")
+    assert replica_routing.load_factor_of("affinity_c1.5", args) == 1.5
+    assert replica_routing.load_factor_of("affinity_unbounded", args) == 2.0
+    for bad in ("1.0,1.5", "x", ""):
+        with pytest.raises(SystemExit):
+            replica_routing.parse_args(["--load-factors", bad])
+
+
+def test_load_factor_sweep_reports_hit_rate_spills_and_balance_per_c(tmp_path):
+    """``--load-factors``: one affinity policy per c below the replica count, each with its hit
+    rate, ratio to round-robin, spill fraction and load-balance figures; a looser bound spills no
+    more and the unbounded router not at all."""
+    out = tmp_path / "routing.json"
+    assert replica_routing.main(["--adapters", "24", "--room", "4", "--num-requests", "160", "--zipf", "1.0",
+                                 "--concurrency", "4", "--max-num-seqs", "4", "--max-tokens", "1",
+                                 "--repeats", "1", "--load-factors", "1.25,1.75,2", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    sweep = {r["policy"]: r for r in report["load_factor_sweep"]}
+    assert list(sweep) == ["affinity_c1.25", "affinity_c1.75", "affinity_unbounded", "round_robin"]
+    assert [sweep[p]["load_factor"] for p in sweep] == [1.25, 1.75, 2.0, None]
+    rows = {r["policy"]: r for r in report["results"]}
+    for name, row in sweep.items():
+        decisions = rows[name]["router_decisions"]
+        spilled = (decisions["spill"] + decisions["spill_holder"]) / 160 if decisions else 0.0
+        assert row["spill_fraction"] == spilled
+        assert row["hit_rate_ratio"] == pytest.approx(row["device_hit_rate"] / sweep["round_robin"]["device_hit_rate"])
+        assert 1.0 <= row["request_imbalance"] <= 2.0 and row["mm1_wait_ratio"] >= 1.0 - 1e-9
+        assert 1.0 <= row["load_imbalance"] <= 2.0 and 1.0 <= row["admit_load_ratio_p99"] <= 2.0
+        assert 1 <= row["peak_in_flight"] <= 4
+        assert len(rows[name]["mean_in_flight"]) == 2
+    assert sweep["affinity_unbounded"]["spill_fraction"] == 0.0 < sweep["affinity_c1.25"]["spill_fraction"]
+    # four clients over two replicas: at most 3 others in flight at a decision, so the bound
+    # ceil(c * 4 / 2) is 3 at c=1.25 (a home holding all 3 spills) and 4 at c=1.75 (never binds)
+    assert sweep["affinity_c1.75"]["spill_fraction"] == 0.0
+    assert sweep["round_robin"]["request_imbalance"] == 1.0 and sweep["round_robin"]["hit_rate_ratio"] == 1.0
+    assert report["hit_rate_ratio"] == report["hit_rate_ratios"]["affinity_c1.25"]
