@@ -158,8 +158,14 @@ BUNDLED_NEW_TOKENS = 6
 # ~45 eps (fp16) and ~50 eps (bf16), max-abs error / std up to ~96 eps (fp16) and ~174 eps (bf16):
 # in absolute terms up to 0.05 and 0.4 of the std, then 0.1 and 1.4 (bf16 has 3 fewer mantissa
 # bits). The deeper model accumulates more rounding than the tiny one (square root of the depth).
-BUNDLED_RMS_BOUND = {"float16": 128.0, "bfloat16": 128.0}  # x eps
-BUNDLED_MAX_BOUND = {"float16": 256.0, "bfloat16": 384.0}  # x eps
+# Those bounds hold for 90% of the compared steps. The tail is heavier: over 17 more seeds
+# (2026-12-04) two had one bf16 step each at 228 and 354 eps RMS (max-abs 495 and 657 eps), and
+# transformers' own bf16 model has the same tail on those prompts (270 eps at one step of the
+# second), so it is bf16's, not the engine's; the tail bounds keep every step within a few stds.
+BUNDLED_RMS_BOUND = {"float16": 128.0, "bfloat16": 128.0}  # x eps, 90% of the steps
+BUNDLED_MAX_BOUND = {"float16": 256.0, "bfloat16": 384.0}  # x eps, 90% of the steps
+BUNDLED_RMS_TAIL = {"float16": 256.0, "bfloat16": 512.0}  # x eps, every step
+BUNDLED_MAX_TAIL = {"float16": 512.0, "bfloat16": 1024.0}  # x eps, every step
 # Greedy: at a step whose context equals fp32's (every earlier token agreed), the half engine's
 # token is fp32's; measured 0.90-1.0 for bf16, 0.95-1.0 for fp16 (a flip happens where fp32's top two
 # are near-tied; each of the 8 prompts can flip at most once, later steps are not compared).
@@ -195,5 +201,7 @@ def test_bundled_model_half_greedy_agrees_with_fp32(bundled_checkpoint):
         assert same_context.float().mean() >= 0.5, (dtype, tokens.tolist(), ref_tokens.tolist())
         assert agreement >= BUNDLED_MIN_AGREEMENT, (dtype, tokens.tolist(), ref_tokens.tolist())
         assert agree[margin > 2 * BUNDLED_MAX_BOUND[dtype] * eps].all()
-        assert rms.max() <= BUNDLED_RMS_BOUND[dtype] * eps, (dtype, "RMS", rms.max() / eps)
-        assert worst.max() <= BUNDLED_MAX_BOUND[dtype] * eps, (dtype, "max", worst.max() / eps)
+        assert rms.quantile(0.9) <= BUNDLED_RMS_BOUND[dtype] * eps, (dtype, "RMS", rms / eps)
+        assert worst.quantile(0.9) <= BUNDLED_MAX_BOUND[dtype] * eps, (dtype, "max", worst / eps)
+        assert rms.max() <= BUNDLED_RMS_TAIL[dtype] * eps, (dtype, "RMS", rms.max() / eps)
+        assert worst.max() <= BUNDLED_MAX_TAIL[dtype] * eps, (dtype, "max", worst.max() / eps)
