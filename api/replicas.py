@@ -206,7 +206,7 @@ class ReplicaRouter:
     """Routes generations over several inference replicas (see the module docstring); has the
     ``InferenceBackend`` interface, so the api holds it in place of one ``RemoteInference``."""
 
-    def __init__(self, backends: Sequence[tuple[str, InferenceBackend]], *, load_factor: float = 1.25,
+    def __init__(self, backends: Sequence[tuple[str, InferenceBackend]], *, load_factor: float = 1.5,
                  probe_interval_s: float = 2.0):
         """``backends``: ``(name, backend)`` per replica; the name (its URL) is what the hash
         and the metrics' ``replica`` label use. ``from_urls`` builds the usual HTTP clients."""
@@ -226,7 +226,7 @@ class ReplicaRouter:
         self._base_turn = 0
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = 1.25,
+    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = 1.5,
                   probe_interval_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None) -> ReplicaRouter:
         """A router over the inference services at ``urls`` (one ``RemoteInference`` each)."""
         backends = [(url, RemoteInference(url, secret, timeout_s, transport=transport)) for url in urls]

@@ -23,8 +23,8 @@ SECRET = "replica-spill-secret-0123456789"
 URLS = [f"http://10.0.0.{i}:8001" for i in range(1, 5)]
 
 
-def _router(urls=URLS, **options) -> ReplicaRouter:
-    return ReplicaRouter.from_urls(urls, SECRET, **options)
+def _router(urls=URLS, load_factor: float = 1.25, **options) -> ReplicaRouter:
+    return ReplicaRouter.from_urls(urls, SECRET, load_factor=load_factor, **options)
 
 
 def _adapter_id() -> str:
@@ -146,7 +146,7 @@ def test_spills_through_real_replicas_land_where_the_adapter_is(tmp_path, tiny_c
                        sha256=hashlib.sha256(weights).hexdigest())
     cores = [InferenceCore(LLM(str(tiny_checkpoint), pool_bytes=16 << 20, adapter_store=store)) for _ in range(3)]
     try:
-        router = ReplicaRouter([(f"replica-{i}", core) for i, core in enumerate(cores)])
+        router = ReplicaRouter([(f"replica-{i}", core) for i, core in enumerate(cores)], load_factor=1.25)
         order = router.order(spec.id)
         engine = {replica.url: cores[int(replica.url.rsplit("-", 1)[1])].engine for replica in router.replicas}
         request = GenerateRequest(messages=[ChatTurn(role="user", content="hi")], adapter=spec, max_tokens=2,
