@@ -285,3 +285,20 @@ def test_llama3_json_calls_through_the_api(tmp_path_factory, tiny_checkpoint):
         expected = tokenizer.apply_chat_template(reference, tools=TOOLS, add_generation_prompt=True, tokenize=True)
         expected = expected["input_ids"] if hasattr(expected, "keys") else expected
         assert usage.prompt_tokens == len(expected)
+
+
+def test_a_schema_the_grammar_engine_cannot_use_is_a_422_with_the_reason(oai):
+    dangling = [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"$ref": "#/$defs/missing"}}}}}]
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        _call(oai, tools=dangling, tool_choice="required", max_tokens=4)
+    text = json.dumps(refused.value.body)
+    assert "tools: the grammar cannot be used" in text and "missing" in text
+    strict = [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"a": {"type": "string", "format": "no-such-format"}}}}}]
+    with pytest.raises(openai.UnprocessableEntityError) as refused:
+        _call(oai, tools=strict, tool_choice="required", max_tokens=4)
+    assert "tools:" in json.dumps(refused.value.body)
+    lenient = [{"type": "function", "function": {"name": "f", "parameters": strict[0]["function"]["parameters"]}}]
+    choice = _call(oai, tools=lenient, tool_choice="required", max_tokens=48, seed=1).choices[0]
+    assert choice.finish_reason in ("tool_calls", "length")  # without strict the unknown keyword is ignored
