@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 DECISIONS = ("home", "spill", "spill_holder", "failover", "least_loaded")
 PROBE_TIMEOUT_S = 2.0
+DEFAULT_LOAD_FACTOR = 1.5  # TAILOR_ROUTER_LOAD_FACTOR's default (docs/benchmarks.md, "Load-factor sweep")
 RESIDENCY_ENTRIES = 1024  # adapters remembered per replica (a few times a device tier's count)
 
 
@@ -206,7 +207,7 @@ class ReplicaRouter:
     """Routes generations over several inference replicas (see the module docstring); has the
     ``InferenceBackend`` interface, so the api holds it in place of one ``RemoteInference``."""
 
-    def __init__(self, backends: Sequence[tuple[str, InferenceBackend]], *, load_factor: float = 1.5,
+    def __init__(self, backends: Sequence[tuple[str, InferenceBackend]], *, load_factor: float = DEFAULT_LOAD_FACTOR,
                  probe_interval_s: float = 2.0):
         """``backends``: ``(name, backend)`` per replica; the name (its URL) is what the hash
         and the metrics' ``replica`` label use. ``from_urls`` builds the usual HTTP clients."""
@@ -226,7 +227,7 @@ class ReplicaRouter:
         self._base_turn = 0
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = 1.5,
+    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = DEFAULT_LOAD_FACTOR,
                   probe_interval_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None) -> ReplicaRouter:
         """A router over the inference services at ``urls`` (one ``RemoteInference`` each)."""
         backends = [(url, RemoteInference(url, secret, timeout_s, transport=transport)) for url in urls]

@@ -62,22 +62,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
-import itertools
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from api.replicas import ReplicaRouter
+from api.replicas import DEFAULT_LOAD_FACTOR, ReplicaRouter
 from benchmarks.live_server import write_results
 from benchmarks.random_llama import checkpoint_for
+from benchmarks.replica_load import HashOrderSpill, LoadTracker, RoundRobin
+from benchmarks.replica_routing_model import mm1_wait_ratio, request_imbalance, steady_state_model, zipf_draw
 from benchmarks.run_report import median_run, report_header
 from benchmarks.synthetic_adapters import synthetic_adapter
 from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
+from inference.engine_config import EngineConfig
 from inference.model_config import ModelConfig
 from inference.page_pool import PageGeometry
 from inference.service.client import rendezvous_order
@@ -104,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-num-seqs", type=int, default=8, help="batch size bound of each replica")
     p.add_argument("--prompt-words", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--load-factor", type=float, default=1.25, help="the router's bounded-load factor c")
+    p.add_argument("--load-factor", type=float, default=DEFAULT_LOAD_FACTOR,
+                   help="the router's bounded-load factor c (default: the router's)")
     p.add_argument("--repeats", type=int, default=2, help="rounds; each runs both policies, alternating order")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--load-factors", type=_load_factors, default=None,
@@ -143,74 +145,6 @@ def swept_factors(args: argparse.Namespace) -> tuple[float, ...]:
     return tuple(c for c in (args.load_factors or ()) if c < args.replicas)
 
 
-def zipf_draw(n: int, num_adapters: int, s: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(probability of each adapter index, ``n`` drawn adapter indices): rank k (1-based) has
-    probability proportional to ``1/k**s``, the ranks assigned to ids in a random order
-    (popularity does not follow the id)."""
-    rng = np.random.default_rng(seed)
-    weights = 1.0 / np.arange(1, num_adapters + 1) ** s
-    p = weights / weights.sum()
-    ranks = rng.choice(num_adapters, size=n, p=p)
-    ids = rng.permutation(num_adapters)
-    popularity = np.empty(num_adapters)
-    popularity[ids] = p
-    return popularity, ids[ranks]
-
-
-def zipf_trace(n: int, num_adapters: int, s: float, seed: int) -> list[int]:
-    """``n`` adapter indices drawn Zipf-popular (see ``zipf_draw``)."""
-    return [int(i) for i in zipf_draw(n, num_adapters, s, seed)[1]]
-
-
-def ideal_hit_rate(p: np.ndarray, room: int) -> float:
-    """Steady-state hit rate of a cache of ``room`` items under independent requests with
-    probabilities ``p`` (summing to 1) when it holds the ``room`` most popular: the best any
-    cache policy reaches on such requests."""
-    return float(np.sort(p)[::-1][:room].sum())
-
-
-def lru_hit_rate(p: np.ndarray, room: int) -> float:
-    """Steady-state hit rate of an LRU cache of ``room`` items under independent requests with
-    probabilities ``p`` (summing to 1), by Che's approximation: the characteristic time T solves
-    sum(1 - exp(-p T)) = room, and an item hits with probability 1 - exp(-p T)."""
-    p = p[p > 0]
-    if len(p) <= room:
-        return 1.0
-    lo, hi = 0.0, 1.0
-    while np.sum(1 - np.exp(-p * hi)) < room:
-        hi *= 2
-    for _ in range(200):  # bisection to float precision
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if np.sum(1 - np.exp(-p * mid)) < room else (lo, mid)
-    return float(np.sum(p * (1 - np.exp(-p * hi))))
-
-
-def steady_state_model(popularity: np.ndarray, homes: list[int], replicas: int, room: int) -> dict:
-    """Device-tier hit rates in steady state for affinity without spills (replica r serves the
-    adapters whose home is r, a cache of ``room`` for its share) and round-robin (every replica
-    serves the whole popularity with a cache of ``room``), ideal and LRU; and the ratios.
-    ``homes``: each adapter index's home replica."""
-    homes_array = np.asarray(homes)
-
-    def affinity(hit_rate) -> float:
-        total = 0.0
-        for r in range(replicas):
-            share = popularity[homes_array == r]
-            if share.sum() > 0:
-                total += share.sum() * hit_rate(share / share.sum(), room)
-        return total
-
-    model = {"ideal_affinity": affinity(ideal_hit_rate), "lru_affinity": affinity(lru_hit_rate),
-             "ideal_round_robin": ideal_hit_rate(popularity, room), "lru_round_robin": lru_hit_rate(popularity, room),
-             f"top_{room}_share": ideal_hit_rate(popularity, room),
-             f"top_{replicas * room}_share": ideal_hit_rate(popularity, replicas * room)}
-    model = {key: float(value) for key, value in model.items()}
-    model["ceiling_ratio"] = model["ideal_affinity"] / model["lru_round_robin"]
-    model["ideal_ratio"] = model["ideal_affinity"] / model["ideal_round_robin"]
-    model["lru_ratio"] = model["lru_affinity"] / model["lru_round_robin"]
-    return model
-
-
 def write_adapters(args: argparse.Namespace, model_config: ModelConfig, scratch: Path) -> list[AdapterSpec]:
     """``--adapters`` synthetic adapters in a local object store; their specs."""
     store = LocalFolderStore(scratch / "store")
@@ -230,8 +164,7 @@ def write_adapters(args: argparse.Namespace, model_config: ModelConfig, scratch:
 def pool_bytes_for(args: argparse.Namespace, checkpoint: Path, layer_elems: int) -> tuple[int, dict]:
     """Pool bytes for ``--room`` adapters of ``layer_elems`` plus a full batch's KV pages."""
     config = ModelConfig.from_checkpoint(checkpoint)
-    dtype = torch.float32 if args.dtype == "auto" and args.device == "cpu" else (
-        torch.float16 if args.dtype == "auto" else getattr(torch, args.dtype))
+    dtype = EngineConfig(device=args.device, dtype=args.dtype).torch_dtype  # the engines' own rule
     geometry = PageGeometry.for_model(config, 16, dtype)
     adapter_pages = geometry.pages_for_elems(layer_elems)
     longest = 4 * args.prompt_words + 32 + args.max_tokens  # words are one or two tokens; the template adds some
@@ -249,41 +182,11 @@ def make_replicas(args, checkpoint: Path, store_dir: Path, pool_bytes: int) -> l
             for _ in range(args.replicas)]
 
 
-class HashOrderSpill(ReplicaRouter):
-    """The router with its spill in plain hash order: the next under-bound replica, whether it
-    holds the adapter or not (the ablation of the holder preference)."""
-
-    @staticmethod
-    def spill_order(adapter_id: str, replicas: list) -> list:
-        return list(replicas)
-
-
 def policies(args: argparse.Namespace) -> tuple[str, ...]:
     """The policies this run compares, round-robin last."""
     affinity = tuple(f"affinity_c{c:g}" for c in swept_factors(args)) if args.load_factors else ("affinity",)
     return (*affinity, "affinity_unbounded", *(("affinity_hash_spill",) if args.compare_spill else ()),
             "round_robin")
-
-
-def request_imbalance(per_replica_requests: list[int]) -> float:
-    """The most requests one replica served over the mean per replica."""
-    mean = sum(per_replica_requests) / len(per_replica_requests)
-    return max(per_replica_requests) / mean if mean else 1.0
-
-
-def mm1_wait_ratio(per_replica_requests: list[int], rho: float) -> float:
-    """Request-weighted mean M/M/1 waiting time with the replicas at fleet utilization ``rho``
-    split as measured (replica r at rho * n * share_r), over the same with an even split
-    (rho / (1 - rho)); inf when a replica's utilization reaches 1."""
-    n, total = len(per_replica_requests), sum(per_replica_requests)
-    wait = 0.0
-    for count in per_replica_requests:
-        share = count / total
-        u = rho * n * share
-        if u >= 1:
-            return float("inf")
-        wait += share * u / (1 - u)
-    return wait / (rho / (1 - rho))
 
 
 def load_factor_of(name: str, args: argparse.Namespace) -> float:
@@ -293,110 +196,6 @@ def load_factor_of(name: str, args: argparse.Namespace) -> float:
     if name.startswith("affinity_c"):
         return float(name.removeprefix("affinity_c"))
     return args.load_factor
-
-
-class LoadTracker:
-    """Each replica's generations in flight over time, for any policy: the replicas' backends
-    are wrapped (``backend``) so that a generation counts from its start until its last event
-    or its stream's close. See the module docstring for the figures (``summary``)."""
-
-    def __init__(self, replicas: int):
-        self.in_flight = [0] * replicas
-        self.area = [0.0] * replicas  # integral of in-flight over time, per replica
-        self.admit_ratios: list[float] = []
-        self.latencies: list[float] = []
-        self.peak = 0
-        self._since: float | None = None
-        self._first: float | None = None
-
-    def _advance(self) -> float:
-        now = time.perf_counter()
-        if self._since is not None:
-            for i, n in enumerate(self.in_flight):
-                self.area[i] += n * (now - self._since)
-        else:
-            self._first = now
-        self._since = now
-        return now
-
-    def admit(self, replica: int) -> float:
-        now = self._advance()
-        self.in_flight[replica] += 1
-        self.peak = max(self.peak, self.in_flight[replica])
-        self.admit_ratios.append(self.in_flight[replica] * len(self.in_flight) / sum(self.in_flight))
-        return now
-
-    def finish(self, replica: int, started: float) -> None:
-        now = self._advance()
-        self.in_flight[replica] -= 1
-        self.latencies.append(now - started)
-
-    def backend(self, replica: int, core: InferenceCore) -> _Tracked:
-        return _Tracked(self, replica, core)
-
-    def summary(self) -> dict:
-        span = (self._since - self._first) if self._first is not None and self._since is not None else 0.0
-        means = [a / span for a in self.area] if span > 0 else [0.0] * len(self.area)
-        overall = sum(means) / len(means)
-        return {"mean_in_flight": means, "load_imbalance": max(means) / overall if overall else 1.0,
-                "admit_load_ratio_p99": float(np.percentile(self.admit_ratios, 99)) if self.admit_ratios else 1.0,
-                "admit_load_ratio_mean": float(np.mean(self.admit_ratios)) if self.admit_ratios else 1.0,
-                "peak_in_flight": self.peak,
-                "latency_p50_s": float(np.percentile(self.latencies, 50)) if self.latencies else 0.0,
-                "latency_p99_s": float(np.percentile(self.latencies, 99)) if self.latencies else 0.0}
-
-
-class _Tracked:
-    """A replica's backend as the policies see it: ``start`` counts the generation in."""
-
-    def __init__(self, tracker: LoadTracker, replica: int, core: InferenceCore):
-        self._tracker, self._replica, self._core = tracker, replica, core
-
-    async def start(self, req: GenerateRequest) -> _TrackedEvents:
-        events = await self._core.start(req)
-        return _TrackedEvents(self._tracker, self._replica, events, self._tracker.admit(self._replica))
-
-
-class _TrackedEvents:
-    """The replica's events, counting the generation out at its terminal event or close."""
-
-    def __init__(self, tracker: LoadTracker, replica: int, events, started: float):
-        self._tracker, self._replica, self._events, self._started = tracker, replica, events, started
-        self._open = True
-
-    def __aiter__(self) -> _TrackedEvents:
-        return self
-
-    async def __anext__(self):
-        try:
-            event = await self._events.__anext__()
-        except StopAsyncIteration:
-            self._done()
-            raise
-        if is_terminal(event):
-            self._done()
-        return event
-
-    def _done(self) -> None:
-        if self._open:
-            self._open = False
-            self._tracker.finish(self._replica, self._started)
-
-    async def aclose(self) -> None:
-        try:
-            await self._events.aclose()
-        finally:
-            self._done()
-
-
-class RoundRobin:
-    """The baseline: each request to the next replica in turn."""
-
-    def __init__(self, cores: list):
-        self._next = itertools.cycle(cores)
-
-    async def start(self, req: GenerateRequest):
-        return await next(self._next).start(req)
 
 
 def requests_for(trace: list[int], specs: list[AdapterSpec], args: argparse.Namespace) -> list[GenerateRequest]:

@@ -150,7 +150,7 @@ class Settings(BaseSettings):
     inference_probe_interval_s: float = Field(2.0, gt=0, allow_inf_nan=False)  # replica health probes
     # a replica takes a request while its in-flight count stays under this many times the mean
     # (consistent hashing with bounded loads); above it the request spills to the next replica
-    router_load_factor: float = Field(1.5, gt=1, le=10, allow_inf_nan=False)
+    router_load_factor: float = Field(1.5, gt=1, le=10, allow_inf_nan=False)  # api.replicas.DEFAULT_LOAD_FACTOR
     inference_timeout_s: float = Field(300.0, gt=0)
     model: str = "smollm2-135m"
     device: str = "cpu"

@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr, ValidationError
 
 from api.app import build_inference
-from api.replicas import ReplicaRouter
+from api.replicas import DEFAULT_LOAD_FACTOR, ReplicaRouter
 from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
 from inference.model_config import ModelConfig
@@ -176,6 +176,7 @@ def test_settings_reach_the_router():
     assert router.load_factor == 2.0 and router.probe_interval_s == 0.5
     with pytest.raises(ValidationError, match="router_load_factor"):
         Settings(router_load_factor=1.0)
+    assert Settings.model_fields["router_load_factor"].default == DEFAULT_LOAD_FACTOR  # one default, two places
 
 
 def test_the_workers_prefetch_goes_to_the_home_replica_or_the_next(tmp_path, tiny_checkpoint):

@@ -10,12 +10,12 @@ from collections import Counter, OrderedDict
 import numpy as np
 import pytest
 
-from benchmarks import replica_routing
+from benchmarks import replica_routing, replica_routing_model
 
 
 def test_zipf_trace_is_popular_and_reproducible():
-    trace = replica_routing.zipf_trace(5000, 50, 1.0, seed=3)
-    assert trace == replica_routing.zipf_trace(5000, 50, 1.0, seed=3)
+    trace = replica_routing_model.zipf_trace(5000, 50, 1.0, seed=3)
+    assert trace == replica_routing_model.zipf_trace(5000, 50, 1.0, seed=3)
     counts = Counter(trace).most_common()
     assert set(trace) <= set(range(50))
     # rank 1 draws 1/H(50) = 22% of a Zipf(1) trace, rank 2 half that
@@ -40,14 +40,14 @@ def _simulated_lru_hit_rate(p: np.ndarray, room: int, n: int, seed: int) -> floa
 
 @pytest.mark.parametrize("s", [1.0, 0.6])
 def test_the_steady_state_model_matches_a_simulated_lru_and_bounds_it(s):
-    popularity, _trace = replica_routing.zipf_draw(10, 100, s, seed=1)
+    popularity, _trace = replica_routing_model.zipf_draw(10, 100, s, seed=1)
     assert popularity.sum() == pytest.approx(1.0)
-    che = replica_routing.lru_hit_rate(popularity, 20)
+    che = replica_routing_model.lru_hit_rate(popularity, 20)
     assert che == pytest.approx(_simulated_lru_hit_rate(popularity, 20, 40_000, seed=2), abs=0.02)
-    assert che < replica_routing.ideal_hit_rate(popularity, 20) == pytest.approx(np.sort(popularity)[-20:].sum())
-    assert replica_routing.lru_hit_rate(np.full(10, 0.1), 20) == 1.0  # everything fits
+    assert che < replica_routing_model.ideal_hit_rate(popularity, 20) == pytest.approx(np.sort(popularity)[-20:].sum())
+    assert replica_routing_model.lru_hit_rate(np.full(10, 0.1), 20) == 1.0  # everything fits
     homes = [i % 2 for i in range(100)]
-    model = replica_routing.steady_state_model(popularity, homes, 2, 20)
+    model = replica_routing_model.steady_state_model(popularity, homes, 2, 20)
     # two caches of 20 on disjoint halves hold at most the 40 most popular
     assert model["ideal_affinity"] <= model["top_40_share"] + 1e-12
     assert model["lru_affinity"] < model["ideal_affinity"] and model["lru_round_robin"] == che
@@ -100,12 +100,12 @@ def test_compare_spill_adds_the_hash_order_ablation(tmp_path):
 
 
 def test_load_balance_figures():
-    assert replica_routing.request_imbalance([100, 100]) == 1.0
-    assert replica_routing.request_imbalance([150, 50]) == 1.5
-    assert replica_routing.mm1_wait_ratio([100, 100], 0.7) == pytest.approx(1.0)
+    assert replica_routing_model.request_imbalance([100, 100]) == 1.0
+    assert replica_routing_model.request_imbalance([150, 50]) == 1.5
+    assert replica_routing_model.mm1_wait_ratio([100, 100], 0.7) == pytest.approx(1.0)
     # at rho 0.7 a 60/40 split puts one replica at 0.84: (0.6 * 0.84/0.16 + 0.4 * 0.56/0.44) / (0.7/0.3)
-    assert replica_routing.mm1_wait_ratio([60, 40], 0.7) == pytest.approx((0.6 * 0.84 / 0.16 + 0.4 * 0.56 / 0.44) / (0.7 / 0.3))
-    assert replica_routing.mm1_wait_ratio([75, 25], 0.7) == float("inf")  # 0.7 * 2 * 0.75 >= 1
+    assert replica_routing_model.mm1_wait_ratio([60, 40], 0.7) == pytest.approx((0.6 * 0.84 / 0.16 + 0.4 * 0.56 / 0.44) / (0.7 / 0.3))
+    assert replica_routing_model.mm1_wait_ratio([75, 25], 0.7) == float("inf")  # 0.7 * 2 * 0.75 >= 1
 
 
 def test_load_factors_parse_sorted_and_above_one():
