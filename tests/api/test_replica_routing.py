@@ -5,7 +5,6 @@ scenario is tests/api/test_replicas_live.py."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 from collections import Counter
 
@@ -21,7 +20,7 @@ from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference, rendezvous_order
 from inference.service.core import InferenceCore
 from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest, InferenceError
-from support.adapters import synthetic_adapter
+from support.adapters import put_adapter, synthetic_adapter
 from support.live_server import serve_app
 from support.service_fixtures import free_ports
 from tenants.platform import remote_prefetch_hook
@@ -186,9 +185,7 @@ def test_the_workers_prefetch_goes_to_the_home_replica_or_the_next(tmp_path, tin
     store = LocalFolderStore(tmp_path / "store")
     config = ModelConfig.from_checkpoint(tiny_checkpoint)
     folder = synthetic_adapter(tmp_path / "adapter", config, r=4, targets=("q_proj", "v_proj"), alpha=8.0, seed=1)
-    weights = (folder / "adapter_model.safetensors").read_bytes()
-    store.put("a/adapter_config.json", (folder / "adapter_config.json").read_bytes())
-    store.put("a/adapter_model.safetensors", weights)
+    stored = put_adapter(store, folder, "stored", "a")
     core = InferenceCore(LLM(str(tiny_checkpoint), pool_bytes=16 << 20, adapter_store=store))
     (dead_port,) = free_ports(1)
     dead = f"http://127.0.0.1:{dead_port}"
@@ -202,8 +199,7 @@ def test_the_workers_prefetch_goes_to_the_home_replica_or_the_next(tmp_path, tin
                                                  inference_secret=SecretStr(SECRET)))
             registry = core.engine.adapters.registry
             for adapter_id in (homed_live, homed_dead):
-                hook(AdapterSpec(id=adapter_id, config_key="a/adapter_config.json",
-                                 weights_key="a/adapter_model.safetensors", sha256=hashlib.sha256(weights).hexdigest()))
+                hook(stored.model_copy(update={"id": adapter_id}))
                 assert registry.get(adapter_id) is not None, adapter_id
     finally:
         core.close()

@@ -5,7 +5,6 @@ the most recently used there first, and only without one to the next replica in 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import random
 
 import pytest
@@ -15,8 +14,8 @@ from inference import LLM
 from inference.adapters.object_store import LocalFolderStore
 from inference.model_config import ModelConfig
 from inference.service.core import InferenceCore
-from inference.service.protocol import AdapterSpec, ChatTurn, GenerateRequest, InferenceError
-from support.adapters import synthetic_adapter
+from inference.service.protocol import ChatTurn, GenerateRequest, InferenceError
+from support.adapters import put_adapter, synthetic_adapter
 from support.service_fixtures import free_ports
 
 SECRET = "replica-spill-secret-0123456789"
@@ -139,11 +138,7 @@ def test_spills_through_real_replicas_land_where_the_adapter_is(tmp_path, tiny_c
     store = LocalFolderStore(tmp_path / "store")
     config = ModelConfig.from_checkpoint(tiny_checkpoint)
     folder = synthetic_adapter(tmp_path / "adapter", config, r=4, targets=("q_proj", "v_proj"), alpha=8.0, seed=3)
-    weights = (folder / "adapter_model.safetensors").read_bytes()
-    store.put("a/adapter_config.json", (folder / "adapter_config.json").read_bytes())
-    store.put("a/adapter_model.safetensors", weights)
-    spec = AdapterSpec(id="spilled", config_key="a/adapter_config.json", weights_key="a/adapter_model.safetensors",
-                       sha256=hashlib.sha256(weights).hexdigest())
+    spec = put_adapter(store, folder, "spilled", "a")
     cores = [InferenceCore(LLM(str(tiny_checkpoint), pool_bytes=16 << 20, adapter_store=store)) for _ in range(3)]
     try:
         router = ReplicaRouter([(f"replica-{i}", core) for i, core in enumerate(cores)], load_factor=1.25)

@@ -4,7 +4,6 @@ random Llama, driven through ``RemoteInference`` (and raw httpx where the wire i
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import socket
 import time
 from types import SimpleNamespace
@@ -14,14 +13,14 @@ import pytest
 
 from inference import LLM, FinishReason, SamplingParams
 from inference.adapters.object_store import LocalFolderStore
-from inference.adapters.storage_keys import adapter_file_keys, tenant_adapter_prefix
+from inference.adapters.storage_keys import tenant_adapter_prefix
 from inference.model_config import ModelConfig
 from inference.service.app import create_inference_app
 from inference.service.client import RemoteInference
 from inference.service.core import GenerationStream, InferenceCore
 from inference.service.events import GenerationEnded, GenerationFailed, GenerationStarted, TextDelta
 from inference.service.protocol import SECRET_HEADER, AdapterSpec, GenerateRequest, InferenceError
-from support.adapters import synthetic_adapter
+from support.adapters import put_adapter, synthetic_adapter
 from support.live_server import serve_app
 
 SECRET = "test-inference-secret-0123456789"
@@ -110,12 +109,7 @@ def stored_adapter(tmp_path, store: LocalFolderStore, tiny_checkpoint, adapter_i
     put into ``store`` under platform-style keys."""
     path = synthetic_adapter(tmp_path / adapter_id, ModelConfig.from_checkpoint(tiny_checkpoint), r=8,
                              targets=ALL_TARGETS, alpha=16.0, seed=11, std=0.3)
-    weights = (path / "adapter_model.safetensors").read_bytes()
-    keys = adapter_file_keys(tenant_adapter_prefix("t1", adapter_id))
-    store.put(keys.config, (path / "adapter_config.json").read_bytes())
-    store.put(keys.weights, weights)
-    return AdapterSpec(id=adapter_id, config_key=keys.config, weights_key=keys.weights,
-                       sha256=hashlib.sha256(weights).hexdigest())
+    return put_adapter(store, path, adapter_id, tenant_adapter_prefix("t1", adapter_id))
 
 
 # --------------------------------------------------------------------------- generation

@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import torch
 
 from benchmarks.synthetic_adapters import peft_adapter, synthetic_adapter  # noqa: F401  (re-exported for tests)
+from inference.adapters.object_store import ObjectStore
+from inference.adapters.storage_keys import adapter_file_keys
+from inference.service.protocol import AdapterSpec
+
+
+def put_adapter(store: ObjectStore, folder: Path, adapter_id: str, prefix: str) -> AdapterSpec:
+    """The PEFT adapter in ``folder`` put into ``store`` under ``prefix`` (the platform's key
+    layout); its spec, as the platform hands it to the inference service."""
+    keys = adapter_file_keys(prefix)
+    weights = (folder / "adapter_model.safetensors").read_bytes()
+    store.put(keys.config, (folder / "adapter_config.json").read_bytes())
+    store.put(keys.weights, weights)
+    return AdapterSpec(id=adapter_id, config_key=keys.config, weights_key=keys.weights,
+                       sha256=hashlib.sha256(weights).hexdigest())
 
 
 def apply_calls(shapes: dict[str, tuple[int, int]], rng) -> list[list[tuple[str, ...]]]:
