@@ -76,29 +76,25 @@ class Tokenizer:
     @functools.cached_property
     def renders_tools(self) -> bool:
         """The chat template reads a ``tools`` variable (so it can tell the model its functions)."""
-        return any("tools" in _template_variables(t) for t in self._templates())
+        return bool(self._tool_templates())
 
     @functools.cached_property
     def tool_call_format(self) -> ToolCallFormat | None:
         """The tool-call format the template teaches (``inference.tool_calls``), or None."""
-        for template in self._templates():
-            if "tools" in _template_variables(template):
-                found = detect_format(template)
-                if found is not None:
-                    return found
-        return None
+        return next((f for f in map(detect_format, self._tool_templates()) if f is not None), None)
 
     def added_token_ids(self, texts: Iterable[str]) -> dict[str, int]:
         """Those of ``texts`` that the tokenizer holds as single added tokens, with their ids."""
         added = self._tok.get_added_vocab()
         return {t: added[t] for t in texts if t in added}
 
-    def _templates(self) -> list[str]:
-        """The chat template's text (a checkpoint may name several, e.g. ``default`` and ``tool_use``)."""
+    def _tool_templates(self) -> list[str]:
+        """The chat templates that read ``tools`` (a checkpoint may name several, e.g. ``default``
+        and ``tool_use``)."""
         template = getattr(self._tok, "chat_template", None)
-        if isinstance(template, dict):
-            return [t for t in template.values() if isinstance(t, str)]
-        return [template] if isinstance(template, str) else []
+        templates = [t for t in template.values() if isinstance(t, str)] if isinstance(template, dict) else \
+            [template] if isinstance(template, str) else []
+        return [t for t in templates if "tools" in _template_variables(t)]
 
     def apply_chat_template(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         """Token ids of ``messages`` rendered with the model's template plus the assistant prompt;

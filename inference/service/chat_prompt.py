@@ -6,11 +6,12 @@ the previous turn's pages: the kept history may only start at an *anchor*, and a
 messages are appended. Message ``i``'s weight ``w_i`` is its tokens in the template (content plus
 the template's per-message wrapping), which depends on that message alone; ``C_i`` is the sum of
 the weights of the messages before it. Anchor ``k`` is the first message that is not an answer (an
-assistant turn or a tool result) with ``C_i >= k * S``. A new message never moves an existing anchor, so the window start stays
-where it is, and each turn's prompt extends the previous one exactly, until the suffix from it no
-longer fits; then it jumps to the next anchor that fits, about ``S`` tokens later. The prompt
-(system prompt + history + new message) therefore stays between about ``limit - S`` and ``limit``
-tokens (docs/design.md "The history window and the prefix cache").
+assistant turn or a tool result) with ``C_i >= k * S``. A new message never moves an existing
+anchor, so the window start stays where it is, and each turn's prompt extends the previous one
+exactly, until the suffix from it no longer fits; then it jumps to the next anchor that fits,
+about ``S`` tokens later. The prompt (system prompt + history + new message) therefore stays
+between about ``limit - S`` and ``limit`` tokens (docs/design.md "The history window and the
+prefix cache").
 """
 
 from __future__ import annotations
@@ -64,8 +65,9 @@ def _answers(message: dict) -> bool:
 
 def history_anchors(messages: Sequence[dict], weights: Sequence[int], step_tokens: int) -> list[int]:
     """Indices where a stepped history may start, ascending: for each ``k >= 0`` the first message
-    that is not an assistant turn or tool result with ``sum(weights[:i]) >= k * step_tokens`` (several ``k`` may
-    share one message). Appending messages never changes the anchors already there."""
+    that is not an assistant turn or tool result with ``sum(weights[:i]) >= k * step_tokens``
+    (several ``k`` may share one message). Appending messages never changes the anchors already
+    there."""
     if step_tokens < 1:
         raise ValueError(f"step_tokens must be at least 1, got {step_tokens}")
     anchors: list[int] = []
