@@ -224,8 +224,8 @@ class ParsedCall:
 @dataclass
 class ToolCallParser:
     """Splits a generated text into content and calls as it arrives (:meth:`feed`, then
-    :meth:`finish`). Text the grammar would not have allowed (a stop string cut a call, say) is
-    content from where it stops matching."""
+    :meth:`finish`). Text the grammar would not have allowed (the parser does not rely on the
+    grammar) is content from where it stops matching."""
 
     fmt: ToolCallFormat
     content: str = ""
@@ -260,9 +260,6 @@ class ToolCallParser:
     # -- states: each consumes a prefix of the buffer, or leaves it as it is to wait for more
     def _in_text(self, pieces: list[Piece]) -> None:
         trigger = self.fmt.trigger
-        if not self.fmt.text_before_calls and self.content:
-            self._state = "text_only"
-            return
         found = self._buffer.find(trigger)
         if found == 0 or (found > 0 and self.fmt.text_before_calls):
             self._emit_content(self._buffer[:found], pieces)
