@@ -111,7 +111,6 @@ class LLMEngine:
             self.tp = TensorParallelDriver(self.checkpoint_dir, self.model_config, self.config, self.device,
                                            self.dtype, self.backend, self._pool_bytes())
             self.model, self.pool = self.tp.model, self.tp.pool
-        self.parallel: TensorParallelLayout | None = None if self.tp is None else self.tp.layout
         if self.config.warm_up_kernels:
             rank_config = self.model_config if self.parallel is None else self.parallel.rank_config()
             self.backend.warm_up(rank_config, self.pool, self.config.max_lora_rank)
@@ -154,6 +153,11 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._ids = itertools.count()
         self._seed_source = torch.Generator().manual_seed(int(time.time_ns()) & 0x7FFFFFFF)
+
+    @property
+    def parallel(self) -> TensorParallelLayout | None:
+        """The tensor-parallel layout (which slice of every matrix rank 0 holds), or None."""
+        return None if self.tp is None else self.tp.layout
 
     @property
     def workers(self) -> WorkerGroup | None:
