@@ -46,14 +46,11 @@ class ModelRunner:
         """Forward pass of ``plan`` (reorders ``plan.chunks``). Returns fp32 logits [S, vocab] and
         the S chunks they belong to (the chunks that end in a token to sample), in row order."""
         self.order_chunks(plan)
-        if self.workers is None:
-            batch, sampling_chunks = self.build_batch(plan)
-            return self.model.forward(batch, self.pool, self.prepare_lora(plan)), sampling_chunks
         host_batch, sampling_chunks = self.build_host_batch(plan)
         mapping = self.lora_mapping(plan)
-        self.workers.send_step(host_batch, mapping)
-        lora = None if mapping is None else self.backend.lora.prepare(mapping)
-        return self.model.forward(host_batch.to(self.device), self.pool, lora), sampling_chunks
+        if self.workers is not None:  # ranks 1..N-1 get the step before rank 0 runs its share
+            self.workers.send_step(host_batch, mapping)
+        return self.model.forward(host_batch.to(self.device), self.pool, self.prepare_lora(mapping)), sampling_chunks
 
     def order_chunks(self, plan: SchedulerOutput) -> None:
         """Each adapter's rows adjacent, in the order the LoRA backend computes fastest."""
@@ -71,10 +68,9 @@ class ModelRunner:
 
         plan.chunks.sort(key=order)
 
-    def prepare_lora(self, plan: SchedulerOutput) -> StepLora | None:
+    def prepare_lora(self, mapping: LoraMapping | None) -> StepLora | None:
         """The step's LoRA mapping (a slot per distinct adapter version) prepared by the backend,
         or None when no row has an adapter."""
-        mapping = self.lora_mapping(plan)
         return None if mapping is None else self.backend.lora.prepare(mapping)
 
     def lora_mapping(self, plan: SchedulerOutput) -> LoraMapping | None:

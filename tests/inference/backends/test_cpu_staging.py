@@ -179,7 +179,7 @@ def test_engine_decode_groups_read_their_rows_in_place(tmp_path, tiny_checkpoint
         engine.adapters.register_dir(f"a{i}", path)
     batches = []
     make_batch = engine.runner.prepare_lora
-    engine.runner.prepare_lora = lambda plan: batches.append((make_batch(plan), plan)) or batches[-1][0]
+    engine.runner.prepare_lora = lambda mapping: batches.append((make_batch(mapping), mapping)) or batches[-1][0]
     for i in range(9):
         params = SamplingParams(max_tokens=rng.randint(6, 14), temperature=0.0, ignore_eos=True)
         engine.add(engine.make_request([rng.randrange(1, 50) for _ in range(rng.randint(2, 6))], params,
@@ -187,9 +187,9 @@ def test_engine_decode_groups_read_their_rows_in_place(tmp_path, tiny_checkpoint
     while engine.has_unfinished():
         engine.step()
     steady, previous = 0, None
-    for batch, plan in batches:
-        adapters = {chunk.request.adapter.uid for chunk in plan.chunks}
-        if all(chunk.num_tokens == 1 for chunk in plan.chunks) and adapters == previous and len(adapters) > 1:
+    for batch, mapping in batches:  # every request has an adapter: each row has a slot
+        adapters = {slot.ref.uid for slot in mapping.slots}
+        if all(rows == 1 for rows in mapping.chunk_lengths) and adapters == previous and len(adapters) > 1:
             assert batch.groups and all(group.gather is None for group in batch.groups), f"seed {seed}"
             steady += 1
         previous = adapters
