@@ -227,8 +227,9 @@ class ReplicaRouter:
         self._base_turn = 0
 
     @classmethod
-    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *, load_factor: float = DEFAULT_LOAD_FACTOR,
-                  probe_interval_s: float = 2.0, transport: httpx.AsyncBaseTransport | None = None) -> ReplicaRouter:
+    def from_urls(cls, urls: Sequence[str], secret: str, timeout_s: float = 300.0, *,
+                  load_factor: float = DEFAULT_LOAD_FACTOR, probe_interval_s: float = 2.0,
+                  transport: httpx.AsyncBaseTransport | None = None) -> ReplicaRouter:
         """A router over the inference services at ``urls`` (one ``RemoteInference`` each)."""
         backends = [(url, RemoteInference(url, secret, timeout_s, transport=transport)) for url in urls]
         return cls(backends, load_factor=load_factor, probe_interval_s=probe_interval_s)
